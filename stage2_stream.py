@@ -1,0 +1,225 @@
+"""Stage 2: an endless stream of batches whose rules change at known steps.
+
+A learner that keeps up with change needs change it can be measured against. The stream cycles
+through a labelled text set forever (reshuffled on every pass, from the seed) and changes its
+rules on a schedule:
+
+  label flips     labels are inverted, y -> 1 - y, in every odd block of `flip_every_n` steps;
+  domain change   with several domains, the stream shows domain (s // steps_per_domain) mod D.
+
+Step s is the 0-based batch index. Its *regime* counts the change points c in (0, s], where the
+change points are the multiples of `flip_every_n` and of `steps_per_domain`. So with flips every
+1000 steps, steps 0..999 are regime 0, and step 1000, the first batch that carries flipped labels,
+is regime 1. (The public reference flipped one batch early; see DESIGN.md sec. 7.)
+
+Every batch is a pure function of (seed, step): the k-th batch a domain serves holds the examples
+at positions kB .. kB+B-1 of that domain's endless sequence of seeded permutations. Resuming a run
+is therefore just asking for the next step, and several methods can see the same batches in the
+same order without sharing an iterator. Texts are tokenised once; a batch is padded only to its
+longest row.
+
+Run `python stage2_stream.py` to print a few batches, `--test` for the checks (5,000 batches of
+the embedded Rotten Tomatoes sentences; the flip lands exactly at step 1000; the domain of the
+multi-domain stream really changes).
+"""
+import math
+import time
+
+import numpy as np
+import torch
+
+import common
+
+
+def load_tokenizer(backbone):
+    """The tokenizer that goes with a backbone name (see common.resolve_text_backbone)."""
+    from transformers import AutoTokenizer
+    _, tokenizer_source, _ = common.resolve_text_backbone(backbone)
+    return common.from_pretrained(AutoTokenizer, tokenizer_source, "backbone")
+
+
+class TextStream:
+    """Endless batches {input_ids, attention_mask, labels, index, step, regime, domain, flipped}.
+
+    domains: {name: (texts, labels)}; several domains rotate every `steps_per_domain` steps
+    (None merges them into one). flip_every_n: None for no flips."""
+
+    def __init__(self, domains, tokenizer, batch_size=16, max_length=128, flip_every_n=1000,
+                 steps_per_domain=None, seed=0):
+        if steps_per_domain is None and len(domains) > 1:
+            merged = ([t for ts, _ in domains.values() for t in ts],
+                      [y for _, ys in domains.values() for y in ys])
+            domains = {"+".join(domains): merged}
+        self.names = list(domains)
+        self.texts = [list(domains[d][0]) for d in self.names]
+        self.labels = [torch.tensor(domains[d][1], dtype=torch.long) for d in self.names]
+        # Tokenise once; truncation keeps [CLS] ... [SEP] within max_length.
+        self.ids = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in self.texts]
+        self.pad_id = tokenizer.pad_token_id
+        self.batch_size, self.seed = batch_size, seed
+        self.flip_every_n = flip_every_n
+        self.steps_per_domain = steps_per_domain if len(self.names) > 1 else None
+        self._perms = {}
+
+    def regime(self, step):
+        """Number of change points in (0, step]."""
+        a, b = self.flip_every_n, self.steps_per_domain
+        if a and b:
+            return step // a + step // b - step // math.lcm(a, b)
+        return step // (a or b) if (a or b) else 0
+
+    def _perm(self, d, epoch):
+        """The seeded order of domain d's examples on its `epoch`-th pass."""
+        if (d, epoch) not in self._perms:
+            if len(self._perms) > 16:
+                self._perms.clear()
+            rng = np.random.default_rng([self.seed, d, epoch])
+            self._perms[(d, epoch)] = rng.permutation(len(self.ids[d]))
+        return self._perms[(d, epoch)]
+
+    def batch(self, step):
+        """The batch at `step` (random access: no state is consumed)."""
+        if self.steps_per_domain:
+            spd, n_dom = self.steps_per_domain, len(self.names)
+            d = (step // spd) % n_dom
+            k = (step // (spd * n_dom)) * spd + step % spd  # steps domain d has served before
+        else:
+            d, k = 0, step
+        n = len(self.ids[d])
+        positions = range(k * self.batch_size, (k + 1) * self.batch_size)
+        index = torch.tensor([int(self._perm(d, p // n)[p % n]) for p in positions])
+        rows = [self.ids[d][i] for i in index]
+        width = max(map(len, rows))
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, ids in enumerate(rows):
+            input_ids[r, :len(ids)] = torch.tensor(ids)
+            attention_mask[r, :len(ids)] = 1
+        flipped = bool(self.flip_every_n) and (step // self.flip_every_n) % 2 == 1
+        labels = self.labels[d][index]
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "labels": 1 - labels if flipped else labels, "index": index,
+                "step": step, "regime": self.regime(step), "domain": self.names[d], "flipped": flipped}
+
+    def iterate(self, start=0):
+        """Batches start, start+1, ... forever."""
+        step = start
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags shared by every text stage
+# ----------------------------------------------------------------------------------------------
+def add_stream_args(parser):
+    parser.add_argument("--dataset", default="rt",
+                        help="rt (embedded Rotten Tomatoes sentences, default) | imdb | multidomain "
+                             "(VADER: amazon, movies, nyt, tweets) | sst2 (hub) | a save_to_disk folder")
+    parser.add_argument("--batch-size", type=common.positive_int, default=16, help="examples per batch (default: 16)")
+    parser.add_argument("--max-length", type=common.positive_int, default=128,
+                        help="max text tokens per example incl. [CLS]/[SEP] (default: 128)")
+    parser.add_argument("--flip-interval", type=common.positive_int, default=None,
+                        help="steps between label flips (default: 1000 for single-domain data, "
+                             "no flips for multi-domain data)")
+    parser.add_argument("--no-flip", action="store_true", help="never flip labels")
+    parser.add_argument("--steps-per-domain", type=common.positive_int, default=1000,
+                        help="steps per domain when the data has several (default: 1000)")
+
+
+def build_stream(args, tokenizer, max_length=None):
+    """A TextStream from parsed flags (max_length may be lowered to fit a prompt in)."""
+    domains = common.load_text_data(args.dataset)
+    flip = args.flip_interval or (1000 if len(domains) == 1 else None)
+    return TextStream(domains, tokenizer, batch_size=args.batch_size,
+                      max_length=max_length or args.max_length, flip_every_n=None if args.no_flip else flip,
+                      steps_per_domain=args.steps_per_domain, seed=args.seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------
+def run_tests():
+    t0 = time.time()
+    tok = load_tokenizer("minilm")
+    rt = common.load_text_data("rt")
+    texts, labels = rt["rt"]
+    stream = TextStream(rt, tok, batch_size=16, flip_every_n=1000, seed=0)
+    n = len(texts)
+
+    batches = [b for _, b in zip(range(5000), stream.iterate())]
+    for s in (999, 1000, 1001):
+        b = batches[s]
+        i = int(b["index"][0])
+        print(f"  step {s}: regime {b['regime']} flipped={b['flipped']} label {int(b['labels'][0])} "
+              f"(original {labels[i]}): {texts[i][:60]!r}")
+    for b in batches:
+        s, orig = b["step"], torch.tensor([labels[i] for i in b["index"]])
+        flipped = (s // 1000) % 2 == 1
+        assert b["regime"] == s // 1000, (s, b["regime"])
+        assert torch.equal(b["labels"], 1 - orig if flipped else orig), f"labels wrong at step {s}"
+        assert b["input_ids"].shape == b["attention_mask"].shape
+        # padded only to the longest row: some row is full length, and no column is all padding
+        assert b["attention_mask"][:, -1].any() and b["attention_mask"].sum(1).max() == b["input_ids"].shape[1]
+    assert batches[999]["regime"] == 0 and batches[1000]["regime"] == 1, "flip is not exactly at step 1000"
+    print("  ok: labels flip exactly at steps 1000, 2000, ...; regimes 0..4 over 5000 steps")
+
+    # Cycling: 5000 x 16 examples is ~9.4 passes over 8,530; each pass covers every example once,
+    # and each pass is a fresh shuffle.
+    order = torch.cat([b["index"] for b in batches])
+    assert len(order) > 9 * n
+    for e in range(9):
+        assert sorted(order[e * n:(e + 1) * n].tolist()) == list(range(n)), f"pass {e} is not a permutation"
+    assert not torch.equal(order[:n], order[n:2 * n]), "passes are not reshuffled"
+    assert torch.equal(stream.batch(4321)["input_ids"], batches[4321]["input_ids"]), "random access differs"
+    other = TextStream(rt, tok, batch_size=16, seed=1)
+    assert not torch.equal(other.batch(0)["index"], batches[0]["index"]), "seed is ignored"
+    print(f"  ok: 5000 batches cycle through {n} sentences {len(order) / n:.1f} times, reshuffled each pass")
+
+    # Domains: the batch's tokens come from the domain it claims, which changes at each boundary.
+    md = common.load_text_data("multidomain")
+    ms = TextStream(md, tok, batch_size=8, flip_every_n=None, steps_per_domain=50, seed=0)
+    seen = []
+    for s in range(0, 450, 1):
+        b = ms.batch(s)
+        want = common.VADER_DOMAINS[(s // 50) % 4]
+        assert b["domain"] == want and b["regime"] == s // 50, (s, b["domain"], want)
+        if s % 50 in (0, 49):
+            dt, dl = md[want]
+            fresh = tok([dt[i] for i in b["index"]], truncation=True, max_length=128)["input_ids"]
+            for r, ids in enumerate(fresh):
+                assert b["input_ids"][r, :len(ids)].tolist() == ids, f"batch {s} is not from {want}"
+            assert b["labels"].tolist() == [dl[i] for i in b["index"]]
+            seen.append(b["domain"])
+    assert seen[:4] == ["amazon", "amazon", "movies", "movies"]
+    # a domain resumes where it left off: amazon's 2nd visit continues its own order
+    assert ms.batch(200)["index"].tolist() != ms.batch(0)["index"].tolist()
+    print("  ok: multidomain changes domain at every 50-step boundary and batches hold that domain's texts")
+    print(f"stage 2 checks passed in {time.time() - t0:.1f}s")
+
+
+def build_parser():
+    p = common.Parser(description="Stage 2: print a few batches of the changing stream.")
+    add_stream_args(p)
+    p.add_argument("--backbone", default="minilm", help="whose tokenizer to use (default: minilm)")
+    p.add_argument("--show", type=common.positive_int, default=3, help="how many batches to print (default: 3)")
+    p.add_argument("--start", type=int, default=0, help="first step to print (default: 0)")
+    common.add_common_args(p, run_name="stream")
+    return p
+
+
+def main(args):
+    if args.test:
+        return run_tests()
+    tok = load_tokenizer(args.backbone)
+    stream = build_stream(args, tok)
+    for s in range(args.start, args.start + args.show):
+        b = stream.batch(s)
+        print(f"step {s} regime {b['regime']} domain {b['domain']} flipped={b['flipped']} "
+              f"shape {tuple(b['input_ids'].shape)}")
+        for ids, y in zip(b["input_ids"][:3], b["labels"][:3]):
+            print(f"  label {int(y)}: {tok.decode(ids, skip_special_tokens=True)[:70]}")
+
+
+if __name__ == "__main__":
+    common.main_guard(build_parser(), main)

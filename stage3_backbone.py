@@ -1,0 +1,219 @@
+"""Stage 3: a frozen text encoder that reads a soft prompt, for one prompt or K at once.
+
+Prompt tuning (Lester et al., 2021) keeps every weight of a pretrained model fixed and learns only
+P vectors p_1..p_P in the model's input-embedding space. We place them right after [CLS]:
+
+    inputs_embeds = [ E[CLS], p_1, ..., p_P, E[w_1], ..., E[w_L-1] ],   mask = [1, 1...1, m_1..m_L-1]
+
+so BERT's pooler still reads [CLS] (the public reference read the first *prompt* token instead;
+DESIGN.md sec. 7). BERT then adds its position embeddings, so P + L must fit its position table.
+
+Read-out. A frozen, seeded random head maps a sentence vector h to C logits; it is the same for
+every method, so nothing but the prompts can adapt to a label flip. Two ways to get h:
+  cls   h = pooler(state of [CLS])            BERT's pretrained way (default for BERT models)
+  mean  h = tau * u / |u|,  u = mean of the text tokens' last states (prompt excluded)
+        a cosine classifier, the way sentence-transformers models such as MiniLM were trained
+        (default for `minilm`; it learned clearly faster there, DESIGN.md sec. 4).
+
+K prompts at once. FLH needs every expert's loss on every batch. Instead of K forward passes we
+stack the K prompted copies of the batch into one [K*B, 1+P+L-1, D] input (chunked to bound
+memory) and get logits [K, B, C] from one call. The word embeddings are looked up once.
+
+Run `python stage3_backbone.py` to load a backbone and time a forward, `--test` for the checks
+(shapes; gradients reach the prompt only; batched == looped; too-long inputs fail clearly).
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common
+from stage2_stream import load_tokenizer
+
+
+class FrozenTextClassifier(nn.Module):
+    """A frozen encoder + a frozen random linear head, reading [CLS] or the mean of the text."""
+
+    def __init__(self, encoder, num_labels=2, pooling="mean", head_seed=0, temperature=20.0):
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise common.UserError(f"unknown pooling {pooling!r}; choose cls or mean")
+        self.encoder, self.pooling, self.temperature = encoder, pooling, temperature
+        hidden = encoder.config.hidden_size
+        self.head = nn.Linear(hidden, num_labels)
+        g = torch.Generator().manual_seed(head_seed)  # the same head for every method and seed
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(num_labels, hidden, generator=g) * 0.02)
+            self.head.bias.zero_()
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def embed_dim(self):
+        return self.encoder.config.hidden_size
+
+    @property
+    def max_positions(self):
+        return self.encoder.config.max_position_embeddings
+
+
+def load_backbone(name="minilm", num_labels=2, pooling=None, head_seed=0, device="cpu"):
+    """Backbone name -> (FrozenTextClassifier on `device`, tokenizer). pooling None = the default."""
+    from transformers import AutoModel, PretrainedConfig
+    source, _, default_pooling = common.resolve_text_backbone(name)
+    if isinstance(source, PretrainedConfig):
+        with torch.random.fork_rng():  # random weights, but the same ones every time
+            torch.manual_seed(head_seed)
+            encoder = AutoModel.from_config(source)
+    else:
+        encoder = common.from_pretrained(AutoModel, source, "backbone")
+    model = FrozenTextClassifier(encoder, num_labels, pooling or default_pooling, head_seed)
+    return model.to(device), load_tokenizer(name)
+
+
+def text_budget(model, prompt_length):
+    """How many text tokens ([CLS] and [SEP] included) fit beside a prompt of this length."""
+    budget = model.max_positions - prompt_length
+    if budget < 3:
+        raise common.UserError(f"a prompt of {prompt_length} tokens leaves no room for text in the "
+                               f"backbone's {model.max_positions} positions; lower --prompt-length")
+    return budget
+
+
+def forward_with_prompts(model, input_ids, attention_mask, prompts, max_rows=512):
+    """Logits [K, B, C] of the batch under each of K prompts [K, P, D], in chunks of K*B rows."""
+    K, P, D = prompts.shape
+    B, L = input_ids.shape
+    if P + L > model.max_positions:
+        raise common.UserError(f"prompt ({P}) + text ({L}) tokens exceed the backbone's position "
+                               f"table ({model.max_positions}); lower --max-length or --prompt-length")
+    emb = model.encoder.get_input_embeddings()(input_ids)               # [B, L, D], looked up once
+    ones = attention_mask.new_ones(B, P)
+    mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], 1)        # [B, 1+P+L-1]
+    text = torch.cat([attention_mask[:, :1], ones * 0, attention_mask[:, 1:]], 1)    # prompt excluded
+    per_chunk = max(1, max_rows // B)
+    out = []
+    for k0 in range(0, K, per_chunk):
+        p = prompts[k0:k0 + per_chunk].to(emb.dtype)
+        k = p.shape[0]
+        x = torch.cat([emb[None, :, :1].expand(k, -1, -1, -1), p[:, None].expand(-1, B, -1, -1),
+                       emb[None, :, 1:].expand(k, -1, -1, -1)], 2).reshape(k * B, P + L, D)
+        h = model.encoder(inputs_embeds=x, attention_mask=mask.repeat(k, 1))
+        if model.pooling == "cls":
+            pooled = h.pooler_output if h.pooler_output is not None else h.last_hidden_state[:, 0]
+        else:
+            m = text.repeat(k, 1).unsqueeze(-1).to(h.last_hidden_state.dtype)
+            u = (h.last_hidden_state * m).sum(1) / m.sum(1)
+            pooled = model.temperature * F.normalize(u, dim=-1)
+        out.append(model.head(pooled.to(model.head.weight.dtype)).view(k, B, -1))
+    return torch.cat(out, 0)
+
+
+def forward_with_prompt(model, input_ids, attention_mask, prompt):
+    """Logits [B, C] of the batch under one prompt [P, D]."""
+    return forward_with_prompts(model, input_ids, attention_mask, prompt[None])[0]
+
+
+def count_params(module):
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in module.parameters()) - trainable
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------
+def run_tests():
+    t0 = time.time()
+    torch.manual_seed(0)
+    model, tok = load_backbone("random:tiny-bert", pooling="cls")
+    enc = tok(["a fine film .", "dull and far too long , with nothing to say"], padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    D = model.embed_dim
+    prompt = nn.Parameter(torch.randn(5, D) * 0.02)
+    logits = forward_with_prompt(model, ids, mask, prompt)
+    assert logits.shape == (2, 2), logits.shape
+    logits.logsumexp(-1).sum().backward()
+    assert prompt.grad is not None and prompt.grad.abs().sum() > 0, "no gradient reached the prompt"
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters()), "a backbone weight has a gradient"
+    print("  ok: logits [B, C]; the gradient reaches the prompt and no backbone parameter")
+
+    # [CLS] stays first: the prompt sits at positions 1..P, and the pooler reads position 0.
+    seen = {}
+    hook = model.encoder.embeddings.register_forward_hook(lambda m, a, kw, out: seen.update(x=kw["inputs_embeds"]),
+                                                          with_kwargs=True)
+    forward_with_prompt(model, ids, mask, prompt.detach())
+    hook.remove()
+    cls = model.encoder.get_input_embeddings().weight[tok.cls_token_id]
+    assert torch.equal(seen["x"][0, 0], cls) and torch.equal(seen["x"][0, 1:6], prompt.detach())
+    print("  ok: the input is [CLS], prompt, text")
+
+    for pooling in ("cls", "mean"):
+        model.pooling = pooling
+        prompts = torch.randn(7, 5, D) * 0.5
+        batched = forward_with_prompts(model, ids, mask, prompts, max_rows=6)   # chunks of 3 prompts
+        looped = torch.stack([forward_with_prompt(model, ids, mask, p) for p in prompts])
+        diff = (batched - looped).abs().max().item()
+        assert batched.shape == (7, 2, 2) and diff < 1e-5, (pooling, diff)
+        print(f"  ok: batched K=7 (in chunks) equals looped, pooling={pooling}, max |diff| = {diff:.1e}")
+    # mean read-out ignores padding: a padded row gives the same logits as the row alone
+    alone = tok(["a fine film ."], return_tensors="pt")
+    a = forward_with_prompt(model, alone["input_ids"], alone["attention_mask"], prompt.detach())
+    b = forward_with_prompt(model, ids, mask, prompt.detach())[:1]
+    assert (a - b).abs().max() < 1e-5, "padding changed the mean read-out"
+
+    # Too long for the position table (tiny-bert has 128): a clear error, never an index error.
+    long_ids = torch.full((1, 125), 1000)
+    long_ids[0, 0] = tok.cls_token_id
+    try:
+        forward_with_prompt(model, long_ids, torch.ones_like(long_ids), prompt)
+        raise AssertionError("a too-long input was accepted")
+    except common.UserError as e:
+        assert "position table" in str(e)
+    assert text_budget(model, 5) == 123
+    print("  ok: prompt + text beyond the position table fails with a clear message")
+
+    # The real embedded backbone: frozen, eval mode, and the default read-out is the mean.
+    mini, _ = load_backbone("minilm")
+    tr, fr = count_params(mini)
+    assert mini.pooling == "mean" and tr == 0 and fr > 22_000_000 and not mini.training
+    print(f"  ok: minilm loads frozen ({fr:,} parameters), read-out 'mean'")
+    print(f"stage 3 checks passed in {time.time() - t0:.1f}s")
+
+
+def build_parser():
+    p = common.Parser(description="Stage 3: load a frozen backbone and time a prompted forward pass.")
+    p.add_argument("--backbone", default="minilm",
+                   help="minilm (embedded, default) | random:tiny-bert | random:bert-base | hub id | folder")
+    p.add_argument("--pooling", choices=["cls", "mean"], default=None,
+                   help="read-out: [CLS] via the pooler, or mean of text tokens (default: mean for minilm, else cls)")
+    p.add_argument("--prompt-length", type=common.positive_int, default=10, help="soft tokens (default: 10)")
+    p.add_argument("--num-prompts", type=common.positive_int, default=8, help="K for the batched pass (default: 8)")
+    p.add_argument("--batch-size", type=common.positive_int, default=16, help="examples per batch (default: 16)")
+    common.add_common_args(p, run_name="backbone")
+    return p
+
+
+def main(args):
+    if args.test:
+        return run_tests()
+    common.seed_everything(args.seed)
+    device = common.resolve_device(args.device)
+    model, tok = load_backbone(args.backbone, pooling=args.pooling, device=device)
+    tr, fr = count_params(model)
+    print(f"{args.backbone}: {fr:,} frozen parameters, {tr} trainable; read-out {model.pooling}; "
+          f"prompt {args.prompt_length} x {model.embed_dim} = {args.prompt_length * model.embed_dim:,} trainable")
+    texts = ["a gripping, beautifully acted film ."] * args.batch_size
+    enc = {k: v.to(device) for k, v in tok(texts, return_tensors="pt").items()}
+    prompts = torch.randn(args.num_prompts, args.prompt_length, model.embed_dim, device=device) * 0.02
+    with torch.no_grad():
+        for name, fn in [("one prompt", lambda: forward_with_prompt(model, enc["input_ids"], enc["attention_mask"], prompts[0])),
+                         (f"{args.num_prompts} prompts batched", lambda: forward_with_prompts(model, enc["input_ids"], enc["attention_mask"], prompts))]:
+            fn()
+            t = time.perf_counter()
+            out = fn()
+            print(f"  {name}: logits {tuple(out.shape)} in {time.perf_counter() - t:.3f}s")
+
+
+if __name__ == "__main__":
+    common.main_guard(build_parser(), main)
