@@ -1,0 +1,69 @@
+"""Every stage's built-in checks, collected by pytest: `python -m pytest -v test_all.py`.
+
+Each stage file owns its checks in `run_tests()` (real models and data where behaviour matters);
+this file only calls them, plus the command-line contract: good runs write their logs, bad input
+ends with one line and exit code 2.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import stage2_stream
+import stage3_backbone
+import stage4_pool
+import stage5_train
+
+
+def test_stage2_stream():
+    stage2_stream.run_tests()
+
+
+def test_stage3_backbone():
+    stage3_backbone.run_tests()
+
+
+def test_stage4_pool():
+    stage4_pool.run_tests()
+
+
+def test_stage5_train():
+    stage5_train.run_tests()
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
+
+
+def test_stage5_cli_writes_log(tmp_path):
+    r = cli("stage5_train.py", "--backbone", "random:tiny-bert", "--steps", "30", "--flip-interval", "10",
+            "--birth-interval", "5", "--batch-size", "4", "--out", str(tmp_path), "--run-name", "smoke")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "smoke" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(30))
+    assert [row["regime"] for row in rows] == [s // 10 for s in range(30)]
+    assert rows[-1]["num_prompts"] == 6 and abs(sum(rows[-1]["weights"]) - 1) < 1e-4
+    assert {"loss", "acc", "acc_mixture", "entropy"} <= set(rows[0])
+    assert json.loads((tmp_path / "smoke" / "config.json").read_text())["steps"] == 30
+
+
+def test_same_seed_same_log(tmp_path):
+    logs = []
+    for name in ("a", "b"):
+        r = cli("stage5_train.py", "--backbone", "random:tiny-bert", "--steps", "12", "--birth-interval", "4",
+                "--batch-size", "4", "--out", str(tmp_path), "--run-name", name)
+        assert r.returncode == 0, r.stderr
+        logs.append((tmp_path / name / "log.jsonl").read_text())
+    assert logs[0] == logs[1]
+
+
+@pytest.mark.parametrize("args", [["--flip-interval", "0"], ["--backbone", "nosuchmodel"],
+                                  ["--dataset", "nosuch"], ["--alpha", "-1"], ["--lr", "abc"],
+                                  ["--backbone", "random:nosuch"]])
+def test_bad_input_is_one_clear_line(args, tmp_path):
+    r = cli("stage5_train.py", *args, "--steps", "1", "--out", str(tmp_path))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("[flh] fetching")]
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in r.stderr, r.stderr
