@@ -81,33 +81,46 @@ def text_budget(model, prompt_length):
     return budget
 
 
-def forward_with_prompts(model, input_ids, attention_mask, prompts, max_rows=512):
-    """Logits [K, B, C] of the batch under each of K prompts [K, P, D], in chunks of K*B rows."""
-    K, P, D = prompts.shape
-    B, L = input_ids.shape
-    if P + L > model.max_positions:
-        raise common.UserError(f"prompt ({P}) + text ({L}) tokens exceed the backbone's position "
+def prompted_logits(model, emb, attention_mask, prompts):
+    """Logits [N, C] of N rows, row n read with its own prompt: emb [N, L, D] (word embeddings of
+    [CLS] w_1 ... ), attention_mask [N, L], prompts [N, P, D]. The core of every forward below."""
+    N, P, D = prompts.shape
+    if P + emb.shape[1] > model.max_positions:
+        raise common.UserError(f"prompt ({P}) + text ({emb.shape[1]}) tokens exceed the backbone's position "
                                f"table ({model.max_positions}); lower --max-length or --prompt-length")
+    ones = attention_mask.new_ones(N, P)
+    x = torch.cat([emb[:, :1], prompts.to(emb.dtype), emb[:, 1:]], 1)             # [N, 1+P+L-1, D]
+    mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], 1)
+    h = model.encoder(inputs_embeds=x, attention_mask=mask)
+    if model.pooling == "cls":
+        pooled = h.pooler_output if h.pooler_output is not None else h.last_hidden_state[:, 0]
+    else:
+        text = torch.cat([attention_mask[:, :1], ones * 0, attention_mask[:, 1:]], 1)  # prompt excluded
+        m = text.unsqueeze(-1).to(h.last_hidden_state.dtype)
+        u = (h.last_hidden_state * m).sum(1) / m.sum(1)
+        pooled = model.temperature * F.normalize(u, dim=-1)
+    return model.head(pooled.to(model.head.weight.dtype))
+
+
+def forward_with_prompts(model, input_ids, attention_mask, prompts, max_rows=512):
+    """Logits [K, B, C] of the batch under each of K prompts [K, P, D], in chunks of <= max_rows rows."""
+    K, B = prompts.shape[0], input_ids.shape[0]
     emb = model.encoder.get_input_embeddings()(input_ids)               # [B, L, D], looked up once
-    ones = attention_mask.new_ones(B, P)
-    mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], 1)        # [B, 1+P+L-1]
-    text = torch.cat([attention_mask[:, :1], ones * 0, attention_mask[:, 1:]], 1)    # prompt excluded
     per_chunk = max(1, max_rows // B)
     out = []
     for k0 in range(0, K, per_chunk):
-        p = prompts[k0:k0 + per_chunk].to(emb.dtype)
+        p = prompts[k0:k0 + per_chunk]
         k = p.shape[0]
-        x = torch.cat([emb[None, :, :1].expand(k, -1, -1, -1), p[:, None].expand(-1, B, -1, -1),
-                       emb[None, :, 1:].expand(k, -1, -1, -1)], 2).reshape(k * B, P + L, D)
-        h = model.encoder(inputs_embeds=x, attention_mask=mask.repeat(k, 1))
-        if model.pooling == "cls":
-            pooled = h.pooler_output if h.pooler_output is not None else h.last_hidden_state[:, 0]
-        else:
-            m = text.repeat(k, 1).unsqueeze(-1).to(h.last_hidden_state.dtype)
-            u = (h.last_hidden_state * m).sum(1) / m.sum(1)
-            pooled = model.temperature * F.normalize(u, dim=-1)
-        out.append(model.head(pooled.to(model.head.weight.dtype)).view(k, B, -1))
+        rows = prompted_logits(model, emb.repeat(k, 1, 1), attention_mask.repeat(k, 1),
+                               p.repeat_interleave(B, 0))
+        out.append(rows.view(k, B, -1))
     return torch.cat(out, 0)
+
+
+def forward_with_example_prompts(model, input_ids, attention_mask, prompts):
+    """Logits [B, C] when example b gets its own prompt prompts[b] ([B, P, D]); for mini-L2P."""
+    emb = model.encoder.get_input_embeddings()(input_ids)
+    return prompted_logits(model, emb, attention_mask, prompts)
 
 
 def forward_with_prompt(model, input_ids, attention_mask, prompt):
@@ -155,7 +168,10 @@ def run_tests():
         looped = torch.stack([forward_with_prompt(model, ids, mask, p) for p in prompts])
         diff = (batched - looped).abs().max().item()
         assert batched.shape == (7, 2, 2) and diff < 1e-5, (pooling, diff)
-        print(f"  ok: batched K=7 (in chunks) equals looped, pooling={pooling}, max |diff| = {diff:.1e}")
+        print(f"  ok: batched K=7 (in chunks) equals looped, pooling={pooling}, max |diff| = {diff:.1e}; "
+              "per-example prompts too")
+        per_example = forward_with_example_prompts(model, ids, mask, prompts[[3, 5]])
+        assert torch.allclose(per_example, torch.stack([looped[3, 0], looped[5, 1]]), atol=1e-5)
     # mean read-out ignores padding: a padded row gives the same logits as the row alone
     alone = tok(["a fine film ."], return_tensors="pt")
     a = forward_with_prompt(model, alone["input_ids"], alone["attention_mask"], prompt.detach())

@@ -50,6 +50,12 @@ def r6(x):
     return [r6(v) for v in x] if isinstance(x, (list, tuple)) else float(f"{float(x):.6g}")
 
 
+def base_row(batch, loss, logits):
+    """The fields every method logs: where the step is, its training loss, its prequential accuracy."""
+    return {"step": batch["step"], "regime": batch["regime"], "domain": batch["domain"],
+            "loss": r6(loss), "acc": r6(accuracy(logits, batch["labels"]))}
+
+
 def train_step(model, prompt, optimizer, batch):
     """One AdamW step on CE(f(x; prompt), y). Returns (loss, logits before the step)."""
     logits = forward_with_prompt(model, batch["input_ids"], batch["attention_mask"], prompt)
@@ -93,8 +99,7 @@ class FLHLearner:
         mixture = pool.mixture_probs(expert_logits)
         loss, logits = train_step(model, pool.get_prompt("weighted_sum"), self.optimizer, batch)
         pool.update_weights(expert_losses)
-        return {"step": batch["step"], "regime": batch["regime"], "domain": batch["domain"],
-                "loss": r6(loss), "acc": r6(accuracy(logits, y)), "acc_mixture": r6(accuracy(mixture, y)),
+        return {**base_row(batch, loss, logits), "acc_mixture": r6(accuracy(mixture, y)),
                 "mixture_loss": r6(F.nll_loss(mixture.clamp_min(1e-12).log(), y)),
                 "weights": r6(weights), "prompt_ids": list(pool.birth_ids),
                 "expert_losses": r6(expert_losses.tolist()), "num_prompts": len(pool), "entropy": r6(entropy)}
