@@ -87,6 +87,7 @@ class FLHLearner:
                                   device=model.head.weight.device)
         # AdamW needs at least one parameter: start with a placeholder group, dropped at the 1st birth.
         self._placeholder = torch.nn.Parameter(torch.zeros(1))
+        self.lr, self.weight_decay = lr, weight_decay
         self.optimizer = torch.optim.AdamW([self._placeholder], lr=lr, weight_decay=weight_decay)
 
     def step(self, batch):
@@ -110,7 +111,7 @@ class FLHLearner:
     def load_state_dict(self, state):
         self.pool.load_state(state["pool"])
         groups = [{"params": [p]} for p in self.pool.prompts] or [{"params": [self._placeholder]}]
-        self.optimizer = type(self.optimizer)(groups, **self.optimizer.defaults)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
         self.optimizer.load_state_dict(state["optimizer"])
 
 

@@ -1,0 +1,357 @@
+"""Stage 7: metrics and plots, computed from the JSON logs alone.
+
+Everything here reads `log.jsonl` files (one row per step, written by stages 5, 6 and 8), so the
+numbers of any old run can be recomputed: `python stage7_metrics.py runs/<name>`.
+
+Metrics (DESIGN.md sec. 5). Let a_s be the prequential accuracy of step s, and c a shift (the
+first step of a new regime).
+  accuracy_over_time   (s, a_s) for every step; plots smooth it with a trailing window.
+  mean_accuracy        mean of a_s over the whole run: the area under the accuracy curve.
+  adaptive_regret      *the plan's name* for the mean accuracy over the last N steps (N=500 in the
+                       plan, `--window` here). It is a windowed accuracy, not a regret; the name is
+                       kept for the plan's readers and the same number is also `windowed_accuracy`.
+  true_adaptive_regret FLH's actual guarantee (Hazan & Seshadhri 2009): the largest, over windows
+                       I of N steps, of  sum_{s in I} loss_s(method) - min_i sum_{s in I} loss_s(expert i),
+                       over experts alive throughout I (FLH runs only: they log every expert's loss).
+  recovery_time        for each shift c: the number of steps n until the trailing mean of a over
+                       [c+n-w, c+n) first reaches the threshold (default 0.8), with a window of w=50
+                       steps lying inside the new regime (so n >= w). A shift whose regime ends first
+                       is *not recovered* (censored): reported as null with `recovered: false`,
+                       never as a number that looks like a success.
+  weight_entropy       -sum_i w_i log w_i per step (log K for uniform weights over K prompts).
+
+Plots: accuracy vs step for every method with the shifts marked; FLH's weight heat-map (prompt,
+by birth, x step); recovery-time bars per method; live prompts vs step.
+
+Run `python stage7_metrics.py RUN [RUN ...]` (several runs, e.g. seeds, are also summarised
+together), `--test` for the checks on synthetic logs with known answers.
+"""
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+
+COLORS = {"flh": "tab:red", "single": "tab:blue", "random": "tab:green", "similarity": "tab:purple"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+def shifts(rows):
+    """Steps at which the regime changes (the first step of each new regime)."""
+    return [b["step"] for a, b in zip(rows, rows[1:]) if b["regime"] != a["regime"]]
+
+
+def trailing_mean(x, w):
+    """Mean of the last min(w, s+1) values at every s."""
+    c = np.cumsum(np.insert(np.asarray(x, float), 0, 0.0))
+    n = np.minimum(np.arange(1, len(x) + 1), w)
+    return (c[1:] - c[np.arange(1, len(x) + 1) - n]) / n
+
+
+def recovery_times(rows, threshold=0.8, window=50):
+    """Per shift: steps until the `window`-step accuracy inside the new regime reaches `threshold`."""
+    acc = np.array([r["acc"] for r in rows], float)
+    steps = [r["step"] for r in rows]
+    cuts = shifts(rows)
+    out = []
+    for i, c in enumerate(cuts):
+        start = steps.index(c)
+        end = steps.index(cuts[i + 1]) if i + 1 < len(cuts) else len(rows)
+        seg = acc[start:end]
+        hit = None
+        if len(seg) >= window:
+            means = np.convolve(seg, np.ones(window) / window, mode="valid")   # means[j] = mean seg[j:j+w]
+            reached = np.flatnonzero(means >= threshold - 1e-12)
+            hit = int(reached[0] + window) if len(reached) else None
+        out.append({"shift": c, "steps": hit, "recovered": hit is not None, "regime_length": int(end - start)})
+    return out
+
+
+def true_adaptive_regret(rows, window, loss_key="mixture_loss"):
+    """max over N-step windows of (method loss - best expert's loss), experts alive throughout."""
+    if not rows or "expert_losses" not in rows[0] or len(rows) < window:
+        return None
+    T = len(rows)
+    ids = sorted({i for r in rows for i in r["prompt_ids"]})
+    pos = {i: k for k, i in enumerate(ids)}
+    L = np.zeros((len(ids), T))
+    alive = np.zeros((len(ids), T))
+    for s, r in enumerate(rows):
+        for i, loss in zip(r["prompt_ids"], r["expert_losses"]):
+            L[pos[i], s], alive[pos[i], s] = loss, 1
+    def window_sums(x):
+        c = np.concatenate([np.zeros(x.shape[:-1] + (1,)), np.cumsum(x, -1)], -1)
+        return c[..., window:] - c[..., :-window]
+    method = window_sums(np.array([r[loss_key] for r in rows], float))
+    experts = np.where(window_sums(alive) == window, window_sums(L), np.inf)
+    best = experts.min(0)
+    valid = np.isfinite(best)
+    return float((method[valid] - best[valid]).max()) if valid.any() else None
+
+
+def compute_metrics(rows, threshold=0.8, window=500, recovery_window=50):
+    """All metrics of one method's log."""
+    acc = np.array([r["acc"] for r in rows], float)
+    rec = recovery_times(rows, threshold, recovery_window)
+    done = [r["steps"] for r in rec if r["recovered"]]
+    n = min(window, len(rows))
+    m = {"steps": len(rows), "mean_accuracy": float(acc.mean()),
+         "windowed_accuracy": float(acc[-n:].mean()), "adaptive_regret": float(acc[-n:].mean()),
+         "window": n, "final_accuracy": float(acc[-recovery_window:].mean()),
+         "recovery": rec, "recovery_threshold": threshold, "recovery_window": recovery_window,
+         "shifts_recovered": len(done), "shifts": len(rec),
+         "mean_recovery_time": float(np.mean(done)) if done else None,
+         "accuracy_over_time": [[r["step"], r["acc"]] for r in rows]}
+    if "acc_mixture" in rows[0]:
+        m["mean_accuracy_mixture"] = float(np.mean([r["acc_mixture"] for r in rows]))
+        m["recovery_mixture"] = recovery_times([{**r, "acc": r["acc_mixture"]} for r in rows], threshold, recovery_window)
+    if "weights" in rows[0]:
+        m["weight_entropy"] = [r["entropy"] for r in rows]
+        m["true_adaptive_regret"] = true_adaptive_regret(rows, n, "mixture_loss")
+        m["true_adaptive_regret_weighted_sum"] = true_adaptive_regret(rows, n, "loss")
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------
+def _shift_lines(ax, cuts):
+    for c in cuts:
+        ax.axvline(c, color="0.6", ls=":", lw=1)
+
+
+def plot_accuracy(logs, path, smooth=50, threshold=None, title=None):
+    """Prequential accuracy (trailing mean over `smooth` steps) of every method."""
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for name, rows in logs.items():
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, trailing_mean([r["acc"] for r in rows], smooth), label=name, color=COLORS.get(name), lw=1.4)
+        if "acc_mixture" in rows[0]:
+            ax.plot(steps, trailing_mean([r["acc_mixture"] for r in rows], smooth), label=f"{name} (mixture)",
+                    color=COLORS.get(name), lw=1, ls="--")
+    _shift_lines(ax, shifts(next(iter(logs.values()))))
+    if threshold:
+        ax.axhline(threshold, color="k", lw=0.6, ls="--")
+    ax.axhline(0.5, color="0.8", lw=0.6)
+    ax.set(xlabel="step", ylabel=f"prequential accuracy ({smooth}-step mean)", ylim=(0, 1),
+           title=title or "accuracy over time (dotted: rule changes)")
+    ax.legend(loc="lower right", fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_weights(rows, path, title="FLH weights"):
+    """Heat-map of each prompt's weight (rows: prompts by birth) over the steps."""
+    ids = sorted({i for r in rows for i in r["prompt_ids"]})
+    pos = {i: k for k, i in enumerate(ids)}
+    W = np.full((len(ids), len(rows)), np.nan)
+    for s, r in enumerate(rows):
+        for i, w in zip(r["prompt_ids"], r["weights"]):
+            W[pos[i], s] = w
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    steps = [r["step"] for r in rows]
+    im = ax.imshow(W, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
+                   extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(ids) - 0.5))
+    _shift_lines(ax, shifts(rows))
+    ax.set(xlabel="step", ylabel="prompt (birth order)", title=f"{title} (blank: not born or pruned)")
+    fig.colorbar(im, ax=ax, label="weight")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_recovery(metrics, path):
+    """Mean recovery time per method over the shifts it recovered from; k/n = recovered / shifts."""
+    names = list(metrics)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for x, name in enumerate(names):
+        m = metrics[name]
+        done = [r["steps"] for r in m["recovery"] if r["recovered"]]
+        height = np.mean(done) if done else 0
+        ax.bar(x, height, color=COLORS.get(name, "0.5"), yerr=np.std(done) if len(done) > 1 else None, capsize=4)
+        ax.text(x, height, f"{len(done)}/{len(m['recovery'])}", ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(range(len(names)), names)
+    thr = metrics[names[0]]["recovery_threshold"]
+    ax.set(ylabel="steps to recover", title=f"recovery to {thr:.0%} ({metrics[names[0]]['recovery_window']}-step "
+                                             "window); k/n shifts recovered")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_prompts(logs, path):
+    """Number of live prompts per step."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, rows in logs.items():
+        ax.plot([r["step"] for r in rows], [r.get("num_prompts", 1) for r in rows], label=name,
+                color=COLORS.get(name), lw=1.4)
+    ax.set(xlabel="step", ylabel="live prompts", title="prompts evaluated per step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# A run folder -> metrics.json and plots
+# ----------------------------------------------------------------------------------------------
+def find_logs(folder):
+    """{method: rows} from a run folder: its own log.jsonl, or one per method sub-folder."""
+    folder = Path(folder)
+    if (folder / "log.jsonl").exists():
+        cfg = folder / "config.json"
+        name = common.read_json(cfg).get("method", folder.name) if cfg.exists() else folder.name
+        return {name: common.read_jsonl(folder / "log.jsonl")}
+    logs = {p.parent.name: common.read_jsonl(p) for p in sorted(folder.glob("*/log.jsonl"))}
+    if not logs:
+        raise common.UserError(f"no log.jsonl in {folder} or its sub-folders")
+    order = {m: i for i, m in enumerate(COLORS)}
+    return dict(sorted(logs.items(), key=lambda kv: order.get(kv[0], 99)))
+
+
+def analyse(folder, threshold=0.8, window=500, recovery_window=50, smooth=50):
+    """Write metrics.json and the plots into a run folder; returns the metrics."""
+    folder = Path(folder)
+    logs = {k: v for k, v in find_logs(folder).items() if v}
+    metrics = {name: compute_metrics(rows, threshold, window, recovery_window) for name, rows in logs.items()}
+    common.write_json(folder / "metrics.json", metrics)
+    plot_accuracy(logs, folder / "accuracy.png", smooth, threshold, title=f"{folder.name}: accuracy over time")
+    plot_recovery(metrics, folder / "recovery.png")
+    plot_prompts(logs, folder / "prompts.png")
+    for name, rows in logs.items():
+        if "weights" in rows[0]:
+            plot_weights(rows, folder / f"weights_{name}.png", title=f"{name} weights")
+    return metrics
+
+
+def summary_table(per_run):
+    """Markdown table: mean +- std over runs (seeds) of the headline metrics, per method."""
+    keys = [("mean_accuracy", "mean acc"), ("windowed_accuracy", "windowed acc"), ("final_accuracy", "final acc"),
+            ("mean_recovery_time", "recovery (steps)")]
+    methods = list(per_run[0])
+    lines = ["| method | " + " | ".join(k[1] for k in keys) + " | shifts recovered |", "|---" * (len(keys) + 2) + "|"]
+    summary = {}
+    for m in methods:
+        cells, summary[m] = [], {}
+        for key, _ in keys:
+            vals = [run[m][key] for run in per_run if run[m][key] is not None]
+            summary[m][key] = {"mean": float(np.mean(vals)) if vals else None,
+                               "std": float(np.std(vals)) if vals else None, "n": len(vals)}
+            fmt = "{:.0f}" if key == "mean_recovery_time" else "{:.3f}"
+            cells.append(f"{fmt.format(np.mean(vals))} ± {fmt.format(np.std(vals))}" if vals else "never")
+        rec = sum(run[m]["shifts_recovered"] for run in per_run)
+        tot = sum(run[m]["shifts"] for run in per_run)
+        summary[m]["shifts_recovered"] = [rec, tot]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {rec}/{tot} |")
+    return "\n".join(lines), summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks on synthetic logs with known answers
+# ----------------------------------------------------------------------------------------------
+def _fake_rows(acc, interval, weights=None):
+    rows = []
+    for s, a in enumerate(acc):
+        r = {"step": s, "regime": s // interval, "acc": float(a), "loss": 1 - float(a)}
+        if weights is not None:
+            r.update(weights=weights, prompt_ids=list(range(1, len(weights) + 1)), num_prompts=len(weights),
+                     entropy=float(-sum(w * math.log(w) for w in weights)),
+                     expert_losses=[1 - float(a)] * len(weights), mixture_loss=1 - float(a), acc_mixture=float(a))
+        rows.append(r)
+    return rows
+
+
+def run_tests():
+    t0 = time.time()
+    # Regimes of 200 steps. After shift 200: accuracy 0.5 for 30 steps, then 1.0 -> the 50-step mean
+    # first reaches 0.8 at the window [c+n-50, c+n) with 20 steps of 0.5 and 30 of 1.0 -> n = 60.
+    # After shift 400: 0.5 forever -> censored. Shift 600: perfect at once -> n = 50 (the window).
+    acc = np.ones(800)
+    acc[200:230] = 0.5
+    acc[400:600] = 0.5
+    rows = _fake_rows(acc, 200)
+    rec = recovery_times(rows, threshold=0.8, window=50)
+    assert [r["shift"] for r in rec] == [200, 400, 600]
+    assert rec[0]["steps"] == 60 and rec[0]["recovered"]
+    assert rec[1]["steps"] is None and not rec[1]["recovered"] and rec[1]["regime_length"] == 200
+    assert rec[2]["steps"] == 50
+    m = compute_metrics(rows, threshold=0.8, window=100)
+    assert m["shifts_recovered"] == 2 and m["mean_recovery_time"] == 55 and m["windowed_accuracy"] == 1.0
+    print("  ok: recovery times 60 and 50 steps where known; a regime that never recovers is censored (null)")
+
+    K = 5
+    rows = _fake_rows(np.full(300, 0.7), 100, weights=[1 / K] * K)
+    m = compute_metrics(rows, window=50)
+    assert abs(m["weight_entropy"][0] - math.log(K)) < 1e-12
+    print(f"  ok: entropy of uniform weights over {K} prompts = log {K} = {math.log(K):.4f}")
+    assert abs(m["true_adaptive_regret"]) < 1e-9, m["true_adaptive_regret"]
+    # A method 0.3 worse than its best expert on 40 steps of a 50-step window has regret 0.3 * 40.
+    for r in rows[100:140]:
+        r["mixture_loss"] += 0.3
+    assert abs(true_adaptive_regret(rows, 50) - 12.0) < 1e-9
+    print("  ok: true adaptive regret is 0 when the method equals its best expert, 12.0 for a known gap")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("flh", "single"):
+            (Path(tmp) / name).mkdir()
+            with open(Path(tmp) / name / "log.jsonl", "w") as f:
+                for r in (_fake_rows(acc, 200, [0.5, 0.5]) if name == "flh" else _fake_rows(acc[::-1], 200)):
+                    f.write(json.dumps(r) + "\n")
+        metrics = analyse(tmp, window=100)
+        assert set(metrics) == {"flh", "single"}
+        for png in ("accuracy.png", "recovery.png", "prompts.png", "weights_flh.png"):
+            p = Path(tmp) / png
+            assert p.exists() and p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG", png
+        assert common.read_json(Path(tmp) / "metrics.json")["flh"]["shifts"] == 3
+        table, summary = summary_table([metrics, metrics])
+        assert summary["flh"]["mean_recovery_time"]["mean"] == 55 and summary["flh"]["shifts_recovered"] == [4, 6]
+    print("  ok: a run folder gives metrics.json and 4 non-empty PNGs; the seed summary averages right")
+    print(f"stage 7 checks passed in {time.time() - t0:.1f}s")
+
+
+def build_parser():
+    p = common.Parser(description="Stage 7: metrics and plots from run folders (several = seeds, summarised).")
+    p.add_argument("runs", nargs="*", help="run folders (each with log.jsonl, or one sub-folder per method)")
+    p.add_argument("--recovery-threshold", type=common.positive_float, default=0.8,
+                   help="accuracy a shift must recover to (default: 0.8)")
+    p.add_argument("--recovery-window", type=common.positive_int, default=50,
+                   help="steps in the rolling accuracy for recovery (default: 50)")
+    p.add_argument("--window", type=common.positive_int, default=500,
+                   help="N of the windowed accuracy / adaptive regret (default: 500)")
+    p.add_argument("--summary", default=None, help="folder for summary.json/summary.md over all runs (default: none)")
+    p.add_argument("--test", action="store_true", help="run this stage's built-in checks and exit")
+    return p
+
+
+def main(args):
+    if args.test:
+        return run_tests()
+    if not args.runs:
+        raise common.UserError("give at least one run folder")
+    per_run = []
+    for run in args.runs:
+        m = analyse(run, args.recovery_threshold, args.window, args.recovery_window)
+        per_run.append(m)
+        print(f"{run}:\n{summary_table([m])[0]}\n")
+    if args.summary:
+        table, summary = summary_table(per_run)
+        out = Path(args.summary)
+        out.mkdir(parents=True, exist_ok=True)
+        common.write_json(out / "summary.json", {"runs": args.runs, "methods": summary})
+        (out / "summary.md").write_text(table + "\n")
+        print(f"over {len(per_run)} runs:\n{table}")
+
+
+if __name__ == "__main__":
+    common.main_guard(build_parser(), main)

@@ -1,0 +1,231 @@
+"""Stage 8: the first experiment. FLH against the three baselines on a stream whose labels flip.
+
+    python stage8_run.py --method flh            # the main job, on the quick preset
+    python stage8_run.py --method all --seed 1   # all four methods, same batches, one comparison
+
+Protocol. Every method sees the same batches in the same order (a batch is a pure function of
+(seed, step), stage 2), starts from the same seed, reads through the same frozen backbone and the
+same frozen random head, and is scored test-then-train (stage 5). With `--method all` the
+backbone is loaded once and the methods run one after another.
+
+Presets (explicit flags override them):
+  quick (default)  embedded MiniLM + Rotten Tomatoes sentences (rt), mean read-out, prompt 10,
+                   batch 16, lr 1e-2, 1,200 steps with labels flipping every 300 (3 flips),
+                   FLH births every 100 steps with FLH2 pruning, alpha 0.1, pools of K=10.
+                   Why: a single prompt needs ~300 steps at lr 1e-2 to reach 0.70 prequential
+                   accuracy on rt (0.71 over steps 200-299, measured), so 300-step regimes are the
+                   shortest that let it learn before the first flip; 4 regimes show three
+                   recoveries; births every 100 steps put 3 newcomers in each regime. The recovery
+                   threshold is 0.7 (0.8 is above what any method reaches within 300 steps here).
+                   A step costs ~0.3 s for one prompt on 2 CPU cores (batch 16).
+  paper            the plan's Stage 8: bert-base-uncased + GLUE SST-2 (hub), 10,000 steps, flips
+                   every 1,000, births every 500, prompt 20, batch 32, alpha 0.1, lr 1e-3; [CLS]
+                   read-out; checkpoints every 1,000 steps. For a GPU.
+
+Outputs in runs/<run-name>/: config.json, one folder per method (log.jsonl, run.json with the wall
+time, checkpoints/step_N.pt every --checkpoint-every steps and at the end), metrics.json (one
+entry per method) and the plots of stage 7. `--resume` continues a killed run from each method's
+latest checkpoint; the continued log equals an uninterrupted one (same seed).
+
+Run `--test` for the checks (a tiny run of all methods writes every output; resume is exact).
+"""
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+from stage2_stream import add_stream_args, build_stream
+from stage3_backbone import load_backbone, text_budget
+from stage5_train import add_model_args, run_stream
+from stage6_baselines import METHODS, make_learner
+from stage7_metrics import analyse
+
+PRESETS = {
+    "quick": dict(backbone="minilm", dataset="rt", steps=1200, flip_interval=300, steps_per_domain=300, birth_interval=100,
+                  prompt_length=10, batch_size=16, lr=1e-2, alpha=0.1, num_prompts=10, prune="flh2",
+                  recovery_threshold=0.7, window=300, checkpoint_every=300),
+    "paper": dict(backbone="bert-base-uncased", dataset="sst2", steps=10000, flip_interval=1000, steps_per_domain=1000,
+                  birth_interval=500, prompt_length=20, batch_size=32, lr=1e-3, alpha=0.1, num_prompts=10,
+                  prune="none", recovery_threshold=0.8, window=500, checkpoint_every=1000),
+}
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder, step, learner):
+    """checkpoints/step_N.pt, written atomically: learner state, RNG states, stream position."""
+    path = folder / "checkpoints" / f"step_{step}.pt"
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "learner": learner.state_dict(), "rng": rng_state()}, tmp)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(folder):
+    found = sorted((folder / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    return found[-1] if found else None
+
+
+def run_method(method, args, model, stream, folder):
+    """One method over the whole stream (or the rest of it, with --resume). Returns seconds taken."""
+    folder.mkdir(parents=True, exist_ok=True)
+    common.seed_everything(args.seed)
+    learner = make_learner(method, model, args.prompt_length, args.lr, args.num_prompts, args.alpha,
+                           args.birth_interval, args.prune)
+    start, ckpt = 0, latest_checkpoint(folder) if args.resume else None
+    if ckpt is not None:
+        state = torch.load(ckpt, weights_only=False)
+        learner.load_state_dict(state["learner"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+    else:
+        for old in [folder / "log.jsonl", *(folder / "checkpoints").glob("*.pt")]:
+            old.unlink(missing_ok=True)
+    log = common.JsonlLog(folder / "log.jsonl")
+    log.truncate_to(start)  # rows after the checkpoint are redone
+    if start >= args.steps:
+        log.close()
+        return None
+    t0 = time.time()
+    run_stream(learner, stream, args.steps, log, start, every=args.checkpoint_every,
+               callback=lambda s: save_checkpoint(folder, s, learner), desc=method)
+    log.close()
+    if args.steps % args.checkpoint_every:
+        save_checkpoint(folder, args.steps, learner)
+    wall = time.time() - t0
+    common.write_json(folder / "run.json", {"method": method, "steps_run": args.steps - start, "resumed_from": start,
+                                            "wall_seconds": round(wall, 1),
+                                            "seconds_per_step": round(wall / (args.steps - start), 4),
+                                            "device": str(model.head.weight.device), "threads": torch.get_num_threads()})
+    return wall
+
+
+def summarise(folder, metrics):
+    """The table printed at the end of a run."""
+    lines = [f"{'method':<11}{'mean acc':>9}{'window acc':>11}{'final acc':>10}{'recovered':>10}"
+             f"{'recovery':>9}{'wall s':>8}"]
+    for name, m in metrics.items():
+        run = folder / name / "run.json"
+        wall = common.read_json(run)["wall_seconds"] if run.exists() else float("nan")
+        rec = f"{m['mean_recovery_time']:.0f}" if m["mean_recovery_time"] is not None else "never"
+        lines.append(f"{name:<11}{m['mean_accuracy']:>9.3f}{m['windowed_accuracy']:>11.3f}{m['final_accuracy']:>10.3f}"
+                     f"{m['shifts_recovered']:>6}/{m['shifts']:<3}{rec:>9}{wall:>8.0f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------
+def run_tests():
+    t0 = time.time()
+    tiny = ["--backbone", "random:tiny-bert", "--batch-size", "4", "--flip-interval", "10", "--birth-interval", "5",
+            "--num-prompts", "3", "--checkpoint-every", "10"]
+    with tempfile.TemporaryDirectory() as tmp:
+        # A tiny run of all four methods writes every output.
+        main(build_parser().parse_args([*tiny, "--method", "all", "--steps", "30", "--out", tmp, "--run-name", "all"]))
+        run = Path(tmp) / "all"
+        metrics = common.read_json(run / "metrics.json")
+        assert sorted(metrics) == sorted(METHODS), list(metrics)
+        for m in METHODS:
+            rows = common.read_jsonl(run / m / "log.jsonl")
+            assert [r["step"] for r in rows] == list(range(30)) and (run / m / "checkpoints" / "step_30.pt").exists()
+        assert {p.name for p in run.glob("*.png")} >= {"accuracy.png", "recovery.png", "prompts.png", "weights_flh.png"}
+        # Same batches for every method: the regimes (and the logged steps) line up.
+        assert len({tuple(r["regime"] for r in common.read_jsonl(run / m / "log.jsonl")) for m in METHODS}) == 1
+        print("  ok: --method all writes metrics.json (4 methods), 4 logs of 30 rows, checkpoints and plots")
+
+        # Resume: kill a run after a checkpoint, resume it, compare with an uninterrupted run.
+        for method in ("flh", "random"):
+            args = [*tiny, "--method", method, "--steps", "300", "--out", tmp]
+            main(build_parser().parse_args([*args, "--run-name", "whole"]))
+            whole = (Path(tmp) / "whole" / method / "log.jsonl").read_text()
+            cmd = [sys.executable, __file__, *args, "--run-name", "killed", "--checkpoint-every", "50"]
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ckpt = Path(tmp) / "killed" / method / "checkpoints" / "step_100.pt"
+            while not ckpt.exists() and proc.poll() is None:
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+            cut = len(common.read_jsonl(Path(tmp) / "killed" / method / "log.jsonl"))
+            assert cut < 300
+            main(build_parser().parse_args([*args, "--run-name", "killed", "--checkpoint-every", "50", "--resume"]))
+            resumed = (Path(tmp) / "killed" / method / "log.jsonl").read_text()
+            assert resumed == whole, f"{method}: the resumed log differs from the uninterrupted one"
+            print(f"  ok: {method}: killed after {cut} logged steps, resumed from its checkpoint; log identical to an uninterrupted run")
+    print(f"stage 8 checks passed in {time.time() - t0:.1f}s")
+
+
+def build_parser():
+    p = common.Parser(description="Stage 8: run FLH and the baselines on the changing stream; metrics and plots.")
+    p.add_argument("--method", default="flh", choices=[*METHODS, "all"], help="which method, or all four (default: flh)")
+    p.add_argument("--preset", default="quick", choices=list(PRESETS),
+                   help="quick: CPU-sized, embedded MiniLM + rt (default); paper: the plan's BERT/SST-2 setting")
+    add_stream_args(p)
+    add_model_args(p)
+    p.add_argument("--steps", type=common.positive_int, help="batches in the stream (quick 1200, paper 10000)")
+    p.add_argument("--birth-interval", type=common.positive_int, help="steps between FLH births (quick 100, paper 500)")
+    p.add_argument("--alpha", type=common.nonneg_float, help="FLH learning rate alpha (default: 0.1)")
+    p.add_argument("--lr", type=common.positive_float, help="AdamW learning rate (quick 1e-2, paper 1e-3)")
+    p.add_argument("--num-prompts", type=common.positive_int, help="pool size K of random/similarity (default: 10)")
+    p.add_argument("--prune", choices=["none", "flh2"], help="FLH pool pruning (quick flh2, paper none)")
+    p.add_argument("--recovery-threshold", type=common.positive_float, help="accuracy that counts as recovered (quick 0.7, paper 0.8)")
+    p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy (quick 300, paper 500)")
+    p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints (quick 300, paper 1000)")
+    p.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
+    common.add_common_args(p, run_name=None)
+    p.set_defaults(**{k: None for k in PRESETS["quick"]})
+    for action in p._actions:  # say which flags a preset fills, and the default run name
+        if action.dest in PRESETS["quick"] and action.help and "quick" not in action.help:
+            action.help = action.help.split(" (default")[0] + " (from the preset)"
+        if action.dest == "run_name":
+            action.help = "sub-folder of --out (default: <method>-<dataset>-<preset>-seed<seed>)"
+    return p
+
+
+def main(args):
+    if args.test:
+        return run_tests()
+    preset = dict(PRESETS[args.preset])
+    if args.dataset not in (None, preset["dataset"]) and args.flip_interval is None:
+        preset["flip_interval"] = None  # another data set: stage 2's default (multi-domain data does not flip)
+    for key, value in preset.items():  # explicit flags win over the preset
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    methods = METHODS if args.method == "all" else [args.method]
+    args.run_name = args.run_name or f"{args.method}-{args.dataset}-{args.preset}-seed{args.seed}"
+    device = common.resolve_device(args.device)
+    model, tok = load_backbone(args.backbone, pooling=args.pooling, device=device)
+    stream = build_stream(args, tok, max_length=min(args.max_length, text_budget(model, args.prompt_length)))
+    folder = common.run_dir(args.out, args.run_name)
+    common.write_json(folder / "config.json", {**vars(args), "methods": methods})
+    print(f"{', '.join(methods)} on {args.dataset} with {args.backbone} ({model.pooling} read-out), {args.steps} steps, "
+          f"regimes change at {[s for s in range(1, args.steps) if stream.regime(s) != stream.regime(s - 1)][:8]}... "
+          f"-> {folder}", file=sys.stderr)
+    for method in methods:
+        run_method(method, args, model, stream, folder / method)
+    metrics = analyse(folder, args.recovery_threshold, args.window)
+    print(summarise(folder, metrics))
+    print(f"metrics and plots in {folder}")
+
+
+if __name__ == "__main__":
+    common.main_guard(build_parser(), main)
