@@ -194,6 +194,14 @@ def add_model_args(parser, prompt_length=10):
                         help=f"soft tokens per prompt (default: {prompt_length})")
 
 
+def prepare(args):
+    """Seed, device, frozen backbone and stream from parsed flags: how every text run starts."""
+    common.seed_everything(args.seed)
+    model, tok = load_backbone(args.backbone, pooling=args.pooling, device=common.resolve_device(args.device))
+    stream = build_stream(args, tok, max_length=min(args.max_length, text_budget(model, args.prompt_length)))
+    return model, stream
+
+
 def build_parser():
     p = common.Parser(description="Stage 5: run FLH on the changing stream and write one log row per step.")
     add_stream_args(p)
@@ -211,10 +219,7 @@ def build_parser():
 def main(args):
     if args.test:
         return run_tests()
-    common.seed_everything(args.seed)
-    device = common.resolve_device(args.device)
-    model, tok = load_backbone(args.backbone, pooling=args.pooling, device=device)
-    stream = build_stream(args, tok, max_length=min(args.max_length, text_budget(model, args.prompt_length)))
+    model, stream = prepare(args)
     out = common.run_dir(args.out, args.run_name)
     common.write_json(out / "config.json", vars(args))
     (out / "log.jsonl").unlink(missing_ok=True)

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
-from stage2_stream import TextStream, add_stream_args, build_stream
-from stage3_backbone import forward_with_example_prompts, load_backbone, text_budget
-from stage5_train import FLHLearner, add_model_args, base_row, r6, run_stream, to_device, train_step
+from stage2_stream import TextStream, add_stream_args
+from stage3_backbone import forward_with_example_prompts, load_backbone
+from stage5_train import FLHLearner, add_model_args, base_row, prepare, run_stream, train_step
 
 METHODS = ["flh", "single", "random", "similarity"]
 
@@ -193,10 +193,7 @@ def build_parser():
 def main(args):
     if args.test:
         return run_tests()
-    common.seed_everything(args.seed)
-    device = common.resolve_device(args.device)
-    model, tok = load_backbone(args.backbone, pooling=args.pooling, device=device)
-    stream = build_stream(args, tok, max_length=min(args.max_length, text_budget(model, args.prompt_length)))
+    model, stream = prepare(args)
     learner = make_learner(args.method, model, args.prompt_length, args.lr, args.num_prompts)
     out = common.run_dir(args.out, args.run_name)
     (out / "log.jsonl").unlink(missing_ok=True)

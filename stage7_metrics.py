@@ -151,6 +151,26 @@ def plot_accuracy(logs, path, smooth=50, threshold=None, title=None):
     plt.close(fig)
 
 
+def plot_accuracy_seeds(runs, path, smooth=50, threshold=None, title=None):
+    """Mean over runs (seeds) of each method's smoothed accuracy, shaded between min and max."""
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for name in runs[0]:
+        curves = np.array([trailing_mean([r["acc"] for r in logs[name]], smooth) for logs in runs])
+        steps = [r["step"] for r in runs[0][name]]
+        ax.plot(steps, curves.mean(0), label=f"{name}", color=COLORS.get(name), lw=1.4)
+        ax.fill_between(steps, curves.min(0), curves.max(0), color=COLORS.get(name), alpha=0.15, lw=0)
+    _shift_lines(ax, shifts(next(iter(runs[0].values()))))
+    if threshold:
+        ax.axhline(threshold, color="k", lw=0.6, ls="--")
+    ax.axhline(0.5, color="0.8", lw=0.6)
+    ax.set(xlabel="step", ylabel=f"prequential accuracy ({smooth}-step mean)", ylim=(0, 1),
+           title=title or f"mean over {len(runs)} seeds (band: min-max); dotted: label flips")
+    ax.legend(loc="lower right", fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_weights(rows, path, title="FLH weights"):
     """Heat-map of each prompt's weight (rows: prompts by birth) over the steps."""
     ids = sorted({i for r in rows for i in r["prompt_ids"]})
@@ -315,6 +335,8 @@ def run_tests():
             assert p.exists() and p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG", png
         assert common.read_json(Path(tmp) / "metrics.json")["flh"]["shifts"] == 3
         table, summary = summary_table([metrics, metrics])
+        plot_accuracy_seeds([find_logs(tmp)] * 2, Path(tmp) / "seeds.png")
+        assert (Path(tmp) / "seeds.png").stat().st_size > 5000
         assert summary["flh"]["mean_recovery_time"]["mean"] == 55 and summary["flh"]["shifts_recovered"] == [4, 6]
     print("  ok: a run folder gives metrics.json and 4 non-empty PNGs; the seed summary averages right")
     print(f"stage 7 checks passed in {time.time() - t0:.1f}s")
@@ -350,6 +372,7 @@ def main(args):
         out.mkdir(parents=True, exist_ok=True)
         common.write_json(out / "summary.json", {"runs": args.runs, "methods": summary})
         (out / "summary.md").write_text(table + "\n")
+        plot_accuracy_seeds([find_logs(r) for r in args.runs], out / "accuracy_seeds.png", threshold=args.recovery_threshold)
         print(f"over {len(per_run)} runs:\n{table}")
 
 

@@ -42,9 +42,8 @@ import numpy as np
 import torch
 
 import common
-from stage2_stream import add_stream_args, build_stream
-from stage3_backbone import load_backbone, text_budget
-from stage5_train import add_model_args, run_stream
+from stage2_stream import add_stream_args
+from stage5_train import add_model_args, prepare, run_stream
 from stage6_baselines import METHODS, make_learner
 from stage7_metrics import analyse
 
@@ -119,6 +118,51 @@ def run_method(method, args, model, stream, folder):
     return wall
 
 
+def plan_criteria(folder, metrics):
+    """The plan's five Stage 8 success criteria, each with the number that decides it."""
+    logs = {m: common.read_jsonl(folder / m / "log.jsonl") for m in metrics}
+    cfg = common.read_json(folder / "config.json")
+    out = {}
+    ran = {m: len(rows) for m, rows in logs.items()}
+    out["1_all_methods_run"] = {"met": set(ran) == set(METHODS) and all(n == cfg["steps"] for n in ran.values()),
+                                "steps_logged": ran}
+    # 2. Sawtooth: the single prompt's accuracy drops at each shift (last 50 steps before vs first 50 after).
+    if "single" in logs:
+        acc = np.array([r["acc"] for r in logs["single"]])
+        cuts = [m["shift"] for m in metrics["single"]["recovery"]]
+        drops = [float(acc[c - 50:c].mean() - acc[c:c + 50].mean()) for c in cuts if c >= 50]
+        out["2_single_sawtooth"] = {"met": bool(drops) and min(drops) > 0.1, "accuracy_drop_at_each_shift": drops,
+                                    "single_shifts_recovered": [metrics["single"]["shifts_recovered"], len(cuts)]}
+    # 3. Input similarity fails to recover after the first flip.
+    if "similarity" in metrics:
+        m = metrics["similarity"]
+        out["3_similarity_fails_to_recover"] = {"met": m["shifts_recovered"] == 0,
+                                                "shifts_recovered": [m["shifts_recovered"], m["shifts"]]}
+    # 4. FLH recovers fastest: most shifts recovered, then the lowest mean recovery time.
+    key = {k: (-m["shifts_recovered"], m["mean_recovery_time"] if m["mean_recovery_time"] is not None else 1e9)
+           for k, m in metrics.items()}
+    best = min(key, key=key.get)
+    out["4_flh_recovers_fastest"] = {"met": best == "flh" and all(key[k] > key["flh"] for k in key if k != "flh"),
+                                     "fastest": best, "recovered_and_mean_steps": {
+                                         k: [m["shifts_recovered"], m["shifts"], m["mean_recovery_time"]] for k, m in metrics.items()}}
+    # 5. Weight moves to recent prompts: at the end of each regime after a shift, the mass on prompts
+    #    born since that shift exceeds one half.
+    if "flh" in logs:
+        rows, cuts = logs["flh"], [m["shift"] for m in metrics["flh"]["recovery"]]
+        born = {}  # birth id -> step of birth
+        for r in rows:
+            for i in r["prompt_ids"]:
+                born.setdefault(i, r["step"])
+        mass = []
+        for k, c in enumerate(cuts):
+            end = (cuts[k + 1] if k + 1 < len(cuts) else len(rows)) - 1
+            r = rows[end]
+            mass.append(float(sum(w for i, w in zip(r["prompt_ids"], r["weights"]) if born[i] >= c)))
+        out["5_weight_moves_to_recent_prompts"] = {"met": bool(mass) and min(mass) > 0.5,
+                                                   "mass_on_prompts_born_since_shift_at_regime_end": mass}
+    return out
+
+
 def summarise(folder, metrics):
     """The table printed at the end of a run."""
     lines = [f"{'method':<11}{'mean acc':>9}{'window acc':>11}{'final acc':>10}{'recovered':>10}"
@@ -149,6 +193,8 @@ def run_tests():
             rows = common.read_jsonl(run / m / "log.jsonl")
             assert [r["step"] for r in rows] == list(range(30)) and (run / m / "checkpoints" / "step_30.pt").exists()
         assert {p.name for p in run.glob("*.png")} >= {"accuracy.png", "recovery.png", "prompts.png", "weights_flh.png"}
+        criteria = common.read_json(run / "criteria.json")
+        assert len(criteria) == 5 and criteria["1_all_methods_run"]["met"]
         # Same batches for every method: the regimes (and the logged steps) line up.
         assert len({tuple(r["regime"] for r in common.read_jsonl(run / m / "log.jsonl")) for m in METHODS}) == 1
         print("  ok: --method all writes metrics.json (4 methods), 4 logs of 30 rows, checkpoints and plots")
@@ -191,6 +237,8 @@ def build_parser():
     p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy (quick 300, paper 500)")
     p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints (quick 300, paper 1000)")
     p.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
+    p.add_argument("--analyse", metavar="RUN", default=None,
+                   help="only recompute metrics, plots and criteria of an existing run folder (no training)")
     common.add_common_args(p, run_name=None)
     p.set_defaults(**{k: None for k in PRESETS["quick"]})
     for action in p._actions:  # say which flags a preset fills, and the default run name
@@ -204,6 +252,8 @@ def build_parser():
 def main(args):
     if args.test:
         return run_tests()
+    if args.analyse:
+        return report(Path(args.analyse))
     preset = dict(PRESETS[args.preset])
     if args.dataset not in (None, preset["dataset"]) and args.flip_interval is None:
         preset["flip_interval"] = None  # another data set: stage 2's default (multi-domain data does not flip)
@@ -212,19 +262,34 @@ def main(args):
             setattr(args, key, value)
     methods = METHODS if args.method == "all" else [args.method]
     args.run_name = args.run_name or f"{args.method}-{args.dataset}-{args.preset}-seed{args.seed}"
-    device = common.resolve_device(args.device)
-    model, tok = load_backbone(args.backbone, pooling=args.pooling, device=device)
-    stream = build_stream(args, tok, max_length=min(args.max_length, text_budget(model, args.prompt_length)))
+    model, stream = prepare(args)
     folder = common.run_dir(args.out, args.run_name)
+    if args.resume and (folder / "config.json").exists():
+        old = common.read_json(folder / "config.json")
+        changed = [k for k in (*PRESETS["quick"], "seed", "max_length", "pooling", "no_flip", "method")
+                   if k not in ("checkpoint_every", "recovery_threshold", "window") and old.get(k) != getattr(args, k)]
+        if changed:
+            raise common.UserError(f"--resume with settings that differ from the run's: {', '.join(changed)}")
     common.write_json(folder / "config.json", {**vars(args), "methods": methods})
     print(f"{', '.join(methods)} on {args.dataset} with {args.backbone} ({model.pooling} read-out), {args.steps} steps, "
           f"regimes change at {[s for s in range(1, args.steps) if stream.regime(s) != stream.regime(s - 1)][:8]}... "
           f"-> {folder}", file=sys.stderr)
     for method in methods:
         run_method(method, args, model, stream, folder / method)
-    metrics = analyse(folder, args.recovery_threshold, args.window)
+    report(folder)
+
+
+def report(folder):
+    """metrics.json, plots and criteria.json of a run folder, from its logs; prints the table."""
+    if not (folder / "config.json").exists():
+        raise common.UserError(f"{folder} is not a stage 8 run folder (no config.json)")
+    cfg = common.read_json(folder / "config.json")
+    metrics = analyse(folder, cfg["recovery_threshold"], cfg["window"])
+    criteria = plan_criteria(folder, metrics)
+    common.write_json(folder / "criteria.json", criteria)
     print(summarise(folder, metrics))
-    print(f"metrics and plots in {folder}")
+    print("plan's criteria: " + ", ".join(f"{k}: {'met' if v['met'] else 'not met'}" for k, v in criteria.items()))
+    print(f"metrics, criteria and plots in {folder}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ ends with one line and exit code 2.
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -15,6 +14,9 @@ import stage2_stream
 import stage3_backbone
 import stage4_pool
 import stage5_train
+import stage6_baselines
+import stage7_metrics
+import stage8_run
 
 
 def test_stage2_stream():
@@ -31,6 +33,19 @@ def test_stage4_pool():
 
 def test_stage5_train():
     stage5_train.run_tests()
+
+
+def test_stage6_baselines():
+    stage6_baselines.run_tests()
+
+
+def test_stage7_metrics():
+    stage7_metrics.run_tests()
+
+
+def test_stage8_run_and_resume():
+    """A tiny run of all four methods, and the resume check (kill after a checkpoint, resume, compare)."""
+    stage8_run.run_tests()
 
 
 def cli(*args):
@@ -61,9 +76,10 @@ def test_same_seed_same_log(tmp_path):
 
 @pytest.mark.parametrize("args", [["--flip-interval", "0"], ["--backbone", "nosuchmodel"],
                                   ["--dataset", "nosuch"], ["--alpha", "-1"], ["--lr", "abc"],
-                                  ["--backbone", "random:nosuch"]])
-def test_bad_input_is_one_clear_line(args, tmp_path):
-    r = cli("stage5_train.py", *args, "--steps", "1", "--out", str(tmp_path))
+                                  ["--backbone", "random:nosuch"], ["--method", "nosuch"]])
+@pytest.mark.parametrize("script", ["stage5_train.py", "stage8_run.py"])
+def test_bad_input_is_one_clear_line(script, args, tmp_path):
+    r = cli(script, *args, "--steps", "1", "--out", str(tmp_path))
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("[flh] fetching")]
     assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in r.stderr, r.stderr
