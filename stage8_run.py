@@ -31,6 +31,7 @@ Run `--test` for the checks (a tiny run of all methods writes every output; resu
 """
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -227,23 +228,24 @@ def build_parser():
                    help="quick: CPU-sized, embedded MiniLM + rt (default); paper: the plan's BERT/SST-2 setting")
     add_stream_args(p)
     add_model_args(p)
-    p.add_argument("--steps", type=common.positive_int, help="batches in the stream (quick 1200, paper 10000)")
-    p.add_argument("--birth-interval", type=common.positive_int, help="steps between FLH births (quick 100, paper 500)")
-    p.add_argument("--alpha", type=common.nonneg_float, help="FLH learning rate alpha (default: 0.1)")
-    p.add_argument("--lr", type=common.positive_float, help="AdamW learning rate (quick 1e-2, paper 1e-3)")
-    p.add_argument("--num-prompts", type=common.positive_int, help="pool size K of random/similarity (default: 10)")
-    p.add_argument("--prune", choices=["none", "flh2"], help="FLH pool pruning (quick flh2, paper none)")
-    p.add_argument("--recovery-threshold", type=common.positive_float, help="accuracy that counts as recovered (quick 0.7, paper 0.8)")
-    p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy (quick 300, paper 500)")
-    p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints (quick 300, paper 1000)")
+    p.add_argument("--steps", type=common.positive_int, help="batches in the stream")
+    p.add_argument("--birth-interval", type=common.positive_int, help="steps between FLH births")
+    p.add_argument("--alpha", type=common.nonneg_float, help="FLH learning rate alpha")
+    p.add_argument("--lr", type=common.positive_float, help="AdamW learning rate")
+    p.add_argument("--num-prompts", type=common.positive_int, help="pool size K of random/similarity")
+    p.add_argument("--prune", choices=["none", "flh2"], help="FLH pool pruning")
+    p.add_argument("--recovery-threshold", type=common.positive_float, help="accuracy that counts as recovered")
+    p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy")
+    p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
     p.add_argument("--analyse", metavar="RUN", default=None,
                    help="only recompute metrics, plots and criteria of an existing run folder (no training)")
     common.add_common_args(p, run_name=None)
     p.set_defaults(**{k: None for k in PRESETS["quick"]})
-    for action in p._actions:  # say which flags a preset fills, and the default run name
-        if action.dest in PRESETS["quick"] and action.help and "quick" not in action.help:
-            action.help = action.help.split(" (default")[0] + " (from the preset)"
+    for action in p._actions:  # say what each preset puts in the flags it fills, and the default run name
+        if action.dest in PRESETS["quick"]:
+            base = re.sub(r"\s*\(default[^)]*\)$", "", action.help)
+            action.help = f"{base} (quick: {PRESETS['quick'][action.dest]}, paper: {PRESETS['paper'][action.dest]})"
         if action.dest == "run_name":
             action.help = "sub-folder of --out (default: <method>-<dataset>-<preset>-seed<seed>)"
     return p
