@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from stage2_stream import add_stream_args, build_stream
+from stage2_stream import TextStream, add_stream_args, build_stream
 from stage3_backbone import forward_with_prompt, load_backbone, text_budget
 from stage4_pool import FLHPromptPool
 
@@ -136,7 +136,6 @@ def run_tests():
     t0 = time.time()
     torch.manual_seed(0)
     model, tok = load_backbone("minilm")
-    from stage2_stream import TextStream
     rt = common.load_text_data("rt")
     stream = TextStream(rt, tok, batch_size=8, flip_every_n=None, seed=0)
 
