@@ -199,9 +199,12 @@ def plot_recovery(metrics, path):
         m = metrics[name]
         done = [r["steps"] for r in m["recovery"] if r["recovered"]]
         height = np.mean(done) if done else 0
-        ax.bar(x, height, color=COLORS.get(name, "0.5"), yerr=np.std(done) if len(done) > 1 else None, capsize=4)
-        ax.text(x, height, f"{len(done)}/{len(m['recovery'])}", ha="center", va="bottom", fontsize=9)
+        spread = np.std(done) if len(done) > 1 else 0
+        ax.bar(x, height, color=COLORS.get(name, "0.5"), yerr=spread or None, capsize=4)
+        ax.annotate(f"{len(done)}/{len(m['recovery'])}", (x, height + spread), xytext=(0, 4),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=9)
     ax.set_xticks(range(len(names)), names)
+    ax.margins(y=0.15)
     thr = metrics[names[0]]["recovery_threshold"]
     ax.set(ylabel="steps to recover", title=f"recovery to {thr:.0%} ({metrics[names[0]]['recovery_window']}-step "
                                              "window); k/n shifts recovered")
@@ -211,12 +214,12 @@ def plot_recovery(metrics, path):
 
 
 def plot_prompts(logs, path):
-    """Number of live prompts per step."""
+    """Number of live prompts per step (dashes keep overlapping lines visible)."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, rows in logs.items():
+    for k, (name, rows) in enumerate(logs.items()):
         ax.plot([r["step"] for r in rows], [r.get("num_prompts", 1) for r in rows], label=name,
-                color=COLORS.get(name), lw=1.4)
-    ax.set(xlabel="step", ylabel="live prompts", title="prompts evaluated per step")
+                color=COLORS.get(name), lw=1.6, ls=["-", "--", "-.", ":"][k % 4])
+    ax.set(xlabel="step", ylabel="live prompts", title="prompts in the pool per step")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
