@@ -17,7 +17,8 @@ Presets (explicit flags override them):
                    shortest that let it learn before the first flip; 4 regimes show three
                    recoveries; births every 100 steps put 3 newcomers in each regime. The recovery
                    threshold is 0.7 (0.8 is above what any method reaches within 300 steps here).
-                   A step costs ~0.3 s for one prompt on 2 CPU cores (batch 16).
+                   Measured on 2 CPU cores: single 314 s, random 328 s, similarity 455 s and
+                   FLH 1,197 s (its pool grows to 7 prompts, each a forward pass per step).
   paper            the plan's Stage 8: bert-base-uncased + GLUE SST-2 (hub), 10,000 steps, flips
                    every 1,000, births every 500, prompt 20, batch 32, alpha 0.1, lr 1e-3; [CLS]
                    read-out; checkpoints every 1,000 steps. For a GPU.
@@ -196,6 +197,8 @@ def run_tests():
         assert {p.name for p in run.glob("*.png")} >= {"accuracy.png", "recovery.png", "prompts.png", "weights_flh.png"}
         criteria = common.read_json(run / "criteria.json")
         assert len(criteria) == 5 and criteria["1_all_methods_run"]["met"]
+        table = criteria_table({"seed0": criteria, "seed1": criteria})
+        assert table.count("\n") == 6 and "| all methods run | **met**: 30 steps each |" in table
         # Same batches for every method: the regimes (and the logged steps) line up.
         assert len({tuple(r["regime"] for r in common.read_jsonl(run / m / "log.jsonl")) for m in METHODS}) == 1
         print("  ok: --method all writes metrics.json (4 methods), 4 logs of 30 rows, checkpoints and plots")
@@ -238,8 +241,9 @@ def build_parser():
     p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy")
     p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
-    p.add_argument("--analyse", metavar="RUN", default=None,
-                   help="only recompute metrics, plots and criteria of an existing run folder (no training)")
+    p.add_argument("--analyse", metavar="RUN", nargs="+", default=None,
+                   help="only recompute metrics, plots and criteria of existing run folders (no training); "
+                        "several folders (seeds) also get a table of the plan's criteria")
     common.add_common_args(p, run_name=None)
     p.set_defaults(**{k: None for k in PRESETS["quick"]})
     for action in p._actions:  # say what each preset puts in the flags it fills, and the default run name
@@ -255,7 +259,8 @@ def main(args):
     if args.test:
         return run_tests()
     if args.analyse:
-        return report(Path(args.analyse))
+        criteria = {Path(run).name: report(Path(run)) for run in args.analyse}
+        return print(criteria_table(criteria)) if len(criteria) > 1 else None
     preset = dict(PRESETS[args.preset])
     if args.dataset not in (None, preset["dataset"]) and args.flip_interval is None:
         preset["flip_interval"] = None  # another data set: stage 2's default (multi-domain data does not flip)
@@ -292,6 +297,28 @@ def report(folder):
     print(summarise(folder, metrics))
     print("plan's criteria: " + ", ".join(f"{k}: {'met' if v['met'] else 'not met'}" for k, v in criteria.items()))
     print(f"metrics, criteria and plots in {folder}")
+    return criteria
+
+
+def criteria_table(per_run):
+    """Markdown: each of the plan's criteria per run, met or not, with the number that decides it."""
+    def evidence(name, v):
+        if name.startswith("1"):
+            return f"{min(v['steps_logged'].values())} steps each"
+        if name.startswith("2"):
+            return "drops " + ", ".join(f"{d:.2f}" for d in v["accuracy_drop_at_each_shift"])
+        if name.startswith("3"):
+            return "recovered {}/{}".format(*v["shifts_recovered"])
+        if name.startswith("4"):
+            k, n, t = v["recovered_and_mean_steps"]["flh"]
+            return f"flh {k}/{n}" + (f" in {t:.0f} steps" if t is not None else "") + f"; fastest: {v['fastest']}"
+        return "mass " + ", ".join(f"{m:.2f}" for m in v["mass_on_prompts_born_since_shift_at_regime_end"])
+    runs = list(per_run)
+    lines = ["| plan's criterion | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    for name in per_run[runs[0]]:
+        cells = [f"{'**met**' if c[name]['met'] else 'not met'}: {evidence(name, c[name])}" for c in per_run.values()]
+        lines.append(f"| {name[2:].replace('_', ' ')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
