@@ -79,6 +79,9 @@ def write_json(path, obj):
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a log should be as readable as any file
     os.replace(tmp, path)
 
 
