@@ -201,6 +201,17 @@ def prepare(args):
     return model, stream
 
 
+def fresh_run(learner, stream, args):
+    """A new run under --out/--run-name: config.json, a fresh log.jsonl over --steps. Returns the rows."""
+    out = common.run_dir(args.out, args.run_name)
+    common.write_json(out / "config.json", vars(args))
+    (out / "log.jsonl").unlink(missing_ok=True)
+    log = common.JsonlLog(out / "log.jsonl")
+    run_stream(learner, stream, args.steps, log)
+    log.close()
+    return common.read_jsonl(out / "log.jsonl")
+
+
 def build_parser():
     p = common.Parser(description="Stage 5: run FLH on the changing stream and write one log row per step.")
     add_stream_args(p)
@@ -219,18 +230,12 @@ def main(args):
     if args.test:
         return run_tests()
     model, stream = prepare(args)
-    out = common.run_dir(args.out, args.run_name)
-    common.write_json(out / "config.json", vars(args))
-    (out / "log.jsonl").unlink(missing_ok=True)
-    log = common.JsonlLog(out / "log.jsonl")
     learner = FLHLearner(model, args.prompt_length, args.lr, args.alpha, args.birth_interval,
                          args.prune, args.max_prompts)
     t0 = time.time()
-    run_stream(learner, stream, args.steps, log)
-    log.close()
-    rows = common.read_jsonl(out / "log.jsonl")
+    rows = fresh_run(learner, stream, args)
     last = rows[-100:]
-    print(f"{len(rows)} steps in {time.time() - t0:.0f}s -> {out / 'log.jsonl'}; last {len(last)} steps: "
+    print(f"{len(rows)} steps in {time.time() - t0:.0f}s -> {args.out}/{args.run_name}/log.jsonl; last {len(last)} steps: "
           f"acc {sum(r['acc'] for r in last) / len(last):.3f}, acc_mixture "
           f"{sum(r['acc_mixture'] for r in last) / len(last):.3f}, {rows[-1]['num_prompts']} prompts")
 

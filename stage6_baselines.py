@@ -28,7 +28,7 @@ from torch import nn
 import common
 from stage2_stream import TextStream, add_stream_args
 from stage3_backbone import forward_with_example_prompts, load_backbone
-from stage5_train import FLHLearner, add_model_args, base_row, prepare, run_stream, train_step
+from stage5_train import FLHLearner, add_model_args, base_row, fresh_run, prepare, train_step
 
 METHODS = ["flh", "single", "random", "similarity"]
 
@@ -195,14 +195,9 @@ def main(args):
         return run_tests()
     model, stream = prepare(args)
     learner = make_learner(args.method, model, args.prompt_length, args.lr, args.num_prompts)
-    out = common.run_dir(args.out, args.run_name)
-    (out / "log.jsonl").unlink(missing_ok=True)
-    log = common.JsonlLog(out / "log.jsonl")
-    run_stream(learner, stream, args.steps, log)
-    log.close()
-    rows = common.read_jsonl(out / "log.jsonl")[-100:]
+    rows = fresh_run(learner, stream, args)[-100:]
     print(f"{args.method}: accuracy over the last {len(rows)} steps {sum(r['acc'] for r in rows) / len(rows):.3f} "
-          f"-> {out / 'log.jsonl'}")
+          f"-> {args.out}/{args.run_name}/log.jsonl")
 
 
 if __name__ == "__main__":
