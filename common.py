@@ -55,6 +55,20 @@ def resolve_device(name):
     return torch.device(name)
 
 
+def fast_bf16(device):
+    """Does this device multiply bf16 natively (GPU: Ampere or later; CPU: AVX512-BF16 or AMX)?"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_precision(name, device):
+    """'auto' -> bf16 autocast where the device has native bf16 (about 2x faster), else fp32."""
+    if name == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    return name
+
+
 def run_dir(out, run_name):
     """runs/<run-name>/, created if needed."""
     path = Path(out) / run_name

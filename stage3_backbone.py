@@ -40,6 +40,7 @@ class FrozenTextClassifier(nn.Module):
         if pooling not in ("cls", "mean"):
             raise common.UserError(f"unknown pooling {pooling!r}; choose cls or mean")
         self.encoder, self.pooling, self.temperature = encoder, pooling, temperature
+        self.precision = "fp32"  # or "bf16": the encoder then runs under autocast (head, prompts stay fp32)
         hidden = encoder.config.hidden_size
         self.head = nn.Linear(hidden, num_labels)
         g = torch.Generator().manual_seed(head_seed)  # the same head for every method and seed
@@ -48,6 +49,16 @@ class FrozenTextClassifier(nn.Module):
             self.head.bias.zero_()
         self.requires_grad_(False)
         self.eval()
+
+    def autocast(self):
+        device = self.head.weight.device.type
+        return torch.autocast(device, torch.bfloat16, enabled=self.precision == "bf16")
+
+    def encode(self, **inputs):
+        """The encoder's output (last_hidden_state, pooler_output) in fp32, under the chosen precision."""
+        with self.autocast():
+            h = self.encoder(**inputs)
+        return h.last_hidden_state.float(), None if h.pooler_output is None else h.pooler_output.float()
 
     @property
     def embed_dim(self):
@@ -91,15 +102,15 @@ def prompted_logits(model, emb, attention_mask, prompts):
     ones = attention_mask.new_ones(N, P)
     x = torch.cat([emb[:, :1], prompts.to(emb.dtype), emb[:, 1:]], 1)             # [N, 1+P+L-1, D]
     mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], 1)
-    h = model.encoder(inputs_embeds=x, attention_mask=mask)
+    hidden, pooler = model.encode(inputs_embeds=x, attention_mask=mask)
     if model.pooling == "cls":
-        pooled = h.pooler_output if h.pooler_output is not None else h.last_hidden_state[:, 0]
+        pooled = pooler if pooler is not None else hidden[:, 0]
     else:
         text = torch.cat([attention_mask[:, :1], ones * 0, attention_mask[:, 1:]], 1)  # prompt excluded
-        m = text.unsqueeze(-1).to(h.last_hidden_state.dtype)
-        u = (h.last_hidden_state * m).sum(1) / m.sum(1)
+        m = text.unsqueeze(-1).to(hidden.dtype)
+        u = (hidden * m).sum(1) / m.sum(1)
         pooled = model.temperature * F.normalize(u, dim=-1)
-    return model.head(pooled.to(model.head.weight.dtype))
+    return model.head(pooled)
 
 
 def forward_with_prompts(model, input_ids, attention_mask, prompts, max_rows=512):

@@ -191,12 +191,17 @@ def add_model_args(parser, prompt_length=10):
                         help="read-out (default: mean for minilm, cls for BERT models)")
     parser.add_argument("--prompt-length", type=common.positive_int, default=prompt_length,
                         help=f"soft tokens per prompt (default: {prompt_length})")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="encoder arithmetic: bf16 autocast or fp32; auto = bf16 where the device has "
+                             "native bf16 (recent CPUs and GPUs), else fp32 (default: auto)")
 
 
 def prepare(args):
     """Seed, device, frozen backbone and stream from parsed flags: how every text run starts."""
     common.seed_everything(args.seed)
-    model, tok = load_backbone(args.backbone, pooling=args.pooling, device=common.resolve_device(args.device))
+    device = common.resolve_device(args.device)
+    model, tok = load_backbone(args.backbone, pooling=args.pooling, device=device)
+    model.precision = args.precision = common.resolve_precision(args.precision, device)  # config.json says which
     stream = build_stream(args, tok, max_length=min(args.max_length, text_budget(model, args.prompt_length)))
     return model, stream
 

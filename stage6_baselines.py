@@ -97,7 +97,7 @@ class SimilarityLearner(PromptLearner):
     @torch.no_grad()
     def query(self, batch):
         """The frozen backbone's [CLS] state for the plain text (no prompt): [B, D]."""
-        return self.model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[:, 0]
+        return self.model.encode(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0][:, 0]
 
     def select(self, q):
         """Index of the nearest key for each query, and the (differentiable) similarities [B, K]."""

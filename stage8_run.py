@@ -52,9 +52,9 @@ from stage6_baselines import METHODS, make_learner
 from stage7_metrics import analyse
 
 PRESETS = {
-    "quick": dict(backbone="minilm", dataset="rt", steps=1200, flip_interval=300, steps_per_domain=300, birth_interval=100,
+    "quick": dict(backbone="minilm", dataset="rt", steps=1600, flip_interval=400, steps_per_domain=400, birth_interval=100,
                   prompt_length=10, batch_size=16, lr=1e-2, alpha=0.1, num_prompts=10, prune="flh2",
-                  recovery_threshold=0.7, window=300, checkpoint_every=300),
+                  recovery_threshold=0.7, window=400, checkpoint_every=400),
     "paper": dict(backbone="bert-base-uncased", dataset="sst2", steps=10000, flip_interval=1000, steps_per_domain=1000,
                   birth_interval=500, prompt_length=20, batch_size=32, lr=1e-3, alpha=0.1, num_prompts=10,
                   prune="none", recovery_threshold=0.8, window=500, checkpoint_every=1000),
@@ -275,7 +275,7 @@ def main(args):
     folder = common.run_dir(args.out, args.run_name)
     if args.resume and (folder / "config.json").exists():
         old = common.read_json(folder / "config.json")
-        changed = [k for k in (*PRESETS["quick"], "seed", "max_length", "pooling", "no_flip", "method")
+        changed = [k for k in (*PRESETS["quick"], "seed", "max_length", "pooling", "precision", "no_flip", "method")
                    if k not in ("checkpoint_every", "recovery_threshold", "window") and old.get(k) != getattr(args, k)]
         if changed:
             raise common.UserError(f"--resume with settings that differ from the run's: {', '.join(changed)}")
