@@ -205,6 +205,16 @@ def run_tests():
     tr, fr = count_params(mini)
     assert mini.pooling == "mean" and tr == 0 and fr > 22_000_000 and not mini.training
     print(f"  ok: minilm loads frozen ({fr:,} parameters), read-out 'mean'")
+
+    # bf16 autocast: the encoder really runs in bf16 (logits change) and stays close to fp32.
+    enc = tok(["a fine film .", "dull and far too long"], padding=True, return_tensors="pt")
+    p = torch.randn(5, mini.embed_dim) * 0.02
+    full = forward_with_prompt(mini, enc["input_ids"], enc["attention_mask"], p)
+    mini.precision = "bf16"
+    half = forward_with_prompt(mini, enc["input_ids"], enc["attention_mask"], p)
+    diff = (full - half).abs().max().item()
+    assert half.dtype == torch.float32 and 0 < diff < 0.05 * full.abs().max().item(), diff
+    print(f"  ok: bf16 autocast changes the logits by at most {diff:.1e} (of up to {full.abs().max():.2f}), output fp32")
     print(f"stage 3 checks passed in {time.time() - t0:.1f}s")
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import common
 from stage2_stream import TextStream, add_stream_args, build_stream
-from stage3_backbone import forward_with_prompt, load_backbone, text_budget
+from stage3_backbone import forward_with_prompt, forward_with_prompts, load_backbone, text_budget
 from stage4_pool import FLHPromptPool
 
 
@@ -81,8 +81,8 @@ class FLHLearner:
     name = "flh"
 
     def __init__(self, model, prompt_length, lr=1e-3, alpha=0.1, birth_interval=500,
-                 prune="none", max_prompts=None, weight_decay=0.01):
-        self.model, self.birth_interval = model, birth_interval
+                 prune="none", max_prompts=None, weight_decay=0.01, loss_batch=0):
+        self.model, self.birth_interval, self.loss_batch = model, birth_interval, loss_batch
         self.pool = FLHPromptPool(prompt_length, model.embed_dim, alpha, prune, max_prompts,
                                   device=model.head.weight.device)
         # AdamW needs at least one parameter: start with a placeholder group, dropped at the 1st birth.
@@ -91,17 +91,19 @@ class FLHLearner:
         self.optimizer = torch.optim.AdamW([self._placeholder], lr=lr, weight_decay=weight_decay)
 
     def step(self, batch):
-        model, pool, y = self.model, self.pool, batch["labels"]
+        model, pool = self.model, self.pool
         if batch["step"] % self.birth_interval == 0:
             added, removed = pool.birth_prompt()
             follow_pool(self.optimizer, added, removed + [self._placeholder])
         weights, entropy = pool.weights, pool.entropy()                 # the weights that predict batch s
-        expert_losses, expert_logits = pool.get_all_losses(model, batch)
-        mixture = pool.mixture_probs(expert_logits)
+        sub = batch if not self.loss_batch else {k: v[:self.loss_batch] if torch.is_tensor(v) else v
+                                                  for k, v in batch.items()}
+        expert_losses, expert_logits = pool.get_all_losses(model, sub)  # on the first loss_batch examples
+        mixture, y_sub = pool.mixture_probs(expert_logits), sub["labels"]
         loss, logits = train_step(model, pool.get_prompt("weighted_sum"), self.optimizer, batch)
         pool.update_weights(expert_losses)
-        return {**base_row(batch, loss, logits), "acc_mixture": r6(accuracy(mixture, y)),
-                "mixture_loss": r6(F.nll_loss(mixture.clamp_min(1e-12).log(), y)),
+        return {**base_row(batch, loss, logits), "acc_mixture": r6(accuracy(mixture, y_sub)),
+                "mixture_loss": r6(F.nll_loss(mixture.clamp_min(1e-12).log(), y_sub)),
                 "weights": r6(weights), "prompt_ids": list(pool.birth_ids),
                 "expert_losses": r6(expert_losses.tolist()), "num_prompts": len(pool), "entropy": r6(entropy)}
 
@@ -127,6 +129,146 @@ def run_stream(learner, stream, steps, log, start=0, every=None, callback=None, 
         if callback and every and (s + 1) % every == 0:
             callback(s + 1)
     bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark (--bench): what a step costs, side by side
+# ----------------------------------------------------------------------------------------------
+def timed(fn, batches, device):
+    """Mean seconds per call of fn(batch) over the batches, after one untimed warm-up call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn(batches[0])
+    sync()
+    t0 = time.perf_counter()
+    for b in batches:
+        fn(b)
+    sync()
+    return (time.perf_counter() - t0) / len(batches)
+
+
+def grown_flh(model, prompt_length, births, **kw):
+    """An FLH learner right after `births` births (FLH2 prunes by birth index alone, so no
+    training is needed in between to get the pool size a real run has)."""
+    learner = FLHLearner(model, prompt_length, lr=1e-2, birth_interval=10 ** 9, **kw)
+    for _ in range(births):
+        added, removed = learner.pool.birth_prompt()
+        follow_pool(learner.optimizer, added, removed + [learner._placeholder])
+    return learner
+
+
+def peft_single_step(model, prompt_length, lr=1e-2):
+    """HF PEFT prompt tuning on the same frozen encoder, read out like ours: a step function."""
+    try:
+        from peft import PromptTuningConfig, TaskType, get_peft_model
+    except ImportError:
+        raise common.UserError("the benchmark compares with HF PEFT: pip install peft") from None
+    cfg = PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=prompt_length)
+    peft_model = get_peft_model(copy.deepcopy(model.encoder), cfg)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+
+    def step(batch):
+        with model.autocast():  # PEFT puts the virtual tokens before [CLS]; we read the text only
+            h = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        u = (h[:, prompt_length:].float() * m).sum(1) / m.sum(1)
+        loss = F.cross_entropy(model.head(model.temperature * F.normalize(u, dim=-1)), batch["labels"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def matmul_peak(device, dtype, n=2048, reps=5):
+    """FLOP/s of an n x n matrix product: the machine's practical peak for this dtype."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return 2 * n ** 3 / timed(lambda _: a @ b, [None] * reps, device)
+
+
+def bench_backbone(name, device, quick, loss_batch, P=10, B=16, K=20):
+    """The table's rows for one backbone on one device: a list of (what, seconds, ratio, versus)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model, tok = load_backbone(name, device=device)
+    stream = TextStream(common.load_text_data("rt"), tok, batch_size=B, flip_every_n=None, seed=0)
+    batches = [to_device(stream.batch(s), device) for s in range(1, 4 if quick else 11)]
+    tokens = sum(b["attention_mask"].shape[1] + P for b in batches) / len(batches) * B
+    rows, t = [], {}
+
+    def add(key, what, seconds, versus=None):
+        t[key] = seconds
+        rows.append({"backbone": name, "device": device.type, "what": what, "seconds": seconds,
+                     "ratio": seconds / t[versus] if versus else None, "versus": versus, "key": key})
+
+    for precision in ("fp32", "bf16"):
+        model.precision = precision
+        prompt = torch.nn.Parameter(torch.randn(P, model.embed_dim, device=device) * 0.02)
+        optimizer = torch.optim.AdamW([prompt], lr=1e-2)
+        add(f"single_{precision}", f"single-prompt step, ours ({precision})",
+            timed(lambda b: train_step(model, prompt, optimizer, b), batches, device))
+        add(f"peft_{precision}", f"single-prompt step, HF PEFT prompt tuning ({precision})",
+            timed(peft_single_step(model, P), batches, device))
+        rows[-2]["ratio"], rows[-2]["versus"] = t[f"single_{precision}"] / t[f"peft_{precision}"], f"peft_{precision}"
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            forward_with_prompt(model, batches[0]["input_ids"], batches[0]["attention_mask"], prompt)
+        flops = counter.get_total_flops() / batches[0]["input_ids"].shape[0] * B
+        with torch.no_grad():
+            seconds = timed(lambda b: forward_with_prompt(model, b["input_ids"], b["attention_mask"], prompt),
+                            batches, device)
+        peak = matmul_peak(device, torch.float32 if precision == "fp32" else torch.bfloat16)
+        rows.append({"backbone": name, "device": device.type, "key": f"gflops_{precision}",
+                     "what": f"forward pass, achieved GFLOP/s ({precision})", "seconds": seconds,
+                     "gflops": flops / seconds / 1e9, "peak_gflops": peak / 1e9, "ratio": flops / seconds / peak,
+                     "versus": "matmul peak", "tokens_per_s": tokens / t[f"single_{precision}"]})
+        if quick and name != "minilm":
+            continue  # the FLH rows on a 110M model take minutes; the full benchmark has them
+        setups = [("flh_none", "FLH step, 20 births, no pruning", dict(prune="none")),
+                  ("flh_flh2", "FLH step, 20 births, FLH2", dict(prune="flh2"))]
+        if precision == "bf16":
+            setups.append(("flh_fast", f"FLH step, 20 births, FLH2 + loss batch {loss_batch} (bf16)",
+                           dict(prune="flh2", loss_batch=loss_batch)))
+        for key, what, kw in setups:
+            learner = grown_flh(model, P, 20, **kw)
+            add(f"{key}_{precision}", f"{what} ({precision}, K={len(learner.pool)})",
+                timed(learner.step, batches, device), f"single_{precision}")
+        if precision == "fp32":  # the per-prompt loss pass over 20 prompts, three ways
+            prompts = torch.randn(K, P, model.embed_dim, device=device) * 0.02
+            with torch.no_grad():
+                pad = min(128, text_budget(model, P))  # the reference pads every text to 128 tokens
+                reference = timed(lambda b: [forward_with_prompt(model, *(F.pad(b[k], (0, pad - b[k].shape[1]))
+                                                                          for k in ("input_ids", "attention_mask")), p)
+                                             for p in prompts], batches, device)
+                add("pass_reference", f"loss pass, {K} prompts: loop, padded to 128 (reference)", reference)
+                add("pass_loop", f"loss pass, {K} prompts: loop of forwards", timed(
+                    lambda b: [forward_with_prompt(model, b["input_ids"], b["attention_mask"], p) for p in prompts],
+                    batches, device), "pass_reference")
+                add("pass_batched", f"loss pass, {K} prompts: one batched pass", timed(
+                    lambda b: forward_with_prompts(model, b["input_ids"], b["attention_mask"], prompts),
+                    batches, device), "pass_reference")
+                model.precision = "bf16"
+                sub = [{k: v[:loss_batch] for k, v in b.items() if torch.is_tensor(v)} for b in batches]
+                add("pass_fast", f"loss pass, {K} prompts: batched, bf16, loss batch {loss_batch}", timed(
+                    lambda b: forward_with_prompts(model, b["input_ids"], b["attention_mask"], prompts),
+                    sub, device), "pass_reference")
+                model.precision = "fp32"
+    return rows
+
+
+def bench(args):
+    """--bench: the README's performance table, printed and written to <out>/bench/bench.json."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    backbones = ["minilm", "random:bert-base"]
+    torch.manual_seed(args.seed)
+    rows = [r for d in devices for name in common.progress(backbones, desc=f"bench {d.type}")
+            for r in bench_backbone(name, d, args.quick, args.loss_batch or 8)]
+    print(f"{'backbone':<17}{'what':<66}{'s/step':>8}{'ratio':>8}  versus")
+    for r in rows:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        extra = f"  ({r['gflops']:.0f} of {r['peak_gflops']:.0f} GFLOP/s)" if "gflops" in r else ""
+        print(f"{r['backbone']:<17}{r['what']:<66}{r['seconds']:8.3f}{ratio:>8}  {r['versus'] or ''}{extra}")
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_bf16": common.fast_bf16(torch.device("cpu")),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "quick": args.quick}
+    out = common.run_dir(args.out, "bench")
+    common.write_json(out / "bench.json", {"machine": meta, "rows": rows})
+    print(f"-> {out / 'bench.json'}" + ("" if meta["gpu"] else "; no GPU here, so no GPU rows"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +313,20 @@ def run_tests():
             row = learner.step(b)
         assert set(row) >= {"step", "regime", "loss", "acc", "acc_mixture", "weights", "num_prompts", "entropy"}
     print("  ok: the logged acc and acc_mixture equal those of the pre-update parameters (also right after a birth)")
+
+    # --loss-batch m: the experts' losses come from the first m examples only; training uses all.
+    learner = FLHLearner(model, prompt_length=10, lr=5e-2, birth_interval=2, loss_batch=3)
+    for s in range(3):
+        b = {**stream.batch(200 + s), "step": s}
+        snapshot, rng = copy.deepcopy(learner), torch.get_rng_state()
+        row = learner.step(b)
+        if s % 2 == 0:
+            torch.set_rng_state(rng)
+            snapshot.pool.birth_prompt()
+        head, _ = snapshot.pool.get_all_losses(model, {k: v[:3] if torch.is_tensor(v) else v for k, v in b.items()})
+        whole, _ = snapshot.pool.get_all_losses(model, b)
+        assert row["expert_losses"] == r6(head.tolist()) != r6(whole.tolist()), (row["expert_losses"], head, whole)
+    print("  ok: --loss-batch 3 gives each expert its loss on the batch's first 3 examples")
 
     # Optimiser follows the pool through FLH2 pruning: one group per live prompt, same objects.
     tiny, _ = load_backbone("random:tiny-bert")
@@ -227,6 +383,10 @@ def build_parser():
     p.add_argument("--lr", type=common.positive_float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
     p.add_argument("--prune", choices=["none", "flh2"], default="none", help="pool pruning (default: none)")
     p.add_argument("--max-prompts", type=common.positive_int, default=None, help="cap on live prompts (default: none)")
+    p.add_argument("--loss-batch", type=common.nonneg_int, default=0,
+                   help="compute the experts' losses on the first N examples of each batch only; 0 = all (default: 0)")
+    p.add_argument("--bench", action="store_true", help="time the steps side by side (README 'Performance') and exit")
+    p.add_argument("--quick", action="store_true", help="with --bench: fewer repeats, FLH rows on minilm only")
     common.add_common_args(p, run_name="flh")
     return p
 
@@ -234,9 +394,11 @@ def build_parser():
 def main(args):
     if args.test:
         return run_tests()
+    if args.bench:
+        return bench(args)
     model, stream = prepare(args)
     learner = FLHLearner(model, args.prompt_length, args.lr, args.alpha, args.birth_interval,
-                         args.prune, args.max_prompts)
+                         args.prune, args.max_prompts, loss_batch=args.loss_batch)
     t0 = time.time()
     rows = fresh_run(learner, stream, args)
     last = rows[-100:]

@@ -119,10 +119,10 @@ class SimilarityLearner(PromptLearner):
 
 
 def make_learner(method, model, prompt_length, lr, num_prompts=10, alpha=0.1, birth_interval=500,
-                 prune="none", max_prompts=None):
+                 prune="none", max_prompts=None, loss_batch=0):
     """Any of the four methods as a learner."""
     if method == "flh":
-        return FLHLearner(model, prompt_length, lr, alpha, birth_interval, prune, max_prompts)
+        return FLHLearner(model, prompt_length, lr, alpha, birth_interval, prune, max_prompts, loss_batch=loss_batch)
     if method == "single":
         return SingleLearner(model, prompt_length, lr)
     if method == "random":

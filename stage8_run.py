@@ -54,10 +54,10 @@ from stage7_metrics import analyse
 PRESETS = {
     "quick": dict(backbone="minilm", dataset="rt", steps=1600, flip_interval=400, steps_per_domain=400, birth_interval=100,
                   prompt_length=10, batch_size=16, lr=1e-2, alpha=0.1, num_prompts=10, prune="flh2",
-                  recovery_threshold=0.7, window=400, checkpoint_every=400),
+                  loss_batch=0, recovery_threshold=0.7, window=400, checkpoint_every=400),
     "paper": dict(backbone="bert-base-uncased", dataset="sst2", steps=10000, flip_interval=1000, steps_per_domain=1000,
                   birth_interval=500, prompt_length=20, batch_size=32, lr=1e-3, alpha=0.1, num_prompts=10,
-                  prune="none", recovery_threshold=0.8, window=500, checkpoint_every=1000),
+                  prune="none", loss_batch=0, recovery_threshold=0.8, window=500, checkpoint_every=1000),
 }
 
 
@@ -93,7 +93,7 @@ def run_method(method, args, model, stream, folder):
     folder.mkdir(parents=True, exist_ok=True)
     common.seed_everything(args.seed)
     learner = make_learner(method, model, args.prompt_length, args.lr, args.num_prompts, args.alpha,
-                           args.birth_interval, args.prune)
+                           args.birth_interval, args.prune, loss_batch=args.loss_batch)
     start, ckpt = 0, latest_checkpoint(folder) if args.resume else None
     if ckpt is not None:
         state = torch.load(ckpt, weights_only=False)
@@ -239,6 +239,8 @@ def build_parser():
     p.add_argument("--lr", type=common.positive_float, help="AdamW learning rate")
     p.add_argument("--num-prompts", type=common.positive_int, help="pool size K of random/similarity")
     p.add_argument("--prune", choices=["none", "flh2"], help="FLH pool pruning")
+    p.add_argument("--loss-batch", type=common.nonneg_int,
+                   help="FLH: the experts' losses from the first N examples of each batch; 0 = all")
     p.add_argument("--recovery-threshold", type=common.positive_float, help="accuracy that counts as recovered")
     p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy")
     p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints")
