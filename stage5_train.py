@@ -15,6 +15,11 @@ had just trained on, which overstates how fast anything recovers.
 Both predictions come almost for free: the expert losses need the K-prompt pass anyway (stage 3
 batches it), and the weighted-sum logits come from the training forward before its backward.
 
+Two switches make the K-prompt pass cheaper (their accuracy cost is to be measured, not assumed):
+`--precision bf16` runs the encoder under bf16 autocast (prompts, head and losses stay fp32), and
+`--loss-batch m` scores the experts on the first m examples of the batch only (training still
+uses all of it; acc_mixture is then measured on those m examples). `--bench` times them.
+
 Note for the write-up: under weighted-sum training prompt i's gradient is w_i times the shared one,
 but Adam divides by a running gradient scale, which cancels most of w_i: old, light prompts keep
 moving almost as fast as the leader.
@@ -23,7 +28,8 @@ One JSONL row per step: step, regime, domain, loss, acc, acc_mixture, mixture_lo
 prompt_ids (birth index of each live prompt), expert_losses, num_prompts, entropy.
 
 Run `python stage5_train.py` for a short FLH stream on the defaults (log under runs/<run-name>/),
-`--test` for the checks (10 fixed batches are overfitted; logged accuracy is prequential).
+`--test` for the checks (10 fixed batches are overfitted; logged accuracy is prequential), and
+`--bench --quick` for the side-by-side timings (needs `pip install peft` for the comparison).
 """
 import copy
 import time
