@@ -10,17 +10,18 @@ backbone is loaded once and the methods run one after another.
 
 Presets (explicit flags override them):
   quick (default)  embedded MiniLM + Rotten Tomatoes sentences (rt), mean read-out, prompt 10,
-                   batch 16, lr 1e-2, 1,200 steps with labels flipping every 300 (3 flips),
-                   FLH births every 100 steps with FLH2 pruning, alpha 0.1, pools of K=10.
-                   Why: a single prompt needs ~300 steps at lr 1e-2 to reach 0.70 prequential
-                   accuracy on rt (0.71 over steps 200-299, measured), so 300-step regimes are the
-                   shortest that let it learn before the first flip. Too short, as it turned out:
-                   the rolling-100 accuracy at step 299 was 0.71, 0.68 and 0.69 for seeds 0-2, so
-                   the issue's bar of 0.70 holds for one seed in three; longer regimes are next; 4 regimes show three
-                   recoveries; births every 100 steps put 3 newcomers in each regime. The recovery
-                   threshold is 0.7 (0.8 is above what any method reaches within 300 steps here).
-                   Measured on 2 CPU cores: single 314 s, random 328 s, similarity 455 s and
-                   FLH 1,197 s (its pool grows to 7 prompts, each a forward pass per step).
+                   batch 16, lr 1e-2, 1,600 steps with labels flipping every 400 (3 flips),
+                   FLH births every 100 steps with FLH2 pruning, alpha 0.1, pools of K=10, and
+                   bf16 autocast where the CPU or GPU has native bf16 (--precision auto).
+                   Why: a single prompt needs 300-400 steps at lr 1e-2 to reach 0.70 prequential
+                   accuracy on rt. Its rolling 100-step accuracy at step 399 (the last before the
+                   first flip) is 0.708, 0.735 and 0.706 for seeds 0-2 (fp32: 0.716, 0.750, 0.723).
+                   300-step regimes fell short (0.71, 0.68, 0.69 at step 299), and lr 2e-2 learned
+                   no faster (0.69, 0.68, 0.66 at step 299). 4 regimes show three recoveries; births
+                   every 100 steps put 4 newcomers in each regime. The recovery threshold is 0.7
+                   (0.8 is above what any method reaches within a regime here). bf16 makes a
+                   single-prompt step 1.2-1.5x and FLH's K-prompt pass about 2.6x faster here.
+                   Measured on 2 CPU cores: WALLTIMES.
   paper            the plan's Stage 8: bert-base-uncased + GLUE SST-2 (hub), 10,000 steps, flips
                    every 1,000, births every 500, prompt 20, batch 32, alpha 0.1, lr 1e-3; [CLS]
                    read-out; checkpoints every 1,000 steps. For a GPU.
@@ -226,9 +227,8 @@ def run_tests():
     print(f"stage 8 checks passed in {time.time() - t0:.1f}s")
 
 
-def build_parser():
-    p = common.Parser(description="Stage 8: run FLH and the baselines on the changing stream; metrics and plots.")
-    p.add_argument("--method", default="flh", choices=[*METHODS, "all"], help="which method, or all four (default: flh)")
+def add_experiment_args(p):
+    """The flags a preset fills, with both presets' values in their help (stage 9 reuses them)."""
     p.add_argument("--preset", default="quick", choices=list(PRESETS),
                    help="quick: CPU-sized, embedded MiniLM + rt (default); paper: the plan's BERT/SST-2 setting")
     add_stream_args(p)
@@ -244,16 +244,35 @@ def build_parser():
     p.add_argument("--recovery-threshold", type=common.positive_float, help="accuracy that counts as recovered")
     p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy")
     p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints")
+    p.set_defaults(**{k: None for k in PRESETS["quick"]})
+    for action in p._actions:
+        if action.dest in PRESETS["quick"]:
+            base = re.sub(r"\s*\(default[^)]*\)$", "", action.help)
+            action.help = f"{base} (quick: {PRESETS['quick'][action.dest]}, paper: {PRESETS['paper'][action.dest]})"
+
+
+def apply_preset(args):
+    """Fill every flag left unset from the chosen preset; explicit flags win."""
+    preset = dict(PRESETS[args.preset])
+    if args.dataset not in (None, preset["dataset"]) and args.flip_interval is None:
+        preset["flip_interval"] = None  # another data set: stage 2's default (multi-domain data does not flip)
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def build_parser():
+    p = common.Parser(description="Stage 8: run FLH and the baselines on the changing stream; metrics and plots.")
+    p.add_argument("--method", default="flh", choices=[*METHODS, "all"], help="which method, or all four (default: flh)")
+    add_experiment_args(p)
     p.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
     p.add_argument("--analyse", metavar="RUN", nargs="+", default=None,
                    help="only recompute metrics, plots and criteria of existing run folders (no training); "
                         "several folders (seeds) also get a table of the plan's criteria")
     common.add_common_args(p, run_name=None)
-    p.set_defaults(**{k: None for k in PRESETS["quick"]})
-    for action in p._actions:  # say what each preset puts in the flags it fills, and the default run name
-        if action.dest in PRESETS["quick"]:
-            base = re.sub(r"\s*\(default[^)]*\)$", "", action.help)
-            action.help = f"{base} (quick: {PRESETS['quick'][action.dest]}, paper: {PRESETS['paper'][action.dest]})"
+    p.set_defaults(run_name=None)
+    for action in p._actions:
         if action.dest == "run_name":
             action.help = "sub-folder of --out (default: <method>-<dataset>-<preset>-seed<seed>)"
     return p
@@ -265,12 +284,7 @@ def main(args):
     if args.analyse:
         criteria = {Path(run).name: report(Path(run)) for run in args.analyse}
         return print(criteria_table(criteria)) if len(criteria) > 1 else None
-    preset = dict(PRESETS[args.preset])
-    if args.dataset not in (None, preset["dataset"]) and args.flip_interval is None:
-        preset["flip_interval"] = None  # another data set: stage 2's default (multi-domain data does not flip)
-    for key, value in preset.items():  # explicit flags win over the preset
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_preset(args)
     methods = METHODS if args.method == "all" else [args.method]
     args.run_name = args.run_name or f"{args.method}-{args.dataset}-{args.preset}-seed{args.seed}"
     model, stream = prepare(args)
