@@ -19,6 +19,11 @@ K prompts at once. FLH needs every expert's loss on every batch. Instead of K fo
 stack the K prompted copies of the batch into one [K*B, 1+P+L-1, D] input (chunked to bound
 memory) and get logits [K, B, C] from one call. The word embeddings are looked up once.
 
+A backbone wrapper offers three methods, and stages 4-9 use nothing else: `embed(batch)` (the
+unprompted input), `read(emb, mask, prompts)` (logits with one prompt per row) and `query(batch)`
+(the frozen [CLS] state, for mini-L2P). Stage 10's vision model offers the same three, so the pool,
+the learners and the metrics run on images unchanged.
+
 Run `python stage3_backbone.py` to load a backbone and time a forward, `--test` for the checks
 (shapes; gradients reach the prompt only; batched == looped; too-long inputs fail clearly).
 """
@@ -60,6 +65,34 @@ class FrozenTextClassifier(nn.Module):
             h = self.encoder(**inputs)
         return h.last_hidden_state.float(), None if h.pooler_output is None else h.pooler_output.float()
 
+    # The three methods every backbone wrapper offers (stage 10's vision model too); the functions
+    # below and stages 4-9 use nothing else of it.
+    def embed(self, batch):
+        """A batch's unprompted input: (word embeddings [B, L, D] of [CLS] w_1 ..., mask [B, L])."""
+        return self.encoder.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"]
+
+    def read(self, emb, mask, prompts):
+        """Logits [N, C] of N rows, row n read with its own prompt [N, P, D]: the core of every forward."""
+        N, P, D = prompts.shape
+        if P + emb.shape[1] > self.max_positions:
+            raise common.UserError(f"prompt ({P}) + text ({emb.shape[1]}) tokens exceed the backbone's position "
+                                   f"table ({self.max_positions}); lower --max-length or --prompt-length")
+        ones = mask.new_ones(N, P)
+        x = torch.cat([emb[:, :1], prompts.to(emb.dtype), emb[:, 1:]], 1)             # [N, 1+P+L-1, D]
+        hidden, pooler = self.encode(inputs_embeds=x, attention_mask=torch.cat([mask[:, :1], ones, mask[:, 1:]], 1))
+        if self.pooling == "cls":
+            pooled = pooler if pooler is not None else hidden[:, 0]
+        else:
+            text = torch.cat([mask[:, :1], ones * 0, mask[:, 1:]], 1).unsqueeze(-1).to(hidden.dtype)  # no prompt
+            u = (hidden * text).sum(1) / text.sum(1)
+            pooled = self.temperature * F.normalize(u, dim=-1)
+        return self.head(pooled)
+
+    @torch.no_grad()
+    def query(self, batch):
+        """The frozen [CLS] state of the plain input, no prompt: [B, D] (mini-L2P's query)."""
+        return self.encode(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0][:, 0]
+
     @property
     def embed_dim(self):
         return self.encoder.config.hidden_size
@@ -92,51 +125,29 @@ def text_budget(model, prompt_length):
     return budget
 
 
-def prompted_logits(model, emb, attention_mask, prompts):
-    """Logits [N, C] of N rows, row n read with its own prompt: emb [N, L, D] (word embeddings of
-    [CLS] w_1 ... ), attention_mask [N, L], prompts [N, P, D]. The core of every forward below."""
-    N, P, D = prompts.shape
-    if P + emb.shape[1] > model.max_positions:
-        raise common.UserError(f"prompt ({P}) + text ({emb.shape[1]}) tokens exceed the backbone's position "
-                               f"table ({model.max_positions}); lower --max-length or --prompt-length")
-    ones = attention_mask.new_ones(N, P)
-    x = torch.cat([emb[:, :1], prompts.to(emb.dtype), emb[:, 1:]], 1)             # [N, 1+P+L-1, D]
-    mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], 1)
-    hidden, pooler = model.encode(inputs_embeds=x, attention_mask=mask)
-    if model.pooling == "cls":
-        pooled = pooler if pooler is not None else hidden[:, 0]
-    else:
-        text = torch.cat([attention_mask[:, :1], ones * 0, attention_mask[:, 1:]], 1)  # prompt excluded
-        m = text.unsqueeze(-1).to(hidden.dtype)
-        u = (hidden * m).sum(1) / m.sum(1)
-        pooled = model.temperature * F.normalize(u, dim=-1)
-    return model.head(pooled)
-
-
-def forward_with_prompts(model, input_ids, attention_mask, prompts, max_rows=512):
+def forward_with_prompts(model, batch, prompts, max_rows=512):
     """Logits [K, B, C] of the batch under each of K prompts [K, P, D], in chunks of <= max_rows rows."""
-    K, B = prompts.shape[0], input_ids.shape[0]
-    emb = model.encoder.get_input_embeddings()(input_ids)               # [B, L, D], looked up once
+    emb, mask = model.embed(batch)                                      # [B, L, D], looked up once
+    K, B = prompts.shape[0], emb.shape[0]
     per_chunk = max(1, max_rows // B)
     out = []
     for k0 in range(0, K, per_chunk):
         p = prompts[k0:k0 + per_chunk]
         k = p.shape[0]
-        rows = prompted_logits(model, emb.repeat(k, 1, 1), attention_mask.repeat(k, 1),
-                               p.repeat_interleave(B, 0))
+        rows = model.read(emb.repeat(k, 1, 1), mask.repeat(k, 1), p.repeat_interleave(B, 0))
         out.append(rows.view(k, B, -1))
     return torch.cat(out, 0)
 
 
-def forward_with_example_prompts(model, input_ids, attention_mask, prompts):
+def forward_with_example_prompts(model, batch, prompts):
     """Logits [B, C] when example b gets its own prompt prompts[b] ([B, P, D]); for mini-L2P."""
-    emb = model.encoder.get_input_embeddings()(input_ids)
-    return prompted_logits(model, emb, attention_mask, prompts)
+    emb, mask = model.embed(batch)
+    return model.read(emb, mask, prompts)
 
 
-def forward_with_prompt(model, input_ids, attention_mask, prompt):
+def forward_with_prompt(model, batch, prompt):
     """Logits [B, C] of the batch under one prompt [P, D]."""
-    return forward_with_prompts(model, input_ids, attention_mask, prompt[None])[0]
+    return forward_with_prompts(model, batch, prompt[None])[0]
 
 
 def count_params(module):
@@ -153,9 +164,10 @@ def run_tests():
     model, tok = load_backbone("random:tiny-bert", pooling="cls")
     enc = tok(["a fine film .", "dull and far too long , with nothing to say"], padding=True, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
+    batch = {"input_ids": ids, "attention_mask": mask}
     D = model.embed_dim
     prompt = nn.Parameter(torch.randn(5, D) * 0.02)
-    logits = forward_with_prompt(model, ids, mask, prompt)
+    logits = forward_with_prompt(model, batch, prompt)
     assert logits.shape == (2, 2), logits.shape
     logits.logsumexp(-1).sum().backward()
     assert prompt.grad is not None and prompt.grad.abs().sum() > 0, "no gradient reached the prompt"
@@ -166,7 +178,7 @@ def run_tests():
     seen = {}
     hook = model.encoder.embeddings.register_forward_hook(lambda m, a, kw, out: seen.update(x=kw["inputs_embeds"]),
                                                           with_kwargs=True)
-    forward_with_prompt(model, ids, mask, prompt.detach())
+    forward_with_prompt(model, batch, prompt.detach())
     hook.remove()
     cls = model.encoder.get_input_embeddings().weight[tok.cls_token_id]
     assert torch.equal(seen["x"][0, 0], cls) and torch.equal(seen["x"][0, 1:6], prompt.detach())
@@ -175,25 +187,25 @@ def run_tests():
     for pooling in ("cls", "mean"):
         model.pooling = pooling
         prompts = torch.randn(7, 5, D) * 0.5
-        batched = forward_with_prompts(model, ids, mask, prompts, max_rows=6)   # chunks of 3 prompts
-        looped = torch.stack([forward_with_prompt(model, ids, mask, p) for p in prompts])
+        batched = forward_with_prompts(model, batch, prompts, max_rows=6)   # chunks of 3 prompts
+        looped = torch.stack([forward_with_prompt(model, batch, p) for p in prompts])
         diff = (batched - looped).abs().max().item()
         assert batched.shape == (7, 2, 2) and diff < 1e-5, (pooling, diff)
         print(f"  ok: batched K=7 (in chunks) equals looped, pooling={pooling}, max |diff| = {diff:.1e}; "
               "per-example prompts too")
-        per_example = forward_with_example_prompts(model, ids, mask, prompts[[3, 5]])
+        per_example = forward_with_example_prompts(model, batch, prompts[[3, 5]])
         assert torch.allclose(per_example, torch.stack([looped[3, 0], looped[5, 1]]), atol=1e-5)
     # mean read-out ignores padding: a padded row gives the same logits as the row alone
     alone = tok(["a fine film ."], return_tensors="pt")
-    a = forward_with_prompt(model, alone["input_ids"], alone["attention_mask"], prompt.detach())
-    b = forward_with_prompt(model, ids, mask, prompt.detach())[:1]
+    a = forward_with_prompt(model, alone, prompt.detach())
+    b = forward_with_prompt(model, batch, prompt.detach())[:1]
     assert (a - b).abs().max() < 1e-5, "padding changed the mean read-out"
 
     # Too long for the position table (tiny-bert has 128): a clear error, never an index error.
     long_ids = torch.full((1, 125), 1000)
     long_ids[0, 0] = tok.cls_token_id
     try:
-        forward_with_prompt(model, long_ids, torch.ones_like(long_ids), prompt)
+        forward_with_prompt(model, {"input_ids": long_ids, "attention_mask": torch.ones_like(long_ids)}, prompt)
         raise AssertionError("a too-long input was accepted")
     except common.UserError as e:
         assert "position table" in str(e)
@@ -209,9 +221,9 @@ def run_tests():
     # bf16 autocast: the encoder really runs in bf16 (logits change) and stays close to fp32.
     enc = tok(["a fine film .", "dull and far too long"], padding=True, return_tensors="pt")
     p = torch.randn(5, mini.embed_dim) * 0.02
-    full = forward_with_prompt(mini, enc["input_ids"], enc["attention_mask"], p)
+    full = forward_with_prompt(mini, enc, p)
     mini.precision = "bf16"
-    half = forward_with_prompt(mini, enc["input_ids"], enc["attention_mask"], p)
+    half = forward_with_prompt(mini, enc, p)
     diff = (full - half).abs().max().item()
     assert half.dtype == torch.float32 and 0 < diff < 0.05 * full.abs().max().item(), diff
     print(f"  ok: bf16 autocast changes the logits by at most {diff:.1e} (of up to {full.abs().max():.2f}), output fp32")
@@ -244,8 +256,8 @@ def main(args):
     enc = {k: v.to(device) for k, v in tok(texts, return_tensors="pt").items()}
     prompts = torch.randn(args.num_prompts, args.prompt_length, model.embed_dim, device=device) * 0.02
     with torch.no_grad():
-        for name, fn in [("one prompt", lambda: forward_with_prompt(model, enc["input_ids"], enc["attention_mask"], prompts[0])),
-                         (f"{args.num_prompts} prompts batched", lambda: forward_with_prompts(model, enc["input_ids"], enc["attention_mask"], prompts))]:
+        for name, fn in [("one prompt", lambda: forward_with_prompt(model, enc, prompts[0])),
+                         (f"{args.num_prompts} prompts batched", lambda: forward_with_prompts(model, enc, prompts))]:
             fn()
             t = time.perf_counter()
             out = fn()

@@ -126,7 +126,7 @@ class FLHPromptPool(nn.Module):
     def get_all_losses(self, model, batch):
         """Every prompt's mean cross-entropy on the batch from one batched no-grad pass.
         Returns (losses [K], logits [K, B, C])."""
-        logits = forward_with_prompts(model, batch["input_ids"], batch["attention_mask"], self.stacked())
+        logits = forward_with_prompts(model, batch, self.stacked())
         return per_prompt_losses(logits, batch["labels"]), logits
 
     def mixture_probs(self, logits):
@@ -233,7 +233,7 @@ def run_tests():
     batch = {**enc, "labels": torch.tensor([1, 0, 0])}
     losses, logits = pool.get_all_losses(model, batch)
     for k, p in enumerate(pool.prompts):
-        ref = F.cross_entropy(forward_with_prompt(model, enc["input_ids"], enc["attention_mask"], p), batch["labels"])
+        ref = F.cross_entropy(forward_with_prompt(model, enc, p), batch["labels"])
         assert abs(losses[k] - ref) < 1e-5
     assert not losses.requires_grad and logits.shape == (4, 3, 2)
     mix = pool.mixture_probs(logits)

@@ -64,7 +64,7 @@ def base_row(batch, loss, logits):
 
 def train_step(model, prompt, optimizer, batch):
     """One AdamW step on CE(f(x; prompt), y). Returns (loss, logits before the step)."""
-    logits = forward_with_prompt(model, batch["input_ids"], batch["attention_mask"], prompt)
+    logits = forward_with_prompt(model, batch, prompt)
     loss = F.cross_entropy(logits, batch["labels"])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -214,10 +214,10 @@ def bench_backbone(name, device, quick, loss_batch, P=10, B=16, K=20):
             timed(peft_single_step(model, P), batches, device))
         rows[-2]["ratio"], rows[-2]["versus"] = t[f"single_{precision}"] / t[f"peft_{precision}"], f"peft_{precision}"
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            forward_with_prompt(model, batches[0]["input_ids"], batches[0]["attention_mask"], prompt)
+            forward_with_prompt(model, batches[0], prompt)
         flops = counter.get_total_flops() / batches[0]["input_ids"].shape[0] * B
         with torch.no_grad():
-            seconds = timed(lambda b: forward_with_prompt(model, b["input_ids"], b["attention_mask"], prompt),
+            seconds = timed(lambda b: forward_with_prompt(model, b, prompt),
                             batches, device)
         peak = matmul_peak(device, torch.float32 if precision == "fp32" else torch.bfloat16)
         rows.append({"backbone": name, "device": device.type, "key": f"gflops_{precision}",
@@ -239,20 +239,20 @@ def bench_backbone(name, device, quick, loss_batch, P=10, B=16, K=20):
             prompts = torch.randn(K, P, model.embed_dim, device=device) * 0.02
             with torch.no_grad():
                 pad = min(128, text_budget(model, P))  # the reference pads every text to 128 tokens
-                reference = timed(lambda b: [forward_with_prompt(model, *(F.pad(b[k], (0, pad - b[k].shape[1]))
-                                                                          for k in ("input_ids", "attention_mask")), p)
-                                             for p in prompts], batches, device)
+                padded = [{k: F.pad(b[k], (0, pad - b[k].shape[1])) for k in ("input_ids", "attention_mask")}
+                          for b in batches]
+                reference = timed(lambda b: [forward_with_prompt(model, b, p) for p in prompts], padded, device)
                 add("pass_reference", f"loss pass, {K} prompts: loop, padded to 128 (reference)", reference)
                 add("pass_loop", f"loss pass, {K} prompts: loop of forwards", timed(
-                    lambda b: [forward_with_prompt(model, b["input_ids"], b["attention_mask"], p) for p in prompts],
+                    lambda b: [forward_with_prompt(model, b, p) for p in prompts],
                     batches, device), "pass_reference")
                 add("pass_batched", f"loss pass, {K} prompts: one batched pass", timed(
-                    lambda b: forward_with_prompts(model, b["input_ids"], b["attention_mask"], prompts),
+                    lambda b: forward_with_prompts(model, b, prompts),
                     batches, device), "pass_reference")
                 model.precision = "bf16"
                 sub = [{k: v[:loss_batch] for k, v in b.items() if torch.is_tensor(v)} for b in batches]
                 add("pass_fast", f"loss pass, {K} prompts: batched, bf16, loss batch {loss_batch}", timed(
-                    lambda b: forward_with_prompts(model, b["input_ids"], b["attention_mask"], prompts),
+                    lambda b: forward_with_prompts(model, b, prompts),
                     sub, device), "pass_reference")
                 model.precision = "fp32"
     return rows
@@ -310,7 +310,7 @@ def run_tests():
                 snapshot.pool.birth_prompt()
             with torch.no_grad():
                 w_sum = snapshot.pool.get_prompt("weighted_sum")
-                acc = accuracy(forward_with_prompt(model, b["input_ids"], b["attention_mask"], w_sum), b["labels"])
+                acc = accuracy(forward_with_prompt(model, b, w_sum), b["labels"])
                 _, logits = snapshot.pool.get_all_losses(model, b)
                 acc_mix = accuracy(snapshot.pool.mixture_probs(logits), b["labels"])
             assert row["acc"] == r6(acc) and row["acc_mixture"] == r6(acc_mix), (row["acc"], acc, row["acc_mixture"], acc_mix)

@@ -94,10 +94,6 @@ class SimilarityLearner(PromptLearner):
         self.key_weight = key_weight
         super().__init__(model, self.prompts + self.keys, lr)
 
-    @torch.no_grad()
-    def query(self, batch):
-        """The frozen backbone's [CLS] state for the plain text (no prompt): [B, D]."""
-        return self.model.encode(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0][:, 0]
 
     def select(self, q):
         """Index of the nearest key for each query, and the (differentiable) similarities [B, K]."""
@@ -105,10 +101,9 @@ class SimilarityLearner(PromptLearner):
         return sim.argmax(1), sim
 
     def step(self, batch):
-        q = self.query(batch)
+        q = self.model.query(batch)  # the frozen [CLS] state, no prompt
         idx, sim = self.select(q)
-        logits = forward_with_example_prompts(self.model, batch["input_ids"], batch["attention_mask"],
-                                              torch.stack(self.prompts)[idx])
+        logits = forward_with_example_prompts(self.model, batch, torch.stack(self.prompts)[idx])
         ce = F.cross_entropy(logits, batch["labels"])
         loss = ce - self.key_weight * sim.gather(1, idx[:, None]).mean()
         self.optimizer.zero_grad(set_to_none=True)
@@ -164,7 +159,7 @@ def run_tests():
     torch.manual_seed(0)
     learner = SimilarityLearner(model, prompt_length=4, num_prompts=4, lr=5e-2)
     batch = stream.batch(0)
-    q = learner.query(batch)
+    q = model.query(batch)
     idx, _ = learner.select(q)
     for b in range(len(q)):
         cos = [float(F.cosine_similarity(q[b], k.detach(), dim=0)) for k in learner.keys]

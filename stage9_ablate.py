@@ -135,7 +135,7 @@ class AblationLearner(FLHLearner):
             self.last_birth = s
         weights, entropy = pool.weights, pool.entropy()
         if self.train_mode == "independent":  # one pass with gradients: K losses, each trains its own prompt
-            logits = forward_with_prompts(model, batch["input_ids"], batch["attention_mask"], pool.stacked())
+            logits = forward_with_prompts(model, batch, pool.stacked())
             losses = per_prompt_losses(logits, y)
             self.optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
@@ -420,12 +420,12 @@ def run_tests():
     for _ in range(3):
         learner.pool.birth_prompt()
     b = stream.batch(5)
-    losses = per_prompt_losses(forward_with_prompts(model, b["input_ids"], b["attention_mask"], learner.pool.stacked()), b["labels"])
+    losses = per_prompt_losses(forward_with_prompts(model, b, learner.pool.stacked()), b["labels"])
     losses.sum().backward()
     together = [p.grad.clone() for p in learner.pool.prompts]
     for i, p in enumerate(learner.pool.prompts):
         learner.pool.zero_grad()
-        own = per_prompt_losses(forward_with_prompts(model, b["input_ids"], b["attention_mask"], p[None]), b["labels"])
+        own = per_prompt_losses(forward_with_prompts(model, b, p[None]), b["labels"])
         own.sum().backward()
         assert torch.allclose(p.grad, together[i], atol=1e-6), (i, (p.grad - together[i]).abs().max())
     print("  ok: independent mode: each prompt's gradient equals that of its own loss, from one backward pass")
