@@ -17,6 +17,8 @@ import stage5_train
 import stage6_baselines
 import stage7_metrics
 import stage8_run
+import stage9_ablate
+import stage10_vision
 
 
 def test_stage2_stream():
@@ -46,6 +48,15 @@ def test_stage7_metrics():
 def test_stage8_run_and_resume():
     """A tiny run of all four methods, and the resume check (kill after a checkpoint, resume, compare)."""
     stage8_run.run_tests()
+
+
+def test_stage9_ablate():
+    stage9_ablate.run_tests()
+
+
+def test_stage10_vision():
+    """random:tiny-vit and generated images; the real-image check runs when fashion-mnist is installed."""
+    stage10_vision.run_tests()
 
 
 def cli(*args):
@@ -82,4 +93,16 @@ def test_bad_input_is_one_clear_line(script, args, tmp_path):
     r = cli(script, *args, "--steps", "1", "--out", str(tmp_path))
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("[flh] fetching")]
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("script,args", [
+    ("stage9_ablate.py", ["--grid", "nosuch"]), ("stage9_ablate.py", ["--shard", "2/2"]),
+    ("stage9_ablate.py", ["--shard", "x"]), ("stage9_ablate.py", ["--seeds", "0"]),
+    ("stage10_vision.py", ["--dataset", "nosuch"]), ("stage10_vision.py", ["--backbone", "random:nosuch", "--dataset", "synthetic"]),
+    ("stage10_vision.py", ["--rotate-interval", "0"]), ("stage10_vision.py", ["--image-size", "-3"])])
+def test_bad_input_stages_9_10(script, args, tmp_path):
+    r = cli(script, *args, "--steps", "1", "--out", str(tmp_path))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("[flh] ")]
     assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in r.stderr, r.stderr
