@@ -206,7 +206,7 @@ def load_images(name):
         except Exception as e:  # no network: say so in one line
             raise common.UserError(f"could not get CIFAR-10 ({type(e).__name__}: {e}); it needs internet once") from None
         return torch.from_numpy(data.data), torch.tensor(data.targets)
-    raise common.UserError(f"unknown image data set {name!r}; choose fashion-mnist or cifar10")
+    raise common.UserError(f"unknown image data set {name!r}; choose fashion-mnist, cifar10 or synthetic")
 
 
 class RotatingImageStream:
