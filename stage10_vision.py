@@ -22,8 +22,9 @@ normalised with ImageNet statistics; with DINOv2's 14-pixel patches the quick pr
 give a 4x4 grid: 16 patch tokens + [CLS] + 10 prompt tokens = 27 tokens per image.
 
 Presets (explicit flags override them):
-  quick (default)  dinov2-small + fashion-mnist at 56 px, prompt 10, batch 16, lr 1e-2,
-                   STEPS steps with labels rotating every ROT, FLH births every BIRTH with FLH2, alpha 0.1.
+  quick (default)  dinov2-small + fashion-mnist at 56 px, prompt 10, batch 16, lr 1e-2, 1,000 steps
+                   with labels rotating every 250, FLH births every 125 with FLH2, alpha 0.1,
+                   recovery threshold 0.5. Provisional: not yet sized against the 10-minute budget.
   paper            the plan's: ViT-B/16 (in21k) + CIFAR-10 at 224 px, 10,000 steps, rotations every
                    1,000, births every 500, prompt 20, batch 32, lr 1e-3. For a GPU.
 
