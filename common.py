@@ -20,6 +20,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -191,6 +192,22 @@ def add_common_args(parser, run_name):
     parser.add_argument("--run-name", default=run_name,
                         help=f"sub-folder of --out for this run (default: {run_name})")
     parser.add_argument("--test", action="store_true", help="run this stage's built-in checks and exit")
+
+
+def preset_help(parser, presets):
+    """Append each preset's value to the help of every flag a preset fills: '(quick: 16, paper: 32)'."""
+    for action in parser._actions:
+        if all(action.dest in p for p in presets.values()):
+            base = re.sub(r"\s*\(default[^)]*\)$", "", action.help)
+            action.help = f"{base} (" + ", ".join(f"{k}: {p[action.dest]}" for k, p in presets.items()) + ")"
+
+
+def fill_from_preset(args, preset):
+    """Set every flag left at None from the preset: explicit flags win."""
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def main_guard(parser, main, argv=None):

@@ -353,9 +353,8 @@ def build_parser():
                    help="encoder arithmetic; auto = bf16 where the device has native bf16 (default: auto)")
     p.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
     common.add_common_args(p, run_name=None)
+    common.preset_help(p, PRESETS)
     for action in p._actions:
-        if action.dest in PRESETS["quick"]:
-            action.help += f" (quick: {PRESETS['quick'][action.dest]}, paper: {PRESETS['paper'][action.dest]})"
         if action.dest == "run_name":
             action.help = "sub-folder of --out (default: vision-<method>-<dataset>-<preset>-seed<seed>)"
     return p
@@ -364,9 +363,7 @@ def build_parser():
 def main(args):
     if args.test:
         return run_tests()
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    common.fill_from_preset(args, PRESETS[args.preset])
     methods = METHODS if args.method == "all" else [args.method]
     args.run_name = args.run_name or f"vision-{args.method}-{args.dataset}-{args.preset}-seed{args.seed}"
     common.seed_everything(args.seed)

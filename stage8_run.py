@@ -35,7 +35,6 @@ Run `--test` for the checks (a tiny run of all methods writes every output; resu
 """
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -245,10 +244,7 @@ def add_experiment_args(p):
     p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy")
     p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints")
     p.set_defaults(**{k: None for k in PRESETS["quick"]})
-    for action in p._actions:
-        if action.dest in PRESETS["quick"]:
-            base = re.sub(r"\s*\(default[^)]*\)$", "", action.help)
-            action.help = f"{base} (quick: {PRESETS['quick'][action.dest]}, paper: {PRESETS['paper'][action.dest]})"
+    common.preset_help(p, PRESETS)
 
 
 def apply_preset(args):
@@ -256,10 +252,7 @@ def apply_preset(args):
     preset = dict(PRESETS[args.preset])
     if args.dataset not in (None, preset["dataset"]) and args.flip_interval is None:
         preset["flip_interval"] = None  # another data set: stage 2's default (multi-domain data does not flip)
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return common.fill_from_preset(args, preset)
 
 
 def build_parser():
