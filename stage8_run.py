@@ -147,7 +147,8 @@ def plan_criteria(folder, metrics):
            for k, m in metrics.items()}
     best = min(key, key=key.get)
     out["4_flh_recovers_fastest"] = {"met": best == "flh" and all(key[k] > key["flh"] for k in key if k != "flh"),
-                                     "fastest": best, "recovered_and_mean_steps": {
+                                     "fastest": best, "tied_with": [k for k in key if k != best and key[k] == key[best]],
+                                     "recovered_and_mean_steps": {
                                          k: [m["shifts_recovered"], m["shifts"], m["mean_recovery_time"]] for k, m in metrics.items()}}
     # 5. Weight moves to recent prompts: at the end of each regime after a shift, the mass on prompts
     #    born since that shift exceeds one half.
@@ -322,7 +323,8 @@ def criteria_table(per_run):
             return "recovered {}/{}".format(*v["shifts_recovered"])
         if name.startswith("4"):
             k, n, t = v["recovered_and_mean_steps"]["flh"]
-            return f"flh {k}/{n}" + (f" in {t:.0f} steps" if t is not None else "") + f"; fastest: {v['fastest']}"
+            tie = f" (tied with {', '.join(v['tied_with'])})" if v.get("tied_with") else ""
+            return f"flh {k}/{n}" + (f" in {t:.0f} steps" if t is not None else "") + f"; fastest: {v['fastest']}{tie}"
         return "mass " + ", ".join(f"{m:.2f}" for m in v["mass_on_prompts_born_since_shift_at_regime_end"])
     runs = list(per_run)
     lines = ["| plan's criterion | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
