@@ -21,7 +21,8 @@ Presets (explicit flags override them):
                    every 100 steps put 4 newcomers in each regime. The recovery threshold is 0.7
                    (0.8 is above what any method reaches within a regime here). bf16 makes a
                    single-prompt step 1.2-1.5x and FLH's K-prompt pass about 2.6x faster here.
-                   Measured on 2 CPU cores: WALLTIMES.
+                   Measured on 2 CPU cores: single 322-347 s, random 306-343 s, similarity
+                   390-436 s, FLH 827-950 s (its pool grows to 8 prompts).
   paper            the plan's Stage 8: bert-base-uncased + GLUE SST-2 (hub), 10,000 steps, flips
                    every 1,000, births every 500, prompt 20, batch 32, alpha 0.1, lr 1e-3; [CLS]
                    read-out; checkpoints every 1,000 steps. For a GPU.
