@@ -289,10 +289,15 @@ def from_pretrained(loader, source, what, **kw):
     logging.disable_progress_bar()  # loads take a second; a bar per load is noise
     if Path(str(source)).is_dir():
         return loader.from_pretrained(source, **kw)
-    try:
-        return loader.from_pretrained(source, local_files_only=True, **kw)
-    except (OSError, ValueError):
-        pass
+    from huggingface_hub import try_to_load_from_cache
+    if any(isinstance(try_to_load_from_cache(str(source), f), str) for f in ("config.json", "tokenizer_config.json")):
+        # transformers forgets local_files_only in its adapter lookup when peft is installed (it then
+        # retries the hub for a minute), so auto-model loaders get it again through adapter_kwargs.
+        extra = {"adapter_kwargs": {"local_files_only": True}} if hasattr(loader, "_model_mapping") else {}
+        try:
+            return loader.from_pretrained(source, local_files_only=True, **extra, **kw)
+        except (OSError, ValueError):
+            pass
     if not hub_reachable():
         raise UserError(f"cannot load {what} {source!r}: not a known name, not a local folder, "
                         "not in the Hugging Face cache, and the hub cannot be reached")
