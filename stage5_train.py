@@ -102,16 +102,20 @@ class FLHLearner:
             added, removed = pool.birth_prompt()
             follow_pool(self.optimizer, added, removed + [self._placeholder])
         weights, entropy = pool.weights, pool.entropy()                 # the weights that predict batch s
-        sub = batch if not self.loss_batch else {k: v[:self.loss_batch] if torch.is_tensor(v) else v
-                                                  for k, v in batch.items()}
-        expert_losses, expert_logits = pool.get_all_losses(model, sub)  # on the first loss_batch examples
-        mixture, y_sub = pool.mixture_probs(expert_logits), sub["labels"]
+        expert_losses, expert_logits, y_sub = self.score_experts(batch)
+        mixture = pool.mixture_probs(expert_logits)
         loss, logits = train_step(model, pool.get_prompt("weighted_sum"), self.optimizer, batch)
         pool.update_weights(expert_losses)
         return {**base_row(batch, loss, logits), "acc_mixture": r6(accuracy(mixture, y_sub)),
                 "mixture_loss": r6(F.nll_loss(mixture.clamp_min(1e-12).log(), y_sub)),
                 "weights": r6(weights), "prompt_ids": list(pool.birth_ids),
                 "expert_losses": r6(expert_losses.tolist()), "num_prompts": len(pool), "entropy": r6(entropy)}
+
+    def score_experts(self, batch):
+        """Every expert's loss and logits on the batch (its first loss_batch examples, if set), and those labels."""
+        sub = batch if not self.loss_batch else {k: v[:self.loss_batch] if torch.is_tensor(v) else v
+                                                  for k, v in batch.items()}
+        return (*self.pool.get_all_losses(self.model, sub), sub["labels"])
 
     def state_dict(self):
         return {"pool": self.pool.state(), "optimizer": self.optimizer.state_dict()}

@@ -142,9 +142,7 @@ class AblationLearner(FLHLearner):
             self.optimizer.step()
             expert_losses, expert_logits = losses.detach(), logits.detach()
         else:
-            sub = batch if not self.loss_batch else {k: v[:self.loss_batch] if torch.is_tensor(v) else v
-                                                      for k, v in batch.items()}
-            expert_losses, expert_logits = pool.get_all_losses(model, sub)
+            expert_losses, expert_logits, _ = self.score_experts(batch)
             prompt = pool.get_prompt("weighted_sum") if self.train_mode == "weighted_sum" else pool.prompts[-1]
             loss, logits = train_step(model, prompt, self.optimizer, batch)
         y_sub = y[:expert_logits.shape[1]]
