@@ -246,7 +246,7 @@ def bench_backbone(name, device, quick, loss_batch, P=10, B=16, K=20):
         setups = [("flh_none", "FLH step, 20 births, no pruning", dict(prune="none")),
                   ("flh_flh2", "FLH step, 20 births, FLH2", dict(prune="flh2"))]
         if precision == "bf16":
-            setups.append(("flh_fast", f"FLH step, 20 births, FLH2 + loss batch {loss_batch} (bf16)",
+            setups.append(("flh_fast", f"FLH step, 20 births, FLH2 + loss batch {loss_batch}",
                            dict(prune="flh2", loss_batch=loss_batch)))
         for key, what, kw in setups:
             learner = grown_flh(model, P, 20, **kw)
