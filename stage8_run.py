@@ -11,7 +11,8 @@ backbone is loaded once and the methods run one after another.
 Presets (explicit flags override them):
   quick (default)  embedded MiniLM + Rotten Tomatoes sentences (rt), mean read-out, prompt 10,
                    batch 16, lr 1e-2, 1,600 steps with labels flipping every 400 (3 flips),
-                   FLH births every 100 steps with FLH2 pruning, alpha 0.1, pools of K=10, and
+                   FLH births every 100 steps with FLH2 pruning, FLH's experts scored on the first
+                   8 examples of each batch (--loss-batch 8), alpha 0.1, pools of K=10, and
                    bf16 autocast where the CPU or GPU has native bf16 (--precision auto).
                    Why: a single prompt needs 300-400 steps at lr 1e-2 to reach 0.70 prequential
                    accuracy on rt. Its rolling 100-step accuracy at step 399 (the last before the
@@ -21,8 +22,10 @@ Presets (explicit flags override them):
                    every 100 steps put 4 newcomers in each regime. The recovery threshold is 0.7
                    (0.8 is above what any method reaches within a regime here). bf16 makes a
                    single-prompt step 1.2-1.5x and FLH's K-prompt pass about 2.6x faster here.
-                   Measured on 2 CPU cores: single 322-347 s, random 306-343 s, similarity
-                   390-436 s, FLH 827-950 s (its pool grows to 8 prompts).
+                   The loss batch takes FLH from 827-950 s to 566-591 s for 0.7 points of mean
+                   accuracy (3 seeds; README "Performance"). Measured on 2 CPU cores: single
+                   322-347 s, random 306-343 s, similarity 390-436 s, FLH 566-591 s (its pool
+                   grows to 8 prompts).
   paper            the plan's Stage 8: bert-base-uncased + GLUE SST-2 (hub), 10,000 steps, flips
                    every 1,000, births every 500, prompt 20, batch 32, alpha 0.1, lr 1e-3; [CLS]
                    read-out; checkpoints every 1,000 steps. For a GPU.
