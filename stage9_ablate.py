@@ -346,18 +346,23 @@ def summarize(args, grids):
                                ("mean_accuracy_mixture", "mixture acc", "^:")):
             ax[0].errorbar(x, [stats[lab][key]["mean"] for lab in labels], [stats[lab][key]["std"] for lab in labels],
                            fmt=fmt, capsize=3, label=name)
-        rec = [stats[lab]["mean_recovery_time"] for lab in labels]
-        ax[1].bar(x, [r["mean"] or 0 for r in rec], yerr=[r["std"] or 0 for r in rec], capsize=3, color="tab:gray")
-        for i, lab in enumerate(labels):
-            k, n = stats[lab]["shifts_recovered"]
-            ax[1].annotate(f"{k}/{n}", (i, (rec[i]["mean"] or 0)), ha="center", va="bottom", fontsize=8)
+        for j, (kind, color, name) in enumerate((("first", "tab:blue", "first-time regimes"),
+                                                 ("recurring", "tab:orange", "recurring regimes"))):
+            rec = [stats[lab][f"recovery_{kind}"] for lab in labels]
+            xs = x + (j - 0.5) * 0.38
+            ax[1].bar(xs, [r["mean_steps"] or 0 for r in rec], 0.36, color=color, label=name)
+            for xi, r in zip(xs, rec):  # a shift never recovered has no time: say so, draw no bar
+                text = f"{r['recovered']}/{r['shifts']}" if r["mean_steps"] is not None else f"never\n0/{r['shifts']}"
+                ax[1].annotate(text, (xi, r["mean_steps"] or 0), ha="center", va="bottom", fontsize=7)
         for a in ax:
             a.set_xticks(x, [lab.split("=", 1)[1] for lab in labels])
             a.set_xlabel(grid)
         ax[0].set_ylabel("prequential accuracy")
         ax[0].legend(fontsize=8)
+        ax[1].set_ylim(0, max(10, ax[1].get_ylim()[1] * 1.15))
         ax[1].set_ylabel("mean recovery time (steps)")
-        ax[1].set_title("label: shifts recovered", fontsize=9)
+        ax[1].set_title("labels: shifts recovered, over seeds", fontsize=9)
+        ax[1].legend(fontsize=7, loc="upper left")
         fig.suptitle(f"{grid}: mean ± std over {len(runs)} seed(s)")
         fig.tight_layout()
         fig.savefig(sweep / f"{grid}.png", dpi=110)
