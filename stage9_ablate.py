@@ -361,8 +361,8 @@ def summarize(args, grids):
         ax[0].legend(fontsize=8)
         ax[1].set_ylim(0, max(10, ax[1].get_ylim()[1] * 1.15))
         ax[1].set_ylabel("mean recovery time (steps)")
-        ax[1].set_title("labels: shifts recovered, over seeds", fontsize=9)
-        ax[1].legend(fontsize=7, loc="upper left")
+        ax[1].legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False,
+                     title="labels: shifts recovered, over seeds", title_fontsize=8)
         fig.suptitle(f"{grid}: mean ± std over {len(runs)} seed(s)")
         fig.tight_layout()
         fig.savefig(sweep / f"{grid}.png", dpi=110)
