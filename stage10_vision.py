@@ -184,7 +184,7 @@ def load_images(name):
     if name == "fashion-mnist":
         if not (FASHION_DEB / "train-images-idx3-ubyte.gz").exists():
             raise common.UserError("fashion-mnist comes from the Debian package dataset-fashion-mnist: "
-                                   "sudo apt-get install dataset-fashion-mnist")
+                                   "sudo apt-get update && sudo apt-get install dataset-fashion-mnist")
         raw = common.CACHE / "fashion-mnist" / "FashionMNIST" / "raw"
         raw.mkdir(parents=True, exist_ok=True)
         for part in (f"{split}-{kind}" for split in ("train", "t10k") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")):

@@ -192,7 +192,8 @@ def plot_weights(rows, path, title="FLH weights"):
 
 
 def plot_recovery(metrics, path):
-    """Mean recovery time per method over the shifts it recovered from; k/n = recovered / shifts."""
+    """Mean recovery time per method over the shifts it recovered from; k/n = recovered / shifts
+    ("never": no bar, not an instant recovery)."""
     names = list(metrics)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for x, name in enumerate(names):
@@ -201,7 +202,8 @@ def plot_recovery(metrics, path):
         height = np.mean(done) if done else 0
         spread = np.std(done) if len(done) > 1 else 0
         ax.bar(x, height, color=COLORS.get(name, "0.5"), yerr=spread or None, capsize=4)
-        ax.annotate(f"{len(done)}/{len(m['recovery'])}", (x, height + spread), xytext=(0, 4),
+        label = f"{len(done)}/{len(m['recovery'])}" if done else f"never {len(done)}/{len(m['recovery'])}"
+        ax.annotate(label, (x, height + spread), xytext=(0, 4),
                     textcoords="offset points", ha="center", va="bottom", fontsize=9)
     ax.set_xticks(range(len(names)), names)
     ax.margins(y=0.15)
