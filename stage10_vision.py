@@ -24,7 +24,8 @@ give a 4x4 grid: 16 patch tokens + [CLS] + 10 prompt tokens = 27 tokens per imag
 Presets (explicit flags override them):
   quick (default)  dinov2-small + fashion-mnist at 56 px, prompt 10, batch 16, lr 1e-2, 1,000 steps
                    with labels rotating every 250, FLH births every 125 with FLH2, alpha 0.1,
-                   recovery threshold 0.5. Provisional: not yet sized against the 10-minute budget.
+                   recovery threshold 0.5. On 2 CPU cores FLH takes 6 minutes, the baselines 2-3
+                   (README "Vision"); 250-step regimes give a prompt time to reach about 0.65.
   paper            the plan's: ViT-B/16 (in21k) + CIFAR-10 at 224 px, 10,000 steps, rotations every
                    1,000, births every 500, prompt 20, batch 32, lr 1e-3. For a GPU.
 
