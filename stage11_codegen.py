@@ -36,7 +36,6 @@ id or folder (`Qwen/Qwen2.5-Coder-0.5B`, the document's model) and `random:tiny-
 
 Run `--test` for the checks. Generated code is untrusted: never run it outside `evaluate`.
 """
-import json
 import math
 import random
 import sys

@@ -202,8 +202,8 @@ def plot_recovery(metrics, path):
         height = np.mean(done) if done else 0
         spread = np.std(done) if len(done) > 1 else 0
         ax.bar(x, height, color=COLORS.get(name, "0.5"), yerr=spread or None, capsize=4)
-        label = f"{len(done)}/{len(m['recovery'])}" if done else f"never {len(done)}/{len(m['recovery'])}"
-        ax.annotate(label, (x, height + spread), xytext=(0, 4),
+        label = f"{len(done)}/{len(m['recovery'])}"
+        ax.annotate(label if done else f"never {label}", (x, height + spread), xytext=(0, 4),
                     textcoords="offset points", ha="center", va="bottom", fontsize=9)
     ax.set_xticks(range(len(names)), names)
     ax.margins(y=0.15)
