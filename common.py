@@ -183,6 +183,14 @@ def positive_float(text):
     return value
 
 
+def unit_float(text):
+    """A number in [0, 1): a share or a fraction."""
+    value = nonneg_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def add_common_args(parser, run_name):
     """--seed, --device, --out, --run-name, --test: the flags of every stage."""
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

@@ -10,7 +10,13 @@ rules on a schedule:
 Step s is the 0-based batch index. Its *regime* counts the change points c in (0, s], where the
 change points are the multiples of `flip_every_n` and of `steps_per_domain`. So with flips every
 1000 steps, steps 0..999 are regime 0, and step 1000, the first batch that carries flipped labels,
-is regime 1. (The public reference flipped one batch early; see DESIGN.md sec. 7.)
+is regime 1. (The public reference flipped its labels one batch *late*: its logged regime
+changed at step 1000, its labels at step 1001.)
+
+Regimes recur. The *concept* of a batch says which distinct rule is active: with flips alone it is
+regime % 2 (original or flipped labels), with domains alone the domain's index, with both
+2 * domain + flipped. A learner is never told the regime or the concept (only the oracle of stage 6
+is); the metrics of stage 7 use it to tell a first-time shift from a recurring one.
 
 Every batch is a pure function of (seed, step): the k-th batch a domain serves holds the examples
 at positions kB .. kB+B-1 of that domain's endless sequence of seeded permutations. Resuming a run
@@ -39,7 +45,7 @@ def load_tokenizer(backbone):
 
 
 class TextStream:
-    """Endless batches {input_ids, attention_mask, labels, index, step, regime, domain, flipped}.
+    """Endless batches {input_ids, attention_mask, labels, index, step, regime, concept, domain, flipped}.
 
     domains: {name: (texts, labels)}; several domains rotate every `steps_per_domain` steps
     (None merges them into one). flip_every_n: None for no flips."""
@@ -97,9 +103,10 @@ class TextStream:
             attention_mask[r, :len(ids)] = 1
         flipped = bool(self.flip_every_n) and (step // self.flip_every_n) % 2 == 1
         labels = self.labels[d][index]
+        concept = 2 * d + flipped if self.flip_every_n else d
         return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": 1 - labels if flipped else labels, "index": index,
-                "step": step, "regime": self.regime(step), "domain": self.names[d], "flipped": flipped}
+                "labels": 1 - labels if flipped else labels, "index": index, "step": step,
+                "regime": self.regime(step), "concept": concept, "domain": self.names[d], "flipped": flipped}
 
     def iterate(self, start=0):
         """Batches start, start+1, ... forever."""
@@ -156,7 +163,7 @@ def run_tests():
     for b in batches:
         s, orig = b["step"], torch.tensor([labels[i] for i in b["index"]])
         flipped = (s // 1000) % 2 == 1
-        assert b["regime"] == s // 1000, (s, b["regime"])
+        assert b["regime"] == s // 1000 and b["concept"] == (s // 1000) % 2, (s, b["regime"], b["concept"])
         assert torch.equal(b["labels"], 1 - orig if flipped else orig), f"labels wrong at step {s}"
         assert b["input_ids"].shape == b["attention_mask"].shape
         # padded only to the longest row: some row is full length, and no column is all padding
@@ -183,7 +190,7 @@ def run_tests():
     for s in range(0, 450, 1):
         b = ms.batch(s)
         want = common.VADER_DOMAINS[(s // 50) % 4]
-        assert b["domain"] == want and b["regime"] == s // 50, (s, b["domain"], want)
+        assert b["domain"] == want and b["regime"] == s // 50 and b["concept"] == (s // 50) % 4, (s, b["domain"], want)
         if s % 50 in (0, 49):
             dt, dl = md[want]
             fresh = tok([dt[i] for i in b["index"]], truncation=True, max_length=128)["input_ids"]
@@ -195,6 +202,11 @@ def run_tests():
     # a domain resumes where it left off: amazon's 2nd visit continues its own order
     assert ms.batch(200)["index"].tolist() != ms.batch(0)["index"].tolist()
     print("  ok: multidomain changes domain at every 50-step boundary and batches hold that domain's texts")
+    both = TextStream(md, tok, batch_size=2, flip_every_n=30, steps_per_domain=50, seed=0)
+    steps = (0, 30, 50, 60, 100, 120, 200, 240)  # flips at 30, 60, 90, ...; domains change at 50, 100, ...
+    concepts = [both.batch(s)["concept"] for s in steps]
+    assert concepts == [0, 1, 3, 2, 5, 4, 0, 0], concepts
+    print("  ok: concept = 2 * domain + flipped with both flips and domains; it recurs when the rules do")
     print(f"stage 2 checks passed in {time.time() - t0:.1f}s")
 
 

@@ -21,7 +21,7 @@ memory) and get logits [K, B, C] from one call. The word embeddings are looked u
 
 A backbone wrapper offers three methods, and stages 4-9 use nothing else: `embed(batch)` (the
 unprompted input), `read(emb, mask, prompts)` (logits with one prompt per row) and `query(batch)`
-(the frozen [CLS] state, for mini-L2P). Stage 10's vision model offers the same three, so the pool,
+(the frozen sentence embedding, for mini-L2P). Stage 10's vision model offers the same three, so the pool,
 the learners and the metrics run on images unchanged.
 
 Run `python stage3_backbone.py` to load a backbone and time a forward, `--test` for the checks
@@ -90,8 +90,14 @@ class FrozenTextClassifier(nn.Module):
 
     @torch.no_grad()
     def query(self, batch):
-        """The frozen [CLS] state of the plain input, no prompt: [B, D] (mini-L2P's query)."""
-        return self.encode(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0][:, 0]
+        """The backbone's own sentence embedding of the plain input, no prompt: [B, D] (mini-L2P's
+        query). Mean-pooling models (MiniLM was trained so) give the masked mean of the token
+        states, the others the [CLS] state."""
+        hidden, _ = self.encode(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if self.pooling != "mean":
+            return hidden[:, 0]
+        m = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1)
 
     @property
     def embed_dim(self):

@@ -17,10 +17,29 @@ uniform distribution instead.)
 We keep log-weights and normalise with logsumexp, so thousands of updates with large losses
 never underflow to 0/0. Weights are exposed as plain floats.
 
-Pruning (FLH2). Every expert costs a forward pass per step. FLH2 keeps O(log T) of them: the
-expert of birth index j = r 2^k (r odd) lives for 2^(k+2) + 1 births, then is removed and the rest
-renormalised. Births 1, 2, 3 ... therefore survive for 5, 9, 5, 17, 5, 9, 5, 33 ... births: recent
-experts are dense, old ones sparse. A plain `max_prompts` cap (drop the lightest) is offered too.
+A floor that lets an old expert come back (Fixed Share; Herbster & Warmuth 1998). With `share` > 0,
+after every update the weights are mixed with the uniform distribution over the K live experts:
+
+  share     w_i <- (1 - share) w_i + share / K.
+
+Without it (share = 0, the plan's FLH and the default), an expert that was worse by a gap g for n
+batches has lost alpha g n of log-weight and needs about as many batches to earn it back, however
+large alpha is: a memory of an old regime cannot win when that regime comes back. With the floor
+no weight falls below share / K, so a returning expert that is better by g takes over within about
+ln(K / share) / (alpha g) batches (K = 8, share = 0.01, alpha = 1, g = 0.4: 17 batches).
+
+Pruning. Every expert costs a forward pass per step, so the pool is kept small:
+  flh2      (Hazan & Seshadhri's FLH2) the expert of birth index j = r 2^k (r odd) lives for
+            2^(k+2) + 1 births, then is removed and the rest renormalised. Births 1, 2, 3 ...
+            survive for 5, 9, 5, 17, 5, 9, 5, 33 ... births: O(log T) experts, recent ones dense,
+            old ones sparse. It prunes by age, not merit, and can remove the expert that holds
+            the weight.
+  diverse   at most `max_prompts` experts: when a birth would exceed the cap, find the two experts
+            whose recent predictions are most alike (mean Jensen-Shannon divergence of their
+            predictive distributions over the batches both saw among their last `window`) and
+            remove the lighter of them. Never the live (newest, trainable) prompt, never the
+            current leader. Redundant copies go first; distinct memories stay.
+  none      with an optional `max_prompts` cap that drops the lightest expert.
 
 Prediction. `get_prompt('weighted_sum')` gives the plan's prompt sum_i w_i p_i; FLH's own
 prediction is the mixture sum_i w_i softmax(f(x; p_i)), which `get_all_losses` makes possible from
@@ -30,13 +49,19 @@ Run `python stage4_pool.py` for a small simulation, `--test` for the arithmetic 
 """
 import math
 import time
+from collections import deque
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.spatial.distance import jensenshannon
 from torch import nn
 
 import common
 from stage3_backbone import forward_with_prompt, forward_with_prompts, load_backbone
+
+
+PRUNING = ["none", "flh2", "diverse"]
 
 
 def flh2_lifetime(j):
@@ -45,21 +70,38 @@ def flh2_lifetime(j):
     return 2 ** (k + 2) + 1
 
 
+def mean_js(a, b):
+    """Mean Jensen-Shannon divergence (bits) between two experts' predictions on the batches both
+    saw: a, b are {step: probabilities [B, C]}. None when they share no batch."""
+    steps = sorted(set(a) & set(b))
+    if not steps:
+        return None
+    p, q = np.concatenate([a[t] for t in steps]), np.concatenate([b[t] for t in steps])
+    with np.errstate(invalid="ignore"):  # identical rows can round to sqrt(-1e-17): nan, read as 0
+        return float((np.nan_to_num(jensenshannon(p, q, base=2, axis=-1)) ** 2).mean())
+
+
 class FLHPromptPool(nn.Module):
-    """Soft prompts [P, D] with FLH weights. `prune`: 'none' or 'flh2'; `max_prompts`: a cap."""
+    """Soft prompts [P, D] with FLH weights, a Fixed Share floor and pruning (see the docstring above)."""
 
     def __init__(self, prompt_length, embed_dim, alpha=0.1, prune="none", max_prompts=None, init_std=0.02,
-                 device="cpu"):
+                 device="cpu", share=0.0, window=10):
         super().__init__()
-        if prune not in ("none", "flh2"):
-            raise common.UserError(f"unknown pruning {prune!r}; choose none or flh2")
-        self.prompt_length, self.embed_dim, self.alpha = prompt_length, embed_dim, alpha
+        if prune not in PRUNING:
+            raise common.UserError(f"unknown pruning {prune!r}; choose from {', '.join(PRUNING)}")
+        if prune == "diverse" and not max_prompts:
+            raise common.UserError("--prune diverse needs a cap: give --max-prompts")
+        if not 0 <= share < 1:
+            raise common.UserError(f"share must be in [0, 1), got {share}")
+        self.prompt_length, self.embed_dim, self.alpha, self.share = prompt_length, embed_dim, alpha, share
         self.prune, self.max_prompts, self.init_std = prune, max_prompts, init_std
         self.device = torch.device(device)  # where prompts live; weights stay on the CPU in float64
         self.prompts = nn.ParameterList()
         self.log_w = torch.zeros(0, dtype=torch.float64)
         self.birth_ids = []      # the birth index t of each live prompt (1-based, ever increasing)
         self.num_births = 0
+        self.window = window     # batches of predictions kept per expert for `diverse`
+        self.recent = {}         # birth id -> deque of (step, probabilities [B, C] as float32 numpy)
 
     def __len__(self):
         return len(self.prompts)
@@ -72,27 +114,69 @@ class FLHPromptPool(nn.Module):
         """-sum w log w of the current weights (0 for one prompt, log K for uniform)."""
         return float(-(self.log_w.exp() * self.log_w).sum())
 
-    def _remove(self, keep):
+    def remove(self, keep):
         """Keep the prompts at indices `keep`, renormalise; returns the removed Parameters."""
         removed = [p for i, p in enumerate(self.prompts) if i not in keep]
+        for i, j in enumerate(self.birth_ids):
+            if i not in keep:
+                self.recent.pop(j, None)
         self.prompts = nn.ParameterList([self.prompts[i] for i in keep])
         self.birth_ids = [self.birth_ids[i] for i in keep]
         self.log_w = self.log_w[keep] - self.log_w[keep].logsumexp(0)
         return removed
 
-    def birth_prompt(self):
-        """Birth t: prune (FLH2 / cap), then w_i *= 1 - 1/t and w_new = 1/t.
-        Returns (the new Parameter, the removed Parameters) so an optimiser can follow."""
+    def record(self, step, logits):
+        """Remember each expert's predictive distribution on this batch (logits [K, B, C]), for `diverse`."""
+        probs = logits.detach().float().softmax(-1).cpu().numpy()
+        for j, p in zip(self.birth_ids, probs):
+            self.recent.setdefault(j, deque(maxlen=self.window)).append((step, p))
+
+    def most_alike(self, candidates):
+        """(a, b) with the lowest mean JS divergence of recent predictions, among pairs with at
+        least one member in `candidates`; None if no pair shares a batch."""
+        best = None
+        for a in range(len(self)):
+            for b in range(a + 1, len(self)):
+                if a in candidates or b in candidates:
+                    js = mean_js(dict(self.recent.get(self.birth_ids[a], ())), dict(self.recent.get(self.birth_ids[b], ())))
+                    if js is not None and (best is None or js < best[0]):
+                        best = (js, a, b)
+        return best and best[1:]
+
+    def diverse_victim(self):
+        """The index `diverse` removes: the lighter removable expert of the most alike pair (the live
+        prompt, the newest, and the leader are never removable); the lightest removable one when no
+        pair has shared a batch yet."""
+        leader = int(self.log_w.argmax())
+        removable = [i for i in range(len(self)) if i not in (leader, len(self) - 1)]
+        if not removable:
+            return None
+        pair = self.most_alike(removable)
+        choices = [i for i in (pair or removable) if i in removable]
+        return min(choices, key=lambda i: self.log_w[i].item())
+
+    def birth_prompt(self, init=None):
+        """Birth t: prune (FLH2 / cap / diverse), then w_i *= 1 - 1/t and w_new = 1/t. The newcomer
+        is `init` copied, or random. Returns (the new Parameter, the removed Parameters) so an
+        optimiser can follow."""
         t = self.num_births + 1
         removed = []
         if self.prune == "flh2":
             keep = [i for i, j in enumerate(self.birth_ids) if t < j + flh2_lifetime(j)]
             if len(keep) < len(self):
-                removed += self._remove(keep)
-        if self.max_prompts and len(self) >= self.max_prompts:
+                removed += self.remove(keep)
+        elif self.prune == "diverse":
+            while len(self) >= self.max_prompts:
+                victim = self.diverse_victim()
+                if victim is None:
+                    break
+                removed += self.remove([i for i in range(len(self)) if i != victim])
+        if self.prune != "diverse" and self.max_prompts and len(self) >= self.max_prompts:
             order = sorted(range(len(self)), key=lambda i: -self.log_w[i].item())
-            removed += self._remove(sorted(order[:self.max_prompts - 1]))
-        prompt = nn.Parameter((torch.randn(self.prompt_length, self.embed_dim) * self.init_std).to(self.device))
+            removed += self.remove(sorted(order[:self.max_prompts - 1]))
+        if init is None:
+            init = torch.randn(self.prompt_length, self.embed_dim) * self.init_std
+        prompt = nn.Parameter(init.detach().clone().to(self.device))
         self.prompts.append(prompt)
         # The survivors sum to 1 (pruning renormalises), so after mixing the weights sum to 1 again.
         shrink = math.log1p(-1 / t) if t > 1 else 0.0
@@ -102,10 +186,14 @@ class FLHPromptPool(nn.Module):
         return prompt, removed
 
     def update_weights(self, losses):
-        """w_i <- w_i exp(-alpha l_i), renormalised (in log space)."""
+        """w_i <- w_i exp(-alpha l_i), renormalised; then the floor w_i <- (1 - share) w_i + share / K.
+        Both in log space: log((1 - s) w + s / K) = logaddexp(log(1 - s) + log w, log(s / K))."""
         losses = torch.as_tensor(losses, dtype=torch.float64).cpu()
         self.log_w = self.log_w - self.alpha * losses
         self.log_w = self.log_w - self.log_w.logsumexp(0)
+        if self.share > 0:  # share = 0 leaves the plan's FLH bit for bit
+            floor = torch.full_like(self.log_w, math.log(self.share / len(self)))
+            self.log_w = torch.logaddexp(self.log_w + math.log1p(-self.share), floor)
 
     def stacked(self):
         """All prompts as one [K, P, D] tensor (differentiable)."""
@@ -123,10 +211,14 @@ class FLHPromptPool(nn.Module):
         raise ValueError(f"unknown mode {mode!r}")
 
     @torch.no_grad()
-    def get_all_losses(self, model, batch):
-        """Every prompt's mean cross-entropy on the batch from one batched no-grad pass.
-        Returns (losses [K], logits [K, B, C])."""
-        logits = forward_with_prompts(model, batch, self.stacked())
+    def get_all_losses(self, model, batch, prompts=None):
+        """Every prompt's (or the given prompts') mean cross-entropy on the batch from one batched
+        no-grad pass. Returns (losses [K], logits [K, B, C])."""
+        prompts = self.stacked() if prompts is None else prompts
+        if len(prompts) == 0:
+            return torch.zeros(0, device=self.device), torch.zeros(0, len(batch["labels"]), model.head.out_features,
+                                                                   device=self.device)
+        logits = forward_with_prompts(model, batch, prompts)
         return per_prompt_losses(logits, batch["labels"]), logits
 
     def mixture_probs(self, logits):
@@ -137,12 +229,14 @@ class FLHPromptPool(nn.Module):
     # -- checkpointing ------------------------------------------------------------------------
     def state(self):
         return {"prompts": self.stacked().detach().cpu(), "log_w": self.log_w.clone(),
-                "birth_ids": list(self.birth_ids), "num_births": self.num_births}
+                "birth_ids": list(self.birth_ids), "num_births": self.num_births,
+                "recent": {j: list(d) for j, d in self.recent.items()}}
 
     def load_state(self, state):
         self.prompts = nn.ParameterList([nn.Parameter(p.clone().to(self.device)) for p in state["prompts"]])
         self.log_w = state["log_w"].clone()
         self.birth_ids, self.num_births = list(state["birth_ids"]), state["num_births"]
+        self.recent = {j: deque(d, maxlen=self.window) for j, d in state.get("recent", {}).items()}
 
 
 def per_prompt_losses(logits, labels):
@@ -199,6 +293,69 @@ def run_tests():
     assert len(pool) <= bound and most <= bound, (len(pool), most)
     print(f"  ok: FLH2 keeps {len(pool)} of 1000 prompts alive (at most {most}; bound {bound:.1f}), newest never pruned")
 
+    # Fixed Share against a hand computation: weights [0.7, 0.2, 0.1], losses [1, 0, 2], alpha 1,
+    # share 0.1: v = w e^-l / sum = [0.7/e, 0.2, 0.1/e^2] / Z, then 0.9 v + 0.1 / 3.
+    pool = FLHPromptPool(2, 2, alpha=1.0, share=0.1)
+    for _ in range(3):
+        pool.birth_prompt()
+    pool.log_w = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64).log()
+    pool.update_weights([1.0, 0.0, 2.0])
+    v = [0.7 / math.e, 0.2, 0.1 / math.e ** 2]
+    hand = [0.9 * x / sum(v) + 0.1 / 3 for x in v]
+    assert all(abs(a - b) < 1e-12 for a, b in zip(pool.weights, hand)), (pool.weights, hand)
+    for _ in range(1000):  # the floor holds however bad an expert's losses are
+        pool.update_weights([0.0, 50.0, 0.0])
+    assert min(pool.weights) >= 0.1 / 3 - 1e-12 and abs(sum(pool.weights) - 1) < 1e-12
+    # share = 0 is the plan's FLH exactly: the same weights, bit for bit, as without the argument.
+    a, b = FLHPromptPool(2, 2, alpha=0.5), FLHPromptPool(2, 2, alpha=0.5, share=0.0)
+    g = torch.Generator().manual_seed(0)
+    for t in range(30):
+        if t % 5 == 0:
+            a.birth_prompt(), b.birth_prompt()
+        losses = torch.rand(len(a), generator=g) * 3
+        a.update_weights(losses), b.update_weights(losses)
+    assert torch.equal(a.log_w, b.log_w)
+    print(f"  ok: Fixed Share equals the hand computation {[round(w, 4) for w in hand]}, keeps every weight "
+          ">= share/K, and share=0 is bit-identical to plain FLH")
+
+    # diverse: of two identical experts the redundant (lighter) one goes; never the leader or the live prompt.
+    pool = FLHPromptPool(2, 2, prune="diverse", max_prompts=4, window=3)
+    for _ in range(4):
+        pool.birth_prompt()
+    pool.log_w = torch.tensor([0.1, 0.5, 0.15, 0.25], dtype=torch.float64).log()
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        logits = torch.randn(4, 6, 2, generator=g) * 3
+        logits[2] = logits[0]            # experts 1 and 3 (birth ids) predict the same: one is redundant
+        pool.record(step, logits)
+    pool.birth_prompt()
+    assert pool.birth_ids == [2, 3, 4, 5], pool.birth_ids  # id 1 (0.10) was lighter than its twin id 3 (0.15)
+    # The leader (id 2) and the live prompt (id 4, the newest before the birth) predict the same;
+    # neither may go, so the next most alike removable pair decides.
+    pool = FLHPromptPool(2, 2, prune="diverse", max_prompts=4, window=3)
+    for _ in range(4):
+        pool.birth_prompt()
+    pool.log_w = torch.tensor([0.2, 0.5, 0.05, 0.25], dtype=torch.float64).log()
+    for step in range(3):
+        logits = torch.randn(4, 6, 2, generator=g) * 3
+        logits[3] = logits[1]            # leader == live: the most alike pair, both protected
+        logits[2] = logits[0] + 0.1      # the next most alike pair: ids 1 and 3; id 3 is lighter
+        pool.record(step, logits)
+    pool.birth_prompt()
+    assert pool.birth_ids == [1, 2, 4, 5] and abs(sum(pool.weights) - 1) < 1e-12, pool.birth_ids
+    assert 3 not in pool.recent
+    for trial in range(200):             # random weights and predictions: leader and live always survive
+        pool = FLHPromptPool(2, 2, prune="diverse", max_prompts=3, window=2)
+        for t in range(1, 9):
+            before_leader = pool.birth_ids[int(pool.log_w.argmax())] if len(pool) else None
+            live = pool.birth_ids[-1] if len(pool) else None
+            pool.birth_prompt()
+            assert len(pool) <= 3 and {before_leader, live} - {None} <= set(pool.birth_ids), (trial, t)
+            for step in range(2):
+                pool.record(10 * t + step, torch.randn(len(pool), 4, 2, generator=g))
+                pool.update_weights(torch.rand(len(pool), generator=g) * 4)
+    print("  ok: diverse removes the redundant one of two identical experts, and never the leader or the live prompt")
+
     # A cap keeps the heaviest; the newcomer is always added.
     pool = FLHPromptPool(2, 2, max_prompts=3, alpha=1.0)
     for t in range(1, 4):
@@ -245,6 +402,7 @@ def run_tests():
     clone.load_state(pool.state())
     assert torch.equal(clone.stacked(), pool.stacked()) and clone.weights == pool.weights
     assert clone.birth_ids == pool.birth_ids and clone.num_births == pool.num_births
+    print("  ok: a checkpoint round trip keeps prompts, weights and birth indices")
     print(f"stage 4 checks passed in {time.time() - t0:.1f}s")
 
 
@@ -255,15 +413,18 @@ def build_parser():
     p.add_argument("--change-every", type=common.positive_int, default=40, help="steps between rule changes (default: 40)")
     p.add_argument("--steps", type=common.positive_int, default=160, help="steps to simulate (default: 160)")
     p.add_argument("--prune", choices=["none", "flh2"], default="flh2", help="pruning rule (default: flh2)")
+    p.add_argument("--share", type=common.unit_float, default=0.0,
+                   help="Fixed Share floor: after each update w <- (1 - share) w + share / K (default: 0)")
     common.add_common_args(p, run_name="pool")
     return p
 
 
 def main(args):
-    """Experts born after the latest change have loss 0.3, older ones 1.0: watch the weight move."""
+    """Experts born after the latest change have loss 0.3, older ones 1.0: watch the weight move
+    (with --share, also watch an old expert's weight stay above the floor)."""
     if args.test:
         return run_tests()
-    pool = FLHPromptPool(1, 1, alpha=args.alpha, prune=args.prune)
+    pool = FLHPromptPool(1, 1, alpha=args.alpha, prune=args.prune, share=args.share)
     for step in range(args.steps):
         if step % args.birth_interval == 0:
             pool.birth_prompt()

@@ -1,36 +1,50 @@
 """Stage 5: one train step and the FLH outer loop, evaluated test-then-train.
 
-Per batch s of the stream (DESIGN.md sec. 4):
-  1. birth     if s % birth_interval == 0: a new prompt joins the pool (and the optimiser);
-  2. predict   with the parameters as they are *before* seeing batch s's labels:
-                 acc          accuracy of the weighted-sum prompt  p = sum_i w_i p_i  (the plan's);
-                 acc_mixture  accuracy of FLH's mixture  sum_i w_i softmax(f(x; p_i));
-  3. learn     one AdamW step on  CE(f(x; p), y)  (gradient flows into every p_i, scaled by w_i),
-               then  w_i <- w_i exp(-alpha l_i)  with each expert's loss l_i on batch s.
+Per batch s of the stream:
+  1. birth     at step 0 and then every birth_interval steps from birth_offset on: a new prompt
+               joins the pool (stage 4) and the optimiser;
+  2. predict   with the parameters as they are *before* seeing batch s's labels;
+  3. learn     one AdamW step, then  w_i <- w_i exp(-alpha l_i)  with each expert's loss l_i on batch s.
 
 This is *prequential* (test-then-train) evaluation: the accuracy logged for step s was earned on
 data the model had not learned from. The public reference logged the accuracy of the batch it
 had just trained on, which overstates how fast anything recovers.
 
+What trains, and what predicts (`train_mode`):
+  weighted_sum  the plan's: predict and train with one prompt  p = sum_i w_i p_i  (`acc`); FLH's
+                mixture  sum_i w_i softmax(f(x; p_i))  is logged beside it (`acc_mixture`). The
+                gradient reaching p_i is w_i times the shared one, but Adam divides by a running
+                gradient scale, which cancels most of w_i: every prompt moves with the sum, so no
+                expert keeps what an earlier regime taught it.
+  independent   FLH's original form: every expert learns from its own loss (one batched pass with
+                gradients; the backward of sum_j l_j gives each p_i exactly dl_i/dp_i). Every
+                expert is retrained on the current regime, so again none remembers an old one.
+  snapshot      one *live* prompt learns, on its own loss. At each birth the live prompt is frozen
+                where it stands and stays in the pool as an expert, and the new live prompt starts
+                as a copy of it (or of the heaviest expert, `birth_from='leader'`) with its Adam
+                moments, so learning goes on without a restart. The frozen experts are memories:
+                when a regime comes back, the expert frozen during its last visit is still there,
+                and FLH's weights (with stage 4's floor) can move back to it.
+In independent and snapshot mode the prediction, `acc`, is FLH's mixture, and the live prompt's
+own accuracy is logged as `acc_live`.
+
 Both predictions come almost for free: the expert losses need the K-prompt pass anyway (stage 3
-batches it), and the weighted-sum logits come from the training forward before its backward.
+batches it), and the trained prompt's logits come from its training forward before its backward.
 
 Two switches make the K-prompt pass cheaper (their accuracy cost is measured in the README's
-"Performance": bf16 + a loss batch of 8 of 16 cost 0.7 points of mean accuracy over 3 seeds):
-`--precision bf16` runs the encoder under bf16 autocast (prompts, head and losses stay fp32), and
-`--loss-batch m` scores the experts on the first m examples of the batch only (training still
-uses all of it; acc_mixture is then measured on those m examples). `--bench` times them.
+"Performance"): `--precision bf16` runs the encoder under bf16 autocast (prompts, head and losses
+stay fp32), and `--loss-batch m` scores the experts on the first m examples of the batch only
+(training still uses all of it; the mixture is then measured on those m examples). `--bench`
+times them.
 
-Note for the write-up: under weighted-sum training prompt i's gradient is w_i times the shared one,
-but Adam divides by a running gradient scale, which cancels most of w_i: old, light prompts keep
-moving almost as fast as the leader.
-
-One JSONL row per step: step, regime, domain, loss, acc, acc_mixture, mixture_loss, weights,
-prompt_ids (birth index of each live prompt), expert_losses, num_prompts, entropy.
+One JSONL row per step: step, regime, concept, domain, loss, acc, acc_mixture, mixture_loss,
+weights, prompt_ids (birth index of each live prompt; the row where an index first appears gives
+its birth step and concept), expert_losses, num_prompts, entropy (and acc_live, live_loss).
 
 Run `python stage5_train.py` for a short FLH stream on the defaults (log under runs/<run-name>/),
-`--test` for the checks (10 fixed batches are overfitted; logged accuracy is prequential), and
-`--bench --quick` for the side-by-side timings (needs `pip install peft` for the comparison).
+`--test` for the checks (10 fixed batches are overfitted; logged accuracy is prequential; snapshot
+births copy the live prompt and freeze the old one), and `--bench --quick` for the side-by-side
+timings (needs `pip install peft` for the comparison).
 """
 import copy
 import statistics
@@ -42,7 +56,7 @@ import torch.nn.functional as F
 import common
 from stage2_stream import TextStream, add_stream_args, build_stream
 from stage3_backbone import forward_with_prompt, forward_with_prompts, load_backbone, text_budget
-from stage4_pool import FLHPromptPool
+from stage4_pool import PRUNING, FLHPromptPool, per_prompt_losses
 
 
 def to_device(batch, device):
@@ -59,8 +73,8 @@ def r6(x):
 
 
 def base_row(batch, loss, logits):
-    """The fields every method logs: where the step is, its training loss, its prequential accuracy."""
-    return {"step": batch["step"], "regime": batch["regime"], "domain": batch["domain"],
+    """The fields every method logs: where the step is (regime, concept), its loss, its prequential accuracy."""
+    return {"step": batch["step"], "regime": batch["regime"], "concept": batch["concept"], "domain": batch["domain"],
             "loss": r6(loss), "acc": r6(accuracy(logits, batch["labels"]))}
 
 
@@ -83,40 +97,102 @@ def follow_pool(optimizer, added=None, removed=()):
         optimizer.add_param_group({"params": [added]})
 
 
+TRAIN_MODES = ["weighted_sum", "independent", "snapshot"]
+BIRTH_FROM = ["live", "leader", "random"]
+
+
 class FLHLearner:
-    """FLH over a pool of prompts, trained on the weighted-sum prompt. `step(batch)` -> log row."""
+    """FLH over a pool of prompts. `step(batch)` -> log row. Training modes (see the docstring):
+    weighted_sum (the plan's), independent (every expert on its own loss) and snapshot (one live
+    prompt learns; births freeze it as an expert and continue from a copy)."""
 
     name = "flh"
 
-    def __init__(self, model, prompt_length, lr=1e-3, alpha=0.1, birth_interval=500,
-                 prune="none", max_prompts=None, weight_decay=0.01, loss_batch=0):
+    def __init__(self, model, prompt_length, lr=1e-3, alpha=0.1, birth_interval=500, prune="none",
+                 max_prompts=None, weight_decay=0.01, loss_batch=0, train_mode="weighted_sum", share=0.0,
+                 birth_offset=0, birth_from="live", merge_window=10):
+        if train_mode not in TRAIN_MODES:
+            raise common.UserError(f"unknown train mode {train_mode!r}; choose from {', '.join(TRAIN_MODES)}")
+        if birth_from not in BIRTH_FROM:
+            raise common.UserError(f"unknown --birth-from {birth_from!r}; choose from {', '.join(BIRTH_FROM)}")
         self.model, self.birth_interval, self.loss_batch = model, birth_interval, loss_batch
+        self.train_mode, self.birth_offset, self.birth_from = train_mode, birth_offset, birth_from
         self.pool = FLHPromptPool(prompt_length, model.embed_dim, alpha, prune, max_prompts,
-                                  device=model.head.weight.device)
+                                  device=model.head.weight.device, share=share, window=merge_window)
         # AdamW needs at least one parameter: start with a placeholder group, dropped at the 1st birth.
         self._placeholder = torch.nn.Parameter(torch.zeros(1))
         self.lr, self.weight_decay = lr, weight_decay
         self.optimizer = torch.optim.AdamW([self._placeholder], lr=lr, weight_decay=weight_decay)
 
+    def should_birth(self, step):
+        """The first step, then every birth_interval steps counted from birth_offset: a learner
+        does not know when the rules change, so births need not fall on the change points."""
+        return step == 0 or (step >= self.birth_offset and (step - self.birth_offset) % self.birth_interval == 0)
+
+    def birth(self):
+        """A newcomer joins the pool and the optimiser. In snapshot mode it is a copy of the live
+        prompt (or of the heaviest expert) with that prompt's Adam moments, and the old live
+        prompt, no longer trained, stays in the pool as a frozen expert: a memory."""
+        pool, init, moments = self.pool, None, None
+        if self.train_mode == "snapshot" and len(pool) and self.birth_from != "random":
+            source = pool.prompts[-1 if self.birth_from == "live" else int(pool.log_w.argmax())]
+            init = source.detach().clone()
+            moments = {k: v.clone() for k, v in self.optimizer.state.get(source, {}).items()}
+        added, removed = pool.birth_prompt(init)
+        follow_pool(self.optimizer, added, removed + [self._placeholder])
+        if moments:
+            self.optimizer.state[added] = moments
+
     def step(self, batch):
-        model, pool = self.model, self.pool
-        if batch["step"] % self.birth_interval == 0:
-            added, removed = pool.birth_prompt()
-            follow_pool(self.optimizer, added, removed + [self._placeholder])
+        model, pool, y = self.model, self.pool, batch["labels"]
+        if self.should_birth(batch["step"]):
+            self.birth()
         weights, entropy = pool.weights, pool.entropy()                 # the weights that predict batch s
-        expert_losses, expert_logits, y_sub = self.score_experts(batch)
-        mixture = pool.mixture_probs(expert_logits)
-        loss, logits = train_step(model, pool.get_prompt("weighted_sum"), self.optimizer, batch)
+        if self.train_mode == "weighted_sum":
+            # predict with sum_i w_i p_i and train it; the experts' losses come from a no-grad pass
+            expert_losses, expert_logits, y_sub = self.score_experts(batch)
+            loss, logits = train_step(model, pool.get_prompt("weighted_sum"), self.optimizer, batch)
+        elif self.train_mode == "independent":
+            # one pass with gradients: K losses; d(sum_j l_j)/dp_i = dl_i/dp_i trains each on its own
+            expert_logits = forward_with_prompts(model, batch, pool.stacked())
+            expert_losses = per_prompt_losses(expert_logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            expert_losses.sum().backward()
+            self.optimizer.step()
+            expert_losses, expert_logits, y_sub = expert_losses.detach(), expert_logits.detach(), y
+            loss, logits = float(expert_losses[-1]), expert_logits[-1]  # the newest expert's, as "live"
+        else:
+            # snapshot: the frozen experts are scored without gradients; the live prompt (the newest)
+            # is scored by its own training forward, which runs before its update (prequential)
+            sub = self.sub_batch(batch)
+            frozen_losses, frozen_logits = pool.get_all_losses(model, sub, pool.stacked()[:-1])
+            loss, logits = train_step(model, pool.prompts[-1], self.optimizer, batch)
+            y_sub, live = sub["labels"], logits[:len(sub["labels"])]
+            expert_logits = torch.cat([frozen_logits, live[None]])
+            expert_losses = torch.cat([frozen_losses, per_prompt_losses(live[None], y_sub)])
+        mixture = pool.mixture_probs(expert_logits)                     # FLH's own prediction
+        mixture_loss = F.nll_loss(mixture.clamp_min(1e-12).log(), y_sub)
         pool.update_weights(expert_losses)
-        return {**base_row(batch, loss, logits), "acc_mixture": r6(accuracy(mixture, y_sub)),
-                "mixture_loss": r6(F.nll_loss(mixture.clamp_min(1e-12).log(), y_sub)),
+        pool.record(batch["step"], expert_logits)
+        self.last_mixture, self.last_expert_logits = mixture, expert_logits  # for subclasses (stages 6, 9)
+        if self.train_mode == "weighted_sum":
+            row = base_row(batch, loss, logits)                         # acc: the weighted-sum prompt's
+        else:                                                           # acc: the mixture's; live: the trained prompt's
+            row = {**base_row({**batch, "labels": y_sub}, mixture_loss, mixture),
+                   "acc_live": r6(accuracy(logits, y)), "live_loss": r6(loss)}
+        return {**row, "acc_mixture": r6(accuracy(mixture, y_sub)), "mixture_loss": r6(mixture_loss),
                 "weights": r6(weights), "prompt_ids": list(pool.birth_ids),
                 "expert_losses": r6(expert_losses.tolist()), "num_prompts": len(pool), "entropy": r6(entropy)}
 
+    def sub_batch(self, batch):
+        """The batch's first loss_batch examples (all of it when loss_batch is 0)."""
+        if not self.loss_batch:
+            return batch
+        return {k: v[:self.loss_batch] if torch.is_tensor(v) else v for k, v in batch.items()}
+
     def score_experts(self, batch):
         """Every expert's loss and logits on the batch (its first loss_batch examples, if set), and those labels."""
-        sub = batch if not self.loss_batch else {k: v[:self.loss_batch] if torch.is_tensor(v) else v
-                                                  for k, v in batch.items()}
+        sub = self.sub_batch(batch)
         return (*self.pool.get_all_losses(self.model, sub), sub["labels"])
 
     def state_dict(self):
@@ -249,6 +325,8 @@ def bench_backbone(name, device, quick, loss_batch, P=10, B=16, K=20):
         if precision == "bf16":
             setups.append(("flh_fast", f"FLH step, 20 births, FLH2 + loss batch {loss_batch}",
                            dict(prune="flh2", loss_batch=loss_batch)))
+            setups.append(("flh_snapshot", f"FLH step, snapshot, cap 8 + loss batch {loss_batch}",
+                           dict(train_mode="snapshot", prune="diverse", max_prompts=8, loss_batch=loss_batch)))
         for key, what, kw in setups:
             learner = grown_flh(model, P, 20, **kw)
             add(f"{key}_{precision}", f"{what} ({precision}, K={len(learner.pool)})",
@@ -362,6 +440,70 @@ def run_tests():
     assert len(groups) == len(learner.pool) < 40 and all(a is b for a, b in zip(groups, learner.pool.prompts))
     print(f"  ok: after 40 births with FLH2 the optimiser holds exactly the {len(learner.pool)} live prompts")
 
+    # Snapshot: the live prompt alone learns; a birth freezes it and continues from a copy, Adam moments too.
+    learner = FLHLearner(model, prompt_length=10, lr=5e-2, alpha=1.0, birth_interval=4, birth_offset=2,
+                         train_mode="snapshot", loss_batch=4, share=0.01, prune="diverse", max_prompts=3)
+    births, frozen = [], {}
+    for s in range(12):
+        b = {**stream.batch(300 + s), "step": s}
+        before = [p.detach().clone() for p in learner.pool.prompts]
+        ids_before = list(learner.pool.birth_ids)
+        snap, rng = copy.deepcopy(learner), torch.get_rng_state()
+        row = learner.step(b)
+        pool = learner.pool
+        if pool.birth_ids[-1] not in ids_before:
+            births.append(s)
+            if ids_before:   # the newborn copies the old live prompt and its Adam moments
+                old, new = pool.prompts[-2], pool.prompts[-1]
+                assert pool.birth_ids[-2] == ids_before[-1]
+                assert torch.equal(old.detach(), before[-1]), "the old live prompt moved at its freezing"
+                moved = learner.optimizer.state[new]["step"]
+                assert moved == learner.optimizer.state[old]["step"] + 1, "Adam moments were not copied"
+                frozen[ids_before[-1]] = before[-1]
+            torch.set_rng_state(rng)
+            snap.birth()
+        for j, p in zip(pool.birth_ids[:-1], pool.prompts[:-1]):  # frozen experts never move again
+            if j in frozen:
+                assert torch.equal(p.detach(), frozen[j]), f"frozen expert {j} moved"
+        # prequential: acc is the mixture of the experts as they were before the step
+        with torch.no_grad():
+            _, logits = snap.pool.get_all_losses(model, {k: v[:4] if torch.is_tensor(v) else v for k, v in b.items()})
+            acc_mix = accuracy(snap.pool.mixture_probs(logits), b["labels"][:4])
+            acc_live = accuracy(forward_with_prompt(model, b, snap.pool.prompts[-1]), b["labels"])
+        assert row["acc"] == row["acc_mixture"] == r6(acc_mix) and row["acc_live"] == r6(acc_live), (row, acc_mix, acc_live)
+        assert len(pool) <= 3 and abs(sum(pool.weights) - 1) < 1e-9 and min(pool.weights) >= 0.01 / len(pool) - 1e-12
+    assert births == [0, 2, 6, 10], births
+    print("  ok: snapshot mode: births at 0, 2, 6, 10 (offset 2); a newborn copies the live prompt and its Adam "
+          "moments; frozen experts never move; acc is the pre-update mixture")
+
+    # birth_from='leader' copies the heaviest expert; 'random' starts from noise.
+    learner = FLHLearner(model, prompt_length=10, lr=5e-2, birth_interval=10 ** 9, train_mode="snapshot", birth_from="leader")
+    for s in range(3):
+        learner.step({**stream.batch(400 + s), "step": s})
+        if s < 2:
+            learner.birth()
+    learner.pool.log_w = torch.tensor([0.1, 0.7, 0.2], dtype=torch.float64).log()
+    learner.birth()
+    assert torch.equal(learner.pool.prompts[-1].detach(), learner.pool.prompts[1].detach())
+    learner.birth_from = "random"
+    learner.birth()
+    assert all(not torch.equal(learner.pool.prompts[-1].detach(), p.detach()) for p in learner.pool.prompts[:-1])
+    print("  ok: --birth-from leader copies the heaviest expert; random starts from noise")
+
+    # independent: one backward on the sum gives every prompt the gradient of its own loss.
+    learner = FLHLearner(tiny, prompt_length=3, birth_interval=10 ** 9, train_mode="independent")
+    for _ in range(3):
+        learner.pool.birth_prompt()
+    b = small.batch(5)
+    losses = per_prompt_losses(forward_with_prompts(tiny, b, learner.pool.stacked()), b["labels"])
+    losses.sum().backward()
+    together = [p.grad.clone() for p in learner.pool.prompts]
+    for i, p in enumerate(learner.pool.prompts):
+        learner.pool.zero_grad()
+        per_prompt_losses(forward_with_prompts(tiny, b, p[None]), b["labels"]).sum().backward()
+        assert torch.allclose(p.grad, together[i], atol=1e-6), (i, (p.grad - together[i]).abs().max())
+    print("  ok: independent mode: each prompt's gradient equals that of its own loss, from one backward pass")
+
     # The benchmark's table on a tiny backbone: every row is there with a positive time.
     calls = []
     assert timed_side_by_side([lambda b: calls.append("a"), lambda b: calls.append("b")], [0], torch.device("cpu"), 3) \
@@ -374,7 +516,7 @@ def run_tests():
         rows = bench_backbone("random:tiny-bert", torch.device("cpu"), quick=False, loss_batch=4, B=8, K=4)
         keys = {r["key"] for r in rows}
         want = {f"{k}_{p}" for k in ("single", "peft", "gflops", "flh_none", "flh_flh2") for p in ("fp32", "bf16")}
-        assert keys >= want | {"flh_fast_bf16", "pass_reference", "pass_loop", "pass_batched", "pass_fast"}, keys - want
+        assert keys >= want | {"flh_fast_bf16", "flh_snapshot_bf16", "pass_reference", "pass_loop", "pass_batched", "pass_fast"}, keys - want
         assert all(r["seconds"] > 0 and (r["ratio"] is None or r["ratio"] > 0) for r in rows)
         print(f"  ok: the benchmark's {len(rows)} rows on random:tiny-bert, every ratio positive")
     print(f"stage 5 checks passed in {time.time() - t0:.1f}s")
@@ -413,18 +555,51 @@ def fresh_run(learner, stream, args):
     return common.read_jsonl(out / "log.jsonl")
 
 
+def add_flh_args(p, **defaults):
+    """FLH's flags. Stage 5 gives its defaults; stages 8-10 leave them None for a preset to fill."""
+    def text(key, what):
+        return what + (f" (default: {defaults[key]})" if defaults.get(key) is not None else "")
+    p.add_argument("--birth-interval", type=common.positive_int, default=defaults.get("birth_interval"),
+                   help=text("birth_interval", "steps between FLH births"))
+    p.add_argument("--birth-offset", type=common.nonneg_int, default=defaults.get("birth_offset"),
+                   help=text("birth_offset", "FLH births at step 0 and then at offset + k * interval"))
+    p.add_argument("--alpha", type=common.nonneg_float, default=defaults.get("alpha"),
+                   help=text("alpha", "FLH learning rate alpha in w_i <- w_i exp(-alpha l_i)"))
+    p.add_argument("--share", type=common.unit_float, default=defaults.get("share"),
+                   help=text("share", "Fixed Share floor: w <- (1 - share) w + share / K after each update; 0 = plain FLH"))
+    p.add_argument("--train-mode", choices=TRAIN_MODES, default=defaults.get("train_mode"),
+                   help=text("train_mode", "weighted_sum (the plan's) | independent | snapshot (frozen experts)"))
+    p.add_argument("--birth-from", choices=BIRTH_FROM, default=defaults.get("birth_from"),
+                   help=text("birth_from", "snapshot mode: a newborn copies the live prompt, the leader, or starts at random"))
+    p.add_argument("--prune", choices=PRUNING, default=defaults.get("prune"),
+                   help=text("prune", "FLH pool pruning: none | flh2 (by age) | diverse (the most alike pair, needs --max-prompts)"))
+    p.add_argument("--max-prompts", type=common.nonneg_int, default=defaults.get("max_prompts"),
+                   help=text("max_prompts", "cap on FLH's live prompts; 0 = none"))
+    p.add_argument("--merge-window", type=common.positive_int, default=defaults.get("merge_window"),
+                   help=text("merge_window", "recent batches whose predictions decide which experts are alike"))
+    p.add_argument("--loss-batch", type=common.nonneg_int, default=defaults.get("loss_batch"),
+                   help=text("loss_batch", "score FLH's experts on the first N examples of each batch only; 0 = all"))
+
+
+FLH_DEFAULTS = dict(birth_interval=100, birth_offset=0, alpha=0.1, share=0.0, train_mode="weighted_sum",
+                    birth_from="live", prune="none", max_prompts=0, merge_window=10, loss_batch=0)
+
+
+def flh_kwargs(args):
+    """FLHLearner's keyword arguments from parsed flags."""
+    return dict(lr=args.lr, alpha=args.alpha, birth_interval=args.birth_interval, prune=args.prune,
+                max_prompts=args.max_prompts or None, loss_batch=args.loss_batch, train_mode=args.train_mode,
+                share=args.share, birth_offset=args.birth_offset, birth_from=args.birth_from,
+                merge_window=args.merge_window)
+
+
 def build_parser():
     p = common.Parser(description="Stage 5: run FLH on the changing stream and write one log row per step.")
     add_stream_args(p)
     add_model_args(p)
     p.add_argument("--steps", type=common.positive_int, default=300, help="batches to train on (default: 300)")
-    p.add_argument("--birth-interval", type=common.positive_int, default=100, help="steps between births (default: 100)")
-    p.add_argument("--alpha", type=common.nonneg_float, default=0.1, help="FLH learning rate alpha (default: 0.1)")
     p.add_argument("--lr", type=common.positive_float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
-    p.add_argument("--prune", choices=["none", "flh2"], default="none", help="pool pruning (default: none)")
-    p.add_argument("--max-prompts", type=common.positive_int, default=None, help="cap on live prompts (default: none)")
-    p.add_argument("--loss-batch", type=common.nonneg_int, default=0,
-                   help="compute the experts' losses on the first N examples of each batch only; 0 = all (default: 0)")
+    add_flh_args(p, **FLH_DEFAULTS)
     p.add_argument("--bench", action="store_true", help="time the steps side by side (README 'Performance') and exit")
     p.add_argument("--quick", action="store_true", help="with --bench: fewer repeats, FLH rows on minilm only")
     common.add_common_args(p, run_name="flh")
@@ -437,8 +612,7 @@ def main(args):
     if args.bench:
         return bench(args)
     model, stream = prepare(args)
-    learner = FLHLearner(model, args.prompt_length, args.lr, args.alpha, args.birth_interval,
-                         args.prune, args.max_prompts, loss_batch=args.loss_batch)
+    learner = FLHLearner(model, args.prompt_length, **flh_kwargs(args))
     t0 = time.time()
     rows = fresh_run(learner, stream, args)
     last = rows[-100:]

@@ -1,25 +1,40 @@
-"""Stage 6: three baselines that FLH has to beat, behind the same interface as FLH.
+"""Stage 6: the baselines FLH has to beat, and the bounds that make its result readable.
 
+The plan's three, behind the same interface as FLH:
   single      one prompt, trained on every batch. It must *unlearn* after every change of rules.
   random      K prompts made at the start; each batch draws one uniformly at random, predicts with
               it and trains it. No weights, no memory of which prompt suits which regime.
   similarity  mini-L2P (Wang et al., "Learning to Prompt for Continual Learning", CVPR 2022):
-              K prompts with learned keys k_j. The query q(x) is the frozen backbone's [CLS] state
-              *without* any prompt (one no-grad pass). Example x uses prompt j*(x) = argmax_j cos(q, k_j),
+              K prompts with learned keys k_j. The query q(x) is the frozen backbone's own sentence
+              embedding of x without any prompt (mean-pooled for MiniLM, [CLS] for BERT and ViT).
+              The keys start at K of the first batch's queries, spread out by k-means++ (so that
+              the keys cover the inputs instead of one key taking every example). Example x uses
+              prompt j*(x) = argmax_j cos(q, k_j),
                   loss = CE(f(x; p_j*), y) - 0.1 * cos(q(x), k_j*),
               which trains the selected prompts and pulls their keys towards their queries.
               Selection looks only at the input, so when labels flip on the *same* inputs it keeps
-              picking the same prompt, which must unlearn like the single prompt (the plan's
-              hypothesis: it fails to recover).
+              picking the same prompts, which must unlearn like the single prompt.
+
+Three more that bound the question "does FLH's memory help when a regime comes back?":
+  oracle      one prompt per concept, *told* the concept of each batch (stage 2): it never has to
+              unlearn anything and resumes each concept where it left it. The upper bound of memory.
+  reset       one prompt, re-initialised (and its Adam state cleared) at every regime change, which
+              it is told: relearning from scratch, the lower bound of what any memory must beat.
+  leader      FLH's snapshot pool (stage 5), but predicting with the single expert of lowest mean
+              loss over the last `leader_window` batches instead of FLH's weighted mixture: does
+              FLH's weighting matter, or only keeping the snapshots?
+Plus `flh_sum`: FLH with the plan's weighted-sum training and otherwise the same settings as `flh`.
 
 Every method, FLH included (stage 5), is a *learner*: `step(batch)` predicts on the batch with the
 parameters it has, then learns from the batch's labels, and returns one log row; `state_dict()` /
 `load_state_dict()` hold everything a checkpoint needs. The runner of stage 8 treats them alike.
-`make_learner(method, model, ...)` builds any of the four.
+`make_learner(method, model, args)` builds any of them from parsed flags.
 
 Run `python stage6_baselines.py --method similarity` for a short run, `--test` for the checks.
 """
+import math
 import time
+from collections import deque
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +43,11 @@ from torch import nn
 import common
 from stage2_stream import TextStream, add_stream_args
 from stage3_backbone import forward_with_example_prompts, load_backbone
-from stage5_train import FLHLearner, add_model_args, base_row, fresh_run, prepare, train_step
+from stage4_pool import per_prompt_losses
+from stage5_train import (FLH_DEFAULTS, FLHLearner, accuracy, add_flh_args, add_model_args, base_row, flh_kwargs,
+                          fresh_run, prepare, r6, train_step)
 
-METHODS = ["flh", "single", "random", "similarity"]
+METHODS = ["flh", "flh_sum", "single", "reset", "oracle", "leader", "random", "similarity"]
 
 
 class PromptLearner:
@@ -54,6 +71,17 @@ def new_prompt(model, prompt_length, std=0.02):
     return nn.Parameter(torch.randn(prompt_length, model.embed_dim).to(model.head.weight.device) * std)
 
 
+def kmeans_pp(x, k):
+    """k rows of x chosen by k-means++ seeding in cosine distance: the first uniformly, each next one
+    with probability proportional to its squared distance from the nearest chosen (torch's RNG)."""
+    x = F.normalize(x, dim=-1)
+    chosen = [int(torch.randint(len(x), (1,)))]
+    for _ in range(k - 1):
+        d = (1 - (x @ x[chosen].T).max(1).values).clamp_min(0) ** 2
+        chosen.append(int(torch.multinomial(d, 1)) if d.sum() > 0 else int(torch.randint(len(x), (1,))))
+    return x[chosen]
+
+
 class SingleLearner(PromptLearner):
     name = "single"
 
@@ -64,6 +92,91 @@ class SingleLearner(PromptLearner):
     def step(self, batch):
         loss, logits = train_step(self.model, self.prompt, self.optimizer, batch)
         return {**base_row(batch, loss, logits), "num_prompts": 1}
+
+
+class ResetLearner(SingleLearner):
+    """One prompt, re-initialised with fresh Adam state whenever the regime changes (it is told)."""
+    name = "reset"
+
+    def __init__(self, model, prompt_length, lr=1e-3):
+        super().__init__(model, prompt_length, lr)
+        self.regime = None
+
+    def step(self, batch):
+        if self.regime is not None and batch["regime"] != self.regime:
+            with torch.no_grad():
+                self.prompt.copy_(new_prompt(self.model, self.prompt.shape[0]))
+            self.optimizer.state.pop(self.prompt, None)
+        self.regime = batch["regime"]
+        return super().step(batch)
+
+    def state_dict(self):
+        return {**super().state_dict(), "regime": self.regime}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.regime = state["regime"]
+
+
+class OracleLearner(PromptLearner):
+    """One prompt per concept, told the concept of every batch; a concept's prompt is made when the
+    concept first appears and trains only on its batches."""
+    name = "oracle"
+
+    def __init__(self, model, prompt_length, lr=1e-3):
+        self.model, self.params, self.prompt_length, self.concepts = model, [], prompt_length, []
+        self.optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=lr, weight_decay=0.01)
+
+    def prompt_for(self, concept):
+        if concept not in self.concepts:
+            if not self.concepts:
+                self.optimizer.param_groups.clear()  # the placeholder that AdamW needed to exist
+            self.concepts.append(concept)
+            self.params.append(new_prompt(self.model, self.prompt_length))
+            self.optimizer.add_param_group({"params": [self.params[-1]]})
+        return self.params[self.concepts.index(concept)]
+
+    def step(self, batch):
+        loss, logits = train_step(self.model, self.prompt_for(batch["concept"]), self.optimizer, batch)
+        return {**base_row(batch, loss, logits), "num_prompts": len(self.params)}
+
+    def state_dict(self):
+        return {**super().state_dict(), "concepts": list(self.concepts)}
+
+    def load_state_dict(self, state):
+        for c in state["concepts"]:
+            with torch.random.fork_rng():  # the values come from the checkpoint; keep the RNG as saved
+                self.prompt_for(c)
+        super().load_state_dict(state)
+
+
+class LeaderLearner(FLHLearner):
+    """FLH's snapshot pool, predicting with the expert of lowest mean loss over its last `window`
+    batches (chosen before the batch's labels are seen; experts without a loss yet are skipped,
+    and at the very start the live prompt predicts)."""
+    name = "leader"
+
+    def __init__(self, model, prompt_length, leader_window=10, **kw):
+        super().__init__(model, prompt_length, **{**kw, "train_mode": "snapshot"})
+        self.window, self.history = leader_window, {}  # birth id -> deque of its recent losses
+
+    def step(self, batch):
+        row = super().step(batch)  # trains the pool exactly as FLH does and logs the mixture too
+        ids, losses = self.pool.birth_ids, row["expert_losses"]
+        scored = [k for k, j in enumerate(ids) if self.history.get(j)]
+        k = min(scored, key=lambda k: sum(self.history[ids[k]]) / len(self.history[ids[k]])) if scored else len(ids) - 1
+        logits, y = self.last_expert_logits[k], batch["labels"][:self.last_expert_logits.shape[1]]
+        self.history = {j: self.history.get(j, deque(maxlen=self.window)) for j in ids}
+        for j, loss in zip(ids, losses):
+            self.history[j].append(loss)
+        return {**row, "loss": r6(F.cross_entropy(logits, y)), "acc": r6(accuracy(logits, y)), "leader": ids[k]}
+
+    def state_dict(self):
+        return {**super().state_dict(), "history": {j: list(h) for j, h in self.history.items()}}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.history = {j: deque(h, maxlen=self.window) for j, h in state["history"].items()}
 
 
 class RandomPoolLearner(PromptLearner):
@@ -90,10 +203,16 @@ class SimilarityLearner(PromptLearner):
 
     def __init__(self, model, prompt_length, num_prompts=10, lr=1e-3, key_weight=0.1):
         self.prompts = [new_prompt(model, prompt_length) for _ in range(num_prompts)]
-        self.keys = [nn.Parameter(torch.randn(model.embed_dim).to(model.head.weight.device)) for _ in range(num_prompts)]
+        self.keys = [nn.Parameter(torch.zeros(model.embed_dim).to(model.head.weight.device)) for _ in range(num_prompts)]
         self.key_weight = key_weight
         super().__init__(model, self.prompts + self.keys, lr)
 
+    def init_keys(self, q):
+        """Keys = K of the first batch's queries, spread out by k-means++ (all-zero keys: not yet set)."""
+        if all(not k.any() for k in self.keys):
+            with torch.no_grad():
+                for k, row in zip(self.keys, kmeans_pp(q, len(self.keys))):
+                    k.copy_(row)
 
     def select(self, q):
         """Index of the nearest key for each query, and the (differentiable) similarities [B, K]."""
@@ -101,7 +220,8 @@ class SimilarityLearner(PromptLearner):
         return sim.argmax(1), sim
 
     def step(self, batch):
-        q = self.model.query(batch)  # the frozen [CLS] state, no prompt
+        q = self.model.query(batch)  # the frozen sentence embedding, no prompt
+        self.init_keys(q)
         idx, sim = self.select(q)
         logits = forward_with_example_prompts(self.model, batch, torch.stack(self.prompts)[idx])
         ce = F.cross_entropy(logits, batch["labels"])
@@ -113,23 +233,45 @@ class SimilarityLearner(PromptLearner):
         return {**base_row(batch, ce.item(), logits.detach()), "num_prompts": len(self.prompts), "selected": counts}
 
 
-def make_learner(method, model, prompt_length, lr, num_prompts=10, alpha=0.1, birth_interval=500,
-                 prune="none", max_prompts=None, loss_batch=0):
-    """Any of the four methods as a learner."""
-    if method == "flh":
-        return FLHLearner(model, prompt_length, lr, alpha, birth_interval, prune, max_prompts, loss_batch=loss_batch)
-    if method == "single":
-        return SingleLearner(model, prompt_length, lr)
+def make_learner(method, model, args):
+    """Any method as a learner, from parsed flags (prompt_length, lr, num_prompts, leader_window and
+    FLH's flags of stage 5)."""
+    P, lr = args.prompt_length, args.lr
+    if method in ("flh", "flh_sum"):
+        learner = FLHLearner(model, P, **{**flh_kwargs(args), **({"train_mode": "weighted_sum"} if method == "flh_sum" else {})})
+        learner.name = method
+        return learner
+    if method == "leader":
+        return LeaderLearner(model, P, leader_window=args.leader_window, **flh_kwargs(args))
+    if method in ("single", "reset", "oracle"):
+        return {"single": SingleLearner, "reset": ResetLearner, "oracle": OracleLearner}[method](model, P, lr)
     if method == "random":
-        return RandomPoolLearner(model, prompt_length, num_prompts, lr)
+        return RandomPoolLearner(model, P, args.num_prompts, lr)
     if method == "similarity":
-        return SimilarityLearner(model, prompt_length, num_prompts, lr)
+        return SimilarityLearner(model, P, args.num_prompts, lr)
     raise common.UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def add_baseline_args(p, **defaults):
+    """The baselines' own flags (None defaults: a preset fills them)."""
+    def text(key, what):
+        return what + (f" (default: {defaults[key]})" if defaults.get(key) is not None else "")
+    p.add_argument("--num-prompts", type=common.positive_int, default=defaults.get("num_prompts"),
+                   help=text("num_prompts", "pool size K of random and similarity"))
+    p.add_argument("--leader-window", type=common.positive_int, default=defaults.get("leader_window"),
+                   help=text("leader_window", "leader: batches over which the expert of lowest mean loss is chosen"))
 
 
 # ----------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------
+def test_args(**kw):
+    """Parsed flags for make_learner in the checks: stage 5's FLH defaults, overridden by kw."""
+    import argparse
+    return argparse.Namespace(**{**FLH_DEFAULTS, "prompt_length": 8, "lr": 3e-2, "num_prompts": 2,
+                                 "leader_window": 10, **kw})
+
+
 def run_tests():
     t0 = time.time()
     model, tok = load_backbone("minilm")
@@ -139,14 +281,56 @@ def run_tests():
     pick = [i for i, y in enumerate(labels) if y == 1][:40] + [i for i, y in enumerate(labels) if y == 0][:40]
     small = TextStream({"rt": ([texts[i] for i in pick], [labels[i] for i in pick])}, tok, batch_size=8,
                        max_length=64, flip_every_n=None)
-    for method in ("single", "random", "similarity"):
+    for method in ("single", "random", "similarity", "leader"):
         torch.manual_seed(0)
-        learner = make_learner(method, model, prompt_length=8, lr=3e-2, num_prompts=2)
+        learner = make_learner(method, model, test_args(train_mode="snapshot", birth_interval=25))
         rows = [learner.step(small.batch(s)) for s in range(100)]
         late = sum(r["acc"] for r in rows[50:]) / 50
         assert late > 0.6, (method, late)   # 400 examples: 0.6 is 4 standard errors above chance
         print(f"  ok: {method} learns a fixed-label stream: prequential accuracy over steps 50-99 = {late:.2f}")
     stream = TextStream({"rt": (texts, labels)}, tok, batch_size=8, max_length=64, flip_every_n=None)
+    flips = TextStream({"rt": (texts, labels)}, tok, batch_size=8, max_length=64, flip_every_n=3)
+
+    # Oracle: one prompt per concept; a concept's prompt does not move while the other concept is on.
+    torch.manual_seed(0)
+    oracle = make_learner("oracle", model, test_args())
+    for s in range(3):
+        oracle.step(flips.batch(s))
+    first = oracle.params[0].detach().clone()
+    for s in range(3, 6):
+        row = oracle.step(flips.batch(s))
+    assert oracle.concepts == [0, 1] and torch.equal(oracle.params[0].detach(), first) and row["num_prompts"] == 2
+    oracle.step(flips.batch(6))
+    assert not torch.equal(oracle.params[0].detach(), first) and len(oracle.params) == 2
+    print("  ok: oracle keeps one prompt per concept; concept 0's prompt rests while concept 1 is on, then resumes")
+
+    # Reset: at every regime change the prompt is re-drawn and its Adam state starts again.
+    torch.manual_seed(0)
+    reset = make_learner("reset", model, test_args())
+    for s in range(3):
+        reset.step(flips.batch(s))
+    before, steps_before = reset.prompt.detach().clone(), int(reset.optimizer.state[reset.prompt]["step"])
+    reset.step(flips.batch(3))
+    assert steps_before == 3 and int(reset.optimizer.state[reset.prompt]["step"]) == 1
+    assert (reset.prompt.detach() - before).abs().max() > 0.01 and reset.prompt.detach().std() < 0.05
+    print("  ok: reset re-draws its prompt and clears its Adam state at the regime change (step 3)")
+
+    # Leader: predicts with the expert of lowest mean loss over its last window of batches.
+    torch.manual_seed(0)
+    leader = make_learner("leader", model, test_args(birth_interval=2, leader_window=3))
+    seen = {}
+    for s in range(8):
+        b = stream.batch(s)
+        row = leader.step(b)
+        ids = leader.pool.birth_ids
+        means = {j: sum(seen[j][-3:]) / len(seen[j][-3:]) for j in ids if seen.get(j)}
+        want = min(means, key=means.get) if means else ids[-1]
+        k = ids.index(want)
+        logits = leader.last_expert_logits[k]
+        assert row["leader"] == want and row["acc"] == r6(accuracy(logits, b["labels"])), (s, row["leader"], want)
+        for j, loss in zip(ids, row["expert_losses"]):
+            seen.setdefault(j, []).append(loss)
+    print("  ok: leader predicts with the expert of lowest mean loss over its last 3 batches")
 
     # Random selection is uniform: 10 prompts, 5,000 draws, every count within 15% of 500.
     torch.manual_seed(0)
@@ -155,11 +339,17 @@ def run_tests():
     assert ((counts - 500).abs() < 75).all(), counts
     print(f"  ok: random draws are uniform: counts {counts.tolist()}")
 
-    # Similarity picks the nearest key, and the keys move towards their queries.
+    # Similarity: keys start at K distinct queries of the first batch; it picks the nearest key, and
+    # the keys move towards their queries.
     torch.manual_seed(0)
     learner = SimilarityLearner(model, prompt_length=4, num_prompts=4, lr=5e-2)
     batch = stream.batch(0)
     q = model.query(batch)
+    learner.step(batch)
+    qn = F.normalize(q, dim=-1)
+    for k in learner.keys:  # one Adam step moved each key by at most about lr
+        assert (qn - k.detach()).abs().max(1).values.min() < 0.06
+    assert len({int((qn - k.detach()).abs().sum(1).argmin()) for k in learner.keys}) == 4
     idx, _ = learner.select(q)
     for b in range(len(q)):
         cos = [float(F.cosine_similarity(q[b], k.detach(), dim=0)) for k in learner.keys]
@@ -168,8 +358,9 @@ def run_tests():
     for _ in range(5):
         learner.step(batch)
     after = F.cosine_similarity(q, torch.stack(learner.keys)[idx].detach(), dim=-1).mean()
-    assert after > before + 0.05, (before, after)
-    print(f"  ok: similarity picks the nearest key; 5 steps raise cos(query, its key) {before:.3f} -> {after:.3f}")
+    assert after > before + 0.01, (before, after)
+    print(f"  ok: similarity keys start at 4 distinct queries (k-means++); it picks the nearest key; "
+          f"5 steps raise cos(query, its key) {before:.3f} -> {after:.3f}")
     print(f"stage 6 checks passed in {time.time() - t0:.1f}s")
 
 
@@ -179,8 +370,9 @@ def build_parser():
     add_stream_args(p)
     add_model_args(p)
     p.add_argument("--steps", type=common.positive_int, default=300, help="batches (default: 300)")
-    p.add_argument("--num-prompts", type=common.positive_int, default=10, help="K for random/similarity (default: 10)")
     p.add_argument("--lr", type=common.positive_float, default=1e-2, help="AdamW learning rate (default: 1e-2)")
+    add_baseline_args(p, num_prompts=10, leader_window=10)
+    add_flh_args(p, **FLH_DEFAULTS)
     common.add_common_args(p, run_name="baseline")
     return p
 
@@ -189,7 +381,7 @@ def main(args):
     if args.test:
         return run_tests()
     model, stream = prepare(args)
-    learner = make_learner(args.method, model, args.prompt_length, args.lr, args.num_prompts)
+    learner = make_learner(args.method, model, args)
     rows = fresh_run(learner, stream, args)[-100:]
     print(f"{args.method}: accuracy over the last {len(rows)} steps {sum(r['acc'] for r in rows) / len(rows):.3f} "
           f"-> {args.out}/{args.run_name}/log.jsonl")
