@@ -3,8 +3,9 @@
 Everything here reads `log.jsonl` files (one row per step, written by stages 5, 6 and 8), so the
 numbers of any old run can be recomputed: `python stage7_metrics.py runs/<name>`.
 
-Metrics (DESIGN.md sec. 5). Let a_s be the prequential accuracy of step s, and c a shift (the
-first step of a new regime).
+Metrics. Let a_s be the prequential accuracy of step s, and c a shift (the first step of a new
+regime). A shift is *first-time* if its concept (stage 2: which rule is active) has not been
+active before, *recurring* if it has: only at a recurring shift can a memory of the past help.
   accuracy_over_time   (s, a_s) for every step; plots smooth it with a trailing window.
   mean_accuracy        mean of a_s over the whole run: the area under the accuracy curve.
   adaptive_regret      *the plan's name* for the mean accuracy over the last N steps (N=500 in the
@@ -19,9 +20,20 @@ first step of a new regime).
                        is *not recovered* (censored): reported as null with `recovered: false`,
                        never as a number that looks like a success.
   weight_entropy       -sum_i w_i log w_i per step (log K for uniform weights over K prompts).
+  first50              per shift, the mean of a_s over its first 50 steps: how well a method does
+                       right after the rules change, before it could relearn much. Reported for
+                       first-time and recurring shifts apart (recovery time too).
+  switch_time          (FLH logs) per recurring shift c: steps n until more than half of the weight
+                       that predicts step c+n sits on experts born during an earlier visit of c's
+                       concept (an expert's birth step and concept: the first row it appears in).
+                       Censored (null) if it never happens within the regime.
+  paired differences   over several runs (seeds) of the same stream: per shift, a method's first50
+                       minus the single prompt's on the same shift, with a 95% bootstrap interval
+                       over the shifts (10,000 resamples).
 
 Plots: accuracy vs step for every method with the shifts marked; FLH's weight heat-map (prompt,
-by birth, x step); recovery-time bars per method; live prompts vs step.
+by birth, x step); recovery-time bars per method; live prompts vs step; first-50 accuracy after
+first-time and recurring shifts per method.
 
 Run `python stage7_metrics.py RUN [RUN ...]` (several runs, e.g. seeds, are also summarised
 together), `--test` for the checks on synthetic logs with known answers.
@@ -40,7 +52,9 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 
-COLORS = {"flh": "tab:red", "single": "tab:blue", "random": "tab:green", "similarity": "tab:purple"}
+COLORS = {"flh": "tab:red", "flh_sum": "tab:orange", "leader": "tab:brown", "oracle": "black", "single": "tab:blue",
+          "reset": "tab:olive", "random": "tab:green", "similarity": "tab:purple"}
+KINDS = ("first", "recurring")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,6 +113,109 @@ def true_adaptive_regret(rows, window, loss_key="mixture_loss"):
     return float((method[valid] - best[valid]).max()) if valid.any() else None
 
 
+def shift_details(rows, recovery, first=50):
+    """Per shift: its concept, kind (first-time or recurring), first-`first`-step accuracy, recovery
+    (from `recovery`, one entry per shift) and, for FLH logs, the switch time."""
+    acc = np.array([r["acc"] for r in rows], float)
+    born = {}  # birth id -> (step, concept) of the first row it appears in
+    for r in rows:
+        for j in r.get("prompt_ids", ()):
+            born.setdefault(j, (r["step"], r["concept"]))
+    seen, out = {rows[0]["concept"]}, []
+    for rec in recovery:
+        start = next(k for k, r in enumerate(rows) if r["step"] == rec["shift"])
+        end = start + rec["regime_length"]
+        concept = rows[start]["concept"]
+        d = {"shift": rec["shift"], "concept": concept, "kind": "recurring" if concept in seen else "first",
+             "first50": float(acc[start:min(end, start + first)].mean()), "recovery": rec["steps"]}
+        seen.add(concept)
+        if d["kind"] == "recurring" and "weights" in rows[0]:
+            d["switch"] = None
+            for n, r in enumerate(rows[start:end]):
+                old = sum(w for j, w in zip(r["prompt_ids"], r["weights"]) if born[j][0] < rec["shift"] and born[j][1] == concept)
+                if old > 0.5:
+                    d["switch"] = n
+                    break
+        out.append(d)
+    return out
+
+
+def by_kind(details):
+    """Means over first-time and over recurring shifts: first50, recovery (recovered/shifts) and switch."""
+    out = {}
+    for kind in KINDS:
+        ds = [d for d in details if d["kind"] == kind]
+        if not ds:
+            continue
+        rec = [d["recovery"] for d in ds if d["recovery"] is not None]
+        out[kind] = {"shifts": len(ds), "first50": float(np.mean([d["first50"] for d in ds])),
+                     "recovered": len(rec), "mean_recovery": float(np.mean(rec)) if rec else None}
+        if "switch" in ds[0]:
+            sw = [d["switch"] for d in ds if d["switch"] is not None]
+            out[kind].update(switched=len(sw), mean_switch=float(np.mean(sw)) if sw else None)
+    return out
+
+
+def bootstrap_interval(x, resamples=10_000, seed=0):
+    """95% percentile-bootstrap interval of the mean of x (resampling its items)."""
+    x = np.asarray(x, float)
+    if len(x) < 2:
+        return None
+    means = x[np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))].mean(1)
+    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
+def methods_of(per_run):
+    """Every method of several runs, in the order of first appearance (runs may hold different ones)."""
+    return list(dict.fromkeys(m for run in per_run for m in run))
+
+
+def first50_summary(per_run, baseline="single"):
+    """Over runs of the same stream ({method: metrics} each): per method and kind, the first50 mean over
+    all (run, shift) pairs with a bootstrap interval, and the paired difference to `baseline` on the
+    runs that hold both."""
+    out = {}
+    for m in methods_of(per_run):
+        out[m] = {}
+        for kind in KINDS:
+            mine = [d for run in per_run if m in run for d in run[m]["shift_details"] if d["kind"] == kind]
+            if not mine:
+                continue
+            x = [d["first50"] for d in mine]
+            out[m][kind] = {"n": len(x), "mean": float(np.mean(x)), "ci": bootstrap_interval(x)}
+            if m != baseline:
+                diff = [d["first50"] - b["first50"] for run in per_run if m in run and baseline in run
+                        for d, b in zip(run[m]["shift_details"], run[baseline]["shift_details"]) if d["kind"] == kind]
+                if diff:
+                    out[m][kind]["minus_" + baseline] = {"n": len(diff), "mean": float(np.mean(diff)),
+                                                         "ci": bootstrap_interval(diff)}
+            if kind == "recurring" and "switch" in mine[0]:
+                done = [d["switch"] for d in mine if d["switch"] is not None]
+                out[m][kind]["switch"] = {"switched": len(done), "shifts": len(mine),
+                                          "mean": float(np.mean(done)) if done else None}
+    return out
+
+
+def first50_table(summary, baseline="single"):
+    """Markdown: first-50 accuracy after first-time and recurring shifts, per method, with intervals."""
+    def cell(v):
+        if v is None:
+            return "-"
+        ci = f" [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v.get("ci") else ""
+        return f"{v['mean']:.3f}{ci}"
+    lines = [f"| method | first-50 acc, recurring | minus {baseline}, recurring | first-50 acc, first-time "
+             f"| minus {baseline}, first-time | shifts (recurring / first) | switch time (recurring) |",
+             "|---|---|---|---|---|---|---|"]
+    for m, k in summary.items():
+        rec, fst = k.get("recurring", {}), k.get("first", {})
+        sw = rec.get("switch")
+        sw = "-" if not sw else (f"{sw['mean']:.0f} steps ({sw['switched']}/{sw['shifts']})" if sw["mean"] is not None
+                                 else f"never (0/{sw['shifts']})")
+        lines.append(f"| {m} | {cell(rec or None)} | {cell(rec.get('minus_' + baseline))} | {cell(fst or None)} "
+                     f"| {cell(fst.get('minus_' + baseline))} | {rec.get('n', 0)} / {fst.get('n', 0)} | {sw} |")
+    return "\n".join(lines)
+
+
 def compute_metrics(rows, threshold=0.8, window=500, recovery_window=50):
     """All metrics of one method's log."""
     acc = np.array([r["acc"] for r in rows], float)
@@ -112,6 +229,12 @@ def compute_metrics(rows, threshold=0.8, window=500, recovery_window=50):
          "shifts_recovered": len(done), "shifts": len(rec),
          "mean_recovery_time": float(np.mean(done)) if done else None,
          "accuracy_over_time": [[r["step"], r["acc"]] for r in rows]}
+    if "concept" in rows[0]:
+        m["shift_details"] = shift_details(rows, rec)
+        m["by_kind"] = by_kind(m["shift_details"])
+    if isinstance(rows[0].get("selected"), list):  # mini-L2P: how often each key was chosen
+        counts = np.sum([r["selected"] for r in rows], 0)
+        m["key_usage"] = (counts / counts.sum()).round(4).tolist()
     if "acc_mixture" in rows[0]:
         m["mean_accuracy_mixture"] = float(np.mean([r["acc_mixture"] for r in rows]))
         m["recovery_mixture"] = recovery_times([{**r, "acc": r["acc_mixture"]} for r in rows], threshold, recovery_window)
@@ -154,9 +277,9 @@ def plot_accuracy(logs, path, smooth=50, threshold=None, title=None):
 def plot_accuracy_seeds(runs, path, smooth=50, threshold=None, title=None):
     """Mean over runs (seeds) of each method's smoothed accuracy, shaded between min and max."""
     fig, ax = plt.subplots(figsize=(9, 4))
-    for name in runs[0]:
-        curves = np.array([trailing_mean([r["acc"] for r in logs[name]], smooth) for logs in runs])
-        steps = [r["step"] for r in runs[0][name]]
+    for name in methods_of(runs):
+        curves = np.array([trailing_mean([r["acc"] for r in logs[name]], smooth) for logs in runs if name in logs])
+        steps = [r["step"] for r in next(logs for logs in runs if name in logs)[name]]
         ax.plot(steps, curves.mean(0), label=f"{name}", color=COLORS.get(name), lw=1.4)
         ax.fill_between(steps, curves.min(0), curves.max(0), color=COLORS.get(name), alpha=0.15, lw=0)
     _shift_lines(ax, shifts(next(iter(runs[0].values()))))
@@ -164,7 +287,7 @@ def plot_accuracy_seeds(runs, path, smooth=50, threshold=None, title=None):
         ax.axhline(threshold, color="k", lw=0.6, ls="--")
     ax.axhline(0.5, color="0.8", lw=0.6)
     ax.set(xlabel="step", ylabel=f"prequential accuracy ({smooth}-step mean)", ylim=(0, 1),
-           title=title or f"mean over {len(runs)} seeds (band: min-max); dotted: label flips")
+           title=title or f"mean over {len(runs)} seeds (band: min-max); dotted: rule changes")
     ax.legend(loc="lower right", fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -215,6 +338,31 @@ def plot_recovery(metrics, path):
     plt.close(fig)
 
 
+def plot_first50(summary, path, title=None):
+    """Bars: first-50 accuracy after first-time and after recurring shifts, per method (95% intervals)."""
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 3.8))
+    x = np.arange(len(names))
+    for j, (kind, color) in enumerate((("first", "0.65"), ("recurring", "tab:orange"))):
+        vals = [summary[m].get(kind) for m in names]
+        means = [v["mean"] if v else 0 for v in vals]
+        err = np.array([[v["mean"] - v["ci"][0], v["ci"][1] - v["mean"]] if v and v.get("ci") else [0, 0] for v in vals]).T
+        xs = x + (j - 0.5) * 0.38
+        ax.bar(xs, means, 0.36, color=color, yerr=err, capsize=3, label=f"{kind}-time shifts" if kind == "first" else
+               "recurring shifts")
+        for xi, v in zip(xs, vals):
+            if v:
+                ax.annotate(f"{v['mean']:.2f}", (xi, 0.02), ha="center", va="bottom", fontsize=7, rotation=90)
+    ax.axhline(0.5, color="0.3", lw=0.6, ls=":")
+    ax.set_xticks(x, names, rotation=20)
+    ax.set(ylim=(0, 1), ylabel="accuracy over a shift's first 50 steps",
+           title=title or "right after the rules change (bars: mean over shifts; whiskers: 95% bootstrap)")
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_prompts(logs, path):
     """Number of live prompts per step (dashes keep overlapping lines visible)."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -257,6 +405,8 @@ def analyse(folder, threshold=0.8, window=500, recovery_window=50, smooth=50):
     for name, rows in logs.items():
         if "weights" in rows[0]:
             plot_weights(rows, folder / f"weights_{name}.png", title=f"{name} weights")
+    if all("shift_details" in m for m in metrics.values()) and any(m["shift_details"] for m in metrics.values()):
+        plot_first50(first50_summary([metrics]), folder / "first50.png", title=f"{folder.name}: first 50 steps after a shift")
     return metrics
 
 
@@ -264,21 +414,22 @@ def summary_table(per_run):
     """Markdown table: mean +- std over runs (seeds) of the headline metrics, per method."""
     keys = [("mean_accuracy", "mean acc"), ("windowed_accuracy", "windowed acc"), ("final_accuracy", "final acc"),
             ("mean_recovery_time", "recovery (steps)")]
-    methods = list(per_run[0])
-    lines = ["| method | " + " | ".join(k[1] for k in keys) + " | shifts recovered |", "|---" * (len(keys) + 2) + "|"]
+    lines = ["| method | " + " | ".join(k[1] for k in keys) + " | shifts recovered | runs |",
+             "|---" * (len(keys) + 3) + "|"]
     summary = {}
-    for m in methods:
+    for m in methods_of(per_run):
+        runs = [run for run in per_run if m in run]
         cells, summary[m] = [], {}
         for key, _ in keys:
-            vals = [run[m][key] for run in per_run if run[m][key] is not None]
+            vals = [run[m][key] for run in runs if run[m][key] is not None]
             summary[m][key] = {"mean": float(np.mean(vals)) if vals else None,
                                "std": float(np.std(vals)) if vals else None, "n": len(vals)}
             fmt = "{:.0f}" if key == "mean_recovery_time" else "{:.3f}"
             cells.append(f"{fmt.format(np.mean(vals))} ± {fmt.format(np.std(vals))}" if vals else "never")
-        rec = sum(run[m]["shifts_recovered"] for run in per_run)
-        tot = sum(run[m]["shifts"] for run in per_run)
+        rec = sum(run[m]["shifts_recovered"] for run in runs)
+        tot = sum(run[m]["shifts"] for run in runs)
         summary[m]["shifts_recovered"] = [rec, tot]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {rec}/{tot} |")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {rec}/{tot} | {len(runs)} |")
     return "\n".join(lines), summary
 
 
@@ -288,7 +439,7 @@ def summary_table(per_run):
 def _fake_rows(acc, interval, weights=None):
     rows = []
     for s, a in enumerate(acc):
-        r = {"step": s, "regime": s // interval, "acc": float(a), "loss": 1 - float(a)}
+        r = {"step": s, "regime": s // interval, "concept": (s // interval) % 2, "acc": float(a), "loss": 1 - float(a)}
         if weights is not None:
             r.update(weights=weights, prompt_ids=list(range(1, len(weights) + 1)), num_prompts=len(weights),
                      entropy=float(-sum(w * math.log(w) for w in weights)),
@@ -315,6 +466,39 @@ def run_tests():
     assert m["shifts_recovered"] == 2 and m["mean_recovery_time"] == 55 and m["windowed_accuracy"] == 1.0
     print("  ok: recovery times 60 and 50 steps where known; a regime that never recovers is censored (null)")
 
+    # Kinds, first-50 accuracy and switch time. Concepts 0, 1, 0, 1 over 200-step regimes: the shift at
+    # 200 is first-time, those at 400 and 600 recur. Three experts: born at 0 (concept 0), 200 (concept 1)
+    # and 400 (concept 0). After 400 the expert born at 0 gets weight 0.6 from step 407 on: switch 7.
+    # After 600 the expert born at 200 never holds more than 0.4: censored.
+    acc2 = np.ones(800)
+    acc2[200:250], acc2[400:450], acc2[600:650] = 0.2, np.r_[np.zeros(25), np.ones(25)], 0.9
+    rows = _fake_rows(acc2, 200)
+    for r in rows:
+        s_ = r["step"]
+        r["prompt_ids"] = [1] + ([2] if s_ >= 200 else []) + ([3] if s_ >= 400 else [])
+        w1 = 0.6 if 407 <= s_ < 600 else 0.2
+        r["weights"] = {1: [1.0], 2: [0.5, 0.5], 3: [w1, 0.4, 0.6 - w1]}[len(r["prompt_ids"])]
+    d = shift_details(rows, recovery_times(rows, 0.8, 50))
+    assert [x["kind"] for x in d] == ["first", "recurring", "recurring"] and [x["concept"] for x in d] == [1, 0, 1]
+    assert np.allclose([x["first50"] for x in d], [0.2, 0.5, 0.9]) and "switch" not in d[0], d
+    assert d[1]["switch"] == 7 and d[2]["switch"] is None, d
+    k = by_kind(d)
+    assert np.isclose(k["first"]["first50"], 0.2) and np.isclose(k["recurring"]["first50"], 0.7) and k["recurring"]["switched"] == 1
+    print("  ok: shifts split into first-time (200) and recurring (400, 600); first-50 accuracy 0.2 / 0.5 / 0.9; "
+          "switch time 7 steps, and censored where the old expert never gets half the weight")
+    # Paired differences: a method exactly 0.1 better than single on every shift; bootstrap intervals.
+    x = np.random.default_rng(1).normal(0.6, 0.1, 400)
+    lo, hi = bootstrap_interval(x)
+    assert lo < x.mean() < hi and hi - lo < 4 * 1.96 * x.std() / 20 and bootstrap_interval([0.3] * 5) == [0.3, 0.3]
+    base = {"shift_details": [{"kind": kk, "first50": v} for kk, v in (("first", 0.4), ("recurring", 0.5), ("recurring", 0.3))]}
+    better = {"shift_details": [{**e, "first50": e["first50"] + 0.1} for e in base["shift_details"]]}
+    f50 = first50_summary([{"single": base, "m": better}, {"single": base, "m": better}])
+    assert abs(f50["m"]["recurring"]["minus_single"]["mean"] - 0.1) < 1e-12 and f50["m"]["recurring"]["n"] == 4
+    assert np.allclose(f50["m"]["recurring"]["minus_single"]["ci"], [0.1, 0.1]) and abs(f50["m"]["first"]["mean"] - 0.5) < 1e-12
+    assert "minus_single" not in f50["single"]["first"] and first50_table(f50).count("\n") == 3
+    print("  ok: paired first-50 differences against single (+0.1 on every shift -> 0.1 [0.1, 0.1]); "
+          "the bootstrap interval brackets the mean")
+
     K = 5
     rows = _fake_rows(np.full(300, 0.7), 100, weights=[1 / K] * K)
     m = compute_metrics(rows, window=50)
@@ -335,7 +519,7 @@ def run_tests():
                     f.write(json.dumps(r) + "\n")
         metrics = analyse(tmp, window=100)
         assert set(metrics) == {"flh", "single"}
-        for png in ("accuracy.png", "recovery.png", "prompts.png", "weights_flh.png"):
+        for png in ("accuracy.png", "recovery.png", "prompts.png", "weights_flh.png", "first50.png"):
             p = Path(tmp) / png
             assert p.exists() and p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG", png
         assert common.read_json(Path(tmp) / "metrics.json")["flh"]["shifts"] == 3
@@ -379,6 +563,13 @@ def main(args):
         (out / "summary.md").write_text(table + "\n")
         plot_accuracy_seeds([find_logs(r) for r in args.runs], out / "accuracy_seeds.png", threshold=args.recovery_threshold)
         print(f"over {len(per_run)} runs:\n{table}")
+        if all("shift_details" in m for run in per_run for m in run.values()):
+            f50 = first50_summary(per_run)
+            md = first50_table(f50)
+            common.write_json(out / "first50.json", {"runs": args.runs, "methods": f50})
+            (out / "summary.md").write_text(table + "\n\n" + md + "\n")
+            plot_first50(f50, out / "first50.png", title=f"first 50 steps after a shift, {len(per_run)} runs")
+            print(f"\nfirst 50 steps after a shift (95% bootstrap intervals over shifts):\n{md}")
 
 
 if __name__ == "__main__":

@@ -51,18 +51,29 @@ import torch
 
 import common
 from stage2_stream import add_stream_args
-from stage5_train import add_model_args, prepare, run_stream
-from stage6_baselines import METHODS, make_learner
+from stage5_train import add_flh_args, add_model_args, prepare, run_stream
+from stage6_baselines import METHODS, add_baseline_args, make_learner
 from stage7_metrics import analyse
 
+PLAN_FLH = dict(train_mode="weighted_sum", alpha=0.1, share=0.0, birth_from="live", max_prompts=0, merge_window=10)
 PRESETS = {
     "quick": dict(backbone="minilm", dataset="rt", steps=1600, flip_interval=400, steps_per_domain=400, birth_interval=100,
-                  prompt_length=10, batch_size=16, lr=1e-2, alpha=0.1, num_prompts=10, prune="flh2",
-                  loss_batch=8, recovery_threshold=0.7, window=400, checkpoint_every=400),
+                  birth_offset=50, prompt_length=10, batch_size=16, lr=1e-2, **PLAN_FLH, num_prompts=10,
+                  leader_window=10, prune="flh2", loss_batch=8, recovery_threshold=0.7, window=400, checkpoint_every=400),
     "paper": dict(backbone="bert-base-uncased", dataset="sst2", steps=10000, flip_interval=1000, steps_per_domain=1000,
-                  birth_interval=500, prompt_length=20, batch_size=32, lr=1e-3, alpha=0.1, num_prompts=10,
-                  prune="none", loss_batch=0, recovery_threshold=0.8, window=500, checkpoint_every=1000),
+                  birth_interval=500, birth_offset=0, prompt_length=20, batch_size=32, lr=1e-3, **PLAN_FLH, num_prompts=10,
+                  leader_window=10, prune="none", loss_batch=0, recovery_threshold=0.8, window=500, checkpoint_every=1000),
 }
+
+
+PLAN_METHODS = ["flh", "single", "random", "similarity"]  # the plan's four
+
+
+def methods_to_run(method, args):
+    """--method all: every method, except flh_sum where flh itself trains the weighted-sum way."""
+    if method != "all":
+        return [method]
+    return [m for m in METHODS if not (m == "flh_sum" and args.train_mode == "weighted_sum")]
 
 
 def rng_state():
@@ -96,8 +107,7 @@ def run_method(method, args, model, stream, folder):
     """One method over the whole stream (or the rest of it, with --resume). Returns seconds taken."""
     folder.mkdir(parents=True, exist_ok=True)
     common.seed_everything(args.seed)
-    learner = make_learner(method, model, args.prompt_length, args.lr, args.num_prompts, args.alpha,
-                           args.birth_interval, args.prune, loss_batch=args.loss_batch)
+    learner = make_learner(method, model, args)
     start, ckpt = 0, latest_checkpoint(folder) if args.resume else None
     if ckpt is not None:
         state = torch.load(ckpt, weights_only=False)
@@ -132,7 +142,7 @@ def plan_criteria(folder, metrics):
     cfg = common.read_json(folder / "config.json")
     out = {}
     ran = {m: len(rows) for m, rows in logs.items()}
-    out["1_all_methods_run"] = {"met": set(ran) == set(METHODS) and all(n == cfg["steps"] for n in ran.values()),
+    out["1_all_methods_run"] = {"met": set(ran) >= set(PLAN_METHODS) and all(n == cfg["steps"] for n in ran.values()),
                                 "steps_logged": ran}
     # 2. Sawtooth: the single prompt's accuracy drops at each shift (last 50 steps before vs first 50 after).
     if "single" in logs:
@@ -175,13 +185,15 @@ def plan_criteria(folder, metrics):
 def summarise(folder, metrics):
     """The table printed at the end of a run."""
     lines = [f"{'method':<11}{'mean acc':>9}{'window acc':>11}{'final acc':>10}{'recovered':>10}"
-             f"{'recovery':>9}{'wall s':>8}"]
+             f"{'recovery':>9}{'first-50 first/recurring':>26}{'wall s':>8}"]
     for name, m in metrics.items():
         run = folder / name / "run.json"
         wall = common.read_json(run)["wall_seconds"] if run.exists() else float("nan")
         rec = f"{m['mean_recovery_time']:.0f}" if m["mean_recovery_time"] is not None else "never"
+        kinds = m.get("by_kind", {})
+        f50 = "/".join(f"{kinds[k]['first50']:.3f}" if k in kinds else "-" for k in ("first", "recurring"))
         lines.append(f"{name:<11}{m['mean_accuracy']:>9.3f}{m['windowed_accuracy']:>11.3f}{m['final_accuracy']:>10.3f}"
-                     f"{m['shifts_recovered']:>6}/{m['shifts']:<3}{rec:>9}{wall:>8.0f}")
+                     f"{m['shifts_recovered']:>6}/{m['shifts']:<3}{rec:>9}{f50:>26}{wall:>8.0f}")
     return "\n".join(lines)
 
 
@@ -191,7 +203,8 @@ def summarise(folder, metrics):
 def run_tests():
     t0 = time.time()
     tiny = ["--backbone", "random:tiny-bert", "--batch-size", "4", "--flip-interval", "10", "--birth-interval", "5",
-            "--num-prompts", "3", "--checkpoint-every", "10"]
+            "--num-prompts", "3", "--checkpoint-every", "10", "--train-mode", "snapshot", "--prune", "diverse",
+            "--max-prompts", "3", "--share", "0.01", "--alpha", "2", "--leader-window", "3"]
     with tempfile.TemporaryDirectory() as tmp:
         # A tiny run of all four methods writes every output.
         main(build_parser().parse_args([*tiny, "--method", "all", "--steps", "30", "--out", tmp, "--run-name", "all"]))
@@ -201,30 +214,35 @@ def run_tests():
         for m in METHODS:
             rows = common.read_jsonl(run / m / "log.jsonl")
             assert [r["step"] for r in rows] == list(range(30)) and (run / m / "checkpoints" / "step_30.pt").exists()
-        assert {p.name for p in run.glob("*.png")} >= {"accuracy.png", "recovery.png", "prompts.png", "weights_flh.png"}
+        assert {p.name for p in run.glob("*.png")} >= {"accuracy.png", "recovery.png", "prompts.png", "weights_flh.png",
+                                                       "first50.png"}
+        assert metrics["oracle"]["by_kind"]["recurring"]["shifts"] == 1 and "switch" in metrics["flh"]["shift_details"][1]
         criteria = common.read_json(run / "criteria.json")
         assert len(criteria) == 5 and criteria["1_all_methods_run"]["met"]
         table = criteria_table({"seed0": criteria, "seed1": criteria})
         assert table.count("\n") == 6 and "| all methods run | **met**: 30 steps each |" in table
         # Same batches for every method: the regimes (and the logged steps) line up.
         assert len({tuple(r["regime"] for r in common.read_jsonl(run / m / "log.jsonl")) for m in METHODS}) == 1
-        print("  ok: --method all writes metrics.json (4 methods), 4 logs of 30 rows, checkpoints and plots")
+        print(f"  ok: --method all writes metrics.json ({len(METHODS)} methods), {len(METHODS)} logs of 30 rows, "
+              "checkpoints and plots")
 
-        # A fresh FLH run may replace FLH's log under an FLH-only setting; a shared setting may not change.
-        main(build_parser().parse_args([*tiny, "--method", "flh", "--loss-batch", "2", "--steps", "30", "--out", tmp,
+        # A fresh run of a method may change a setting only that method reads; a shared setting may not change.
+        main(build_parser().parse_args([*tiny, "--method", "leader", "--leader-window", "2", "--steps", "30", "--out", tmp,
                                         "--run-name", "all"]))
         assert common.read_json(run / "config.json")["methods"] == METHODS
         assert sorted(common.read_json(run / "metrics.json")) == sorted(METHODS)
-        try:
-            main(build_parser().parse_args([*tiny, "--method", "single", "--lr", "0.5", "--loss-batch", "2", "--steps", "30",
-                                            "--out", tmp, "--run-name", "all"]))
-            raise AssertionError("a changed shared setting was accepted in an existing run folder")
-        except common.UserError as e:
-            assert "(lr)" in str(e), e
-        print("  ok: a run folder takes a fresh FLH run with another loss batch, and refuses another lr")
+        for method, change, name in (("single", ["--lr", "0.5"], "lr"), ("flh", ["--loss-batch", "2"], "loss_batch")):
+            try:  # flh alone may not change its loss batch: flh_sum and leader read it too
+                main(build_parser().parse_args([*tiny, "--method", method, *change, "--leader-window", "2", "--steps", "30",
+                                                "--out", tmp, "--run-name", "all"]))
+                raise AssertionError(f"a changed shared setting ({name}) was accepted in an existing run folder")
+            except common.UserError as e:
+                assert f"({name})" in str(e), e
+        print("  ok: a run folder takes a fresh leader run with another window, refuses another lr, and refuses "
+              "another loss batch for flh alone")
 
         # Resume: kill a run after a checkpoint, resume it, compare with an uninterrupted run.
-        for method in ("flh", "random"):
+        for method in ("flh", "leader", "oracle", "reset", "similarity"):
             args = [*tiny, "--method", method, "--steps", "300", "--out", tmp]
             main(build_parser().parse_args([*args, "--run-name", "whole"]))
             whole = (Path(tmp) / "whole" / method / "log.jsonl").read_text()
@@ -251,13 +269,9 @@ def add_experiment_args(p):
     add_stream_args(p)
     add_model_args(p)
     p.add_argument("--steps", type=common.positive_int, help="batches in the stream")
-    p.add_argument("--birth-interval", type=common.positive_int, help="steps between FLH births")
-    p.add_argument("--alpha", type=common.nonneg_float, help="FLH learning rate alpha")
     p.add_argument("--lr", type=common.positive_float, help="AdamW learning rate")
-    p.add_argument("--num-prompts", type=common.positive_int, help="pool size K of random/similarity")
-    p.add_argument("--prune", choices=["none", "flh2"], help="FLH pool pruning")
-    p.add_argument("--loss-batch", type=common.nonneg_int,
-                   help="FLH: the experts' losses from the first N examples of each batch; 0 = all")
+    add_flh_args(p)
+    add_baseline_args(p)
     p.add_argument("--recovery-threshold", type=common.positive_float, help="accuracy that counts as recovered")
     p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy")
     p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints")
@@ -275,7 +289,9 @@ def apply_preset(args):
 
 def build_parser():
     p = common.Parser(description="Stage 8: run FLH and the baselines on the changing stream; metrics and plots.")
-    p.add_argument("--method", default="flh", choices=[*METHODS, "all"], help="which method, or all four (default: flh)")
+    p.add_argument("--method", default="flh", choices=[*METHODS, "all"],
+                   help="which method, or all of them (flh_sum only where flh does not train the weighted-sum way) "
+                        "(default: flh)")
     add_experiment_args(p)
     p.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
     p.add_argument("--analyse", metavar="RUN", nargs="+", default=None,
@@ -296,7 +312,7 @@ def main(args):
         criteria = {Path(run).name: report(Path(run)) for run in args.analyse}
         return print(criteria_table(criteria)) if len(criteria) > 1 else None
     apply_preset(args)
-    methods = METHODS if args.method == "all" else [args.method]
+    methods = methods_to_run(args.method, args)
     args.run_name = args.run_name or f"{args.method}-{args.dataset}-{args.preset}-seed{args.seed}"
     folder = common.run_dir(args.out, args.run_name)
     ran = check_folder(folder, args, methods)
@@ -311,8 +327,10 @@ def main(args):
 
 
 # The settings only some methods read: a fresh run of all of those may change them in a run folder.
-READ_BY = {"birth_interval": {"flh"}, "alpha": {"flh"}, "prune": {"flh"}, "loss_batch": {"flh"},
-           "num_prompts": {"random", "similarity"}}
+FLH_KEYS = ("birth_interval", "birth_offset", "alpha", "share", "train_mode", "birth_from", "prune", "max_prompts",
+            "merge_window", "loss_batch")
+READ_BY = {**{k: {"flh", "flh_sum", "leader"} for k in FLH_KEYS}, "num_prompts": {"random", "similarity"},
+           "leader_window": {"leader"}}
 
 
 def check_folder(folder, args, methods):
