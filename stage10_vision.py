@@ -355,7 +355,7 @@ def build_parser():
     p.add_argument("--prompt-length", type=common.positive_int, help="soft tokens per prompt")
     add_flh_args(p)
     add_baseline_args(p)
-    p.add_argument("--recovery-threshold", type=common.positive_float, help="accuracy that counts as recovered")
+    p.add_argument("--recovery-threshold", type=common.accuracy_arg, help="accuracy that counts as recovered, in (0, 1]")
     p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy")
     p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",

@@ -136,7 +136,12 @@ def add_stream_args(parser):
 
 def build_stream(args, tokenizer, max_length=None):
     """A TextStream from parsed flags (max_length may be lowered to fit a prompt in)."""
+    if args.no_flip and args.flip_interval:
+        raise common.UserError("--no-flip and --flip-interval contradict each other: give one")
     domains = common.load_text_data(args.dataset)
+    smallest = min(len(texts) for texts, _ in domains.values())
+    if args.batch_size > smallest:
+        raise common.UserError(f"--batch-size {args.batch_size} is larger than the data ({smallest} examples)")
     flip = args.flip_interval or (1000 if len(domains) == 1 else None)
     return TextStream(domains, tokenizer, batch_size=args.batch_size,
                       max_length=max_length or args.max_length, flip_every_n=None if args.no_flip else flip,

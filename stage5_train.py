@@ -47,6 +47,7 @@ births copy the live prompt and freeze the old one), and `--bench --quick` for t
 timings (needs `pip install peft` for the comparison).
 """
 import copy
+import math
 import statistics
 import time
 
@@ -211,6 +212,10 @@ def run_stream(learner, stream, steps, log, start=0, every=None, callback=None, 
     bar = common.progress(range(start, steps), desc=desc or learner.name, initial=start, total=steps)
     for s in bar:
         row = learner.step(to_device(stream.batch(s), device))
+        numbers = [row["loss"], *row.get("weights", ()), *row.get("expert_losses", ())]
+        if not all(math.isfinite(x) for x in numbers):  # never log NaN: stop and say what to change
+            raise common.UserError(f"step {s}: the loss or the weights are not finite ({row['loss']}); "
+                                   "training diverged: lower --lr (or --alpha)")
         log.write(row)
         if s % 20 == 0:
             bar.set_postfix(acc=f"{row['acc']:.2f}", prompts=row.get("num_prompts", 1))
@@ -547,12 +552,15 @@ def prepare(args):
 def fresh_run(learner, stream, args):
     """A new run under --out/--run-name: config.json, a fresh log.jsonl over --steps. Returns the rows."""
     out = common.run_dir(args.out, args.run_name)
-    common.write_json(out / "config.json", vars(args))
-    (out / "log.jsonl").unlink(missing_ok=True)
-    log = common.JsonlLog(out / "log.jsonl")
-    run_stream(learner, stream, args.steps, log)
-    log.close()
-    return common.read_jsonl(out / "log.jsonl")
+    with common.locked(out):
+        common.write_json(out / "config.json", vars(args))
+        (out / "log.jsonl").unlink(missing_ok=True)
+        log = common.JsonlLog(out / "log.jsonl")
+        try:
+            run_stream(learner, stream, args.steps, log)
+        finally:
+            log.close()
+        return common.read_jsonl(out / "log.jsonl")
 
 
 def offset_arg(text):

@@ -40,6 +40,7 @@ together), `--test` for the checks on synthetic logs with known answers.
 """
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -379,14 +380,33 @@ def plot_prompts(logs, path):
 # ----------------------------------------------------------------------------------------------
 # A run folder -> metrics.json and plots
 # ----------------------------------------------------------------------------------------------
+def read_log(path):
+    """The rows of one log.jsonl, saying so on stderr when a torn last line is dropped or steps are
+    missing; an empty log or rows without step/regime/acc are one clear error."""
+    def warn(message):
+        print(f"[stage 7] {message}", file=sys.stderr)
+    rows = common.read_jsonl(path, report=warn)
+    if not rows:
+        raise common.UserError(f"{path} holds no complete row")
+    if not all(isinstance(r, dict) and {"step", "regime", "acc"} <= set(r) for r in rows):
+        raise common.UserError(f"{path} is not a log of this project (rows need step, regime and acc)")
+    for a, b in zip(rows, rows[1:]):
+        if b["step"] != a["step"] + 1:
+            warn(f"{path}: the steps jump from {a['step']} to {b['step']} (rows missing); metrics use the rows there are")
+            break
+    return rows
+
+
 def find_logs(folder):
     """{method: rows} from a run folder: its own log.jsonl, or one per method sub-folder."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise common.UserError(f"{folder} is not a folder")
     if (folder / "log.jsonl").exists():
         cfg = folder / "config.json"
         name = common.read_json(cfg).get("method", folder.name) if cfg.exists() else folder.name
-        return {name: common.read_jsonl(folder / "log.jsonl")}
-    logs = {p.parent.name: common.read_jsonl(p) for p in sorted(folder.glob("*/log.jsonl"))}
+        return {name: read_log(folder / "log.jsonl")}
+    logs = {p.parent.name: read_log(p) for p in sorted(folder.glob("*/log.jsonl"))}
     if not logs:
         raise common.UserError(f"no log.jsonl in {folder} or its sub-folders")
     order = {m: i for i, m in enumerate(COLORS)}
@@ -527,6 +547,24 @@ def run_tests():
         plot_accuracy_seeds([find_logs(tmp)] * 2, Path(tmp) / "seeds.png")
         assert (Path(tmp) / "seeds.png").stat().st_size > 5000
         assert summary["flh"]["mean_recovery_time"]["mean"] == 55 and summary["flh"]["shifts_recovered"] == [4, 6]
+        # A torn last line and a gap are reported; an empty or foreign log is one clear error.
+        import contextlib
+        import io
+        log = Path(tmp) / "single" / "log.jsonl"
+        lines = log.read_text().splitlines(keepends=True)
+        log.write_text("".join(lines[:10] + lines[40:]) + '{"step": 8')
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rows = find_logs(Path(tmp) / "single")["single"]
+        assert len(rows) == len(lines) - 30 and "torn last line" in err.getvalue() and "jump from 9 to 40" in err.getvalue()
+        for text, says in (("", "no complete row"), ('{"a": 1}\n', "not a log"), ("garbage\n", "not JSON")):
+            log.write_text(text)
+            try:
+                find_logs(Path(tmp) / "single")
+                raise AssertionError(f"{text!r} was accepted")
+            except common.UserError as e:
+                assert says in str(e), e
+    print("  ok: a torn last line and missing steps are reported; empty, foreign and garbage logs are one clear error")
     print("  ok: a run folder gives metrics.json and 4 non-empty PNGs; the seed summary averages right")
     print(f"stage 7 checks passed in {time.time() - t0:.1f}s")
 
@@ -534,7 +572,7 @@ def run_tests():
 def build_parser():
     p = common.Parser(description="Stage 7: metrics and plots from run folders (several = seeds, summarised).")
     p.add_argument("runs", nargs="*", help="run folders (each with log.jsonl, or one sub-folder per method)")
-    p.add_argument("--recovery-threshold", type=common.positive_float, default=0.8,
+    p.add_argument("--recovery-threshold", type=common.accuracy_arg, default=0.8,
                    help="accuracy a shift must recover to (default: 0.8)")
     p.add_argument("--recovery-window", type=common.positive_int, default=50,
                    help="steps in the rolling accuracy for recovery (default: 50)")

@@ -37,6 +37,8 @@ latest checkpoint; the continued log equals an uninterrupted one (same seed).
 
 Run `--test` for the checks (a tiny run of all methods writes every output; resume is exact).
 """
+import contextlib
+import io
 import os
 import random
 import signal
@@ -98,9 +100,17 @@ def save_checkpoint(folder, step, learner):
     os.replace(tmp, path)
 
 
-def latest_checkpoint(folder):
-    found = sorted((folder / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-    return found[-1] if found else None
+def load_latest_checkpoint(folder):
+    """The newest readable checkpoint's contents, or None if there is none. An unreadable one (a
+    truncated file, say) is skipped with a message, and the one before it is used."""
+    found = sorted((folder / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]), reverse=True)
+    for path in found:
+        try:
+            return torch.load(path, weights_only=False)
+        except Exception as e:  # noqa: BLE001 (any failure to read means: try the previous one)
+            print(f"[flh] {path} is unreadable ({type(e).__name__}); falling back to the previous checkpoint",
+                  file=sys.stderr)
+    return None
 
 
 def run_method(method, args, model, stream, folder):
@@ -108,9 +118,8 @@ def run_method(method, args, model, stream, folder):
     folder.mkdir(parents=True, exist_ok=True)
     common.seed_everything(args.seed)
     learner = make_learner(method, model, args)
-    start, ckpt = 0, latest_checkpoint(folder) if args.resume else None
-    if ckpt is not None:
-        state = torch.load(ckpt, weights_only=False)
+    start, state = 0, load_latest_checkpoint(folder) if args.resume else None
+    if state is not None:
         learner.load_state_dict(state["learner"])
         set_rng_state(state["rng"])
         start = state["step"]
@@ -118,7 +127,7 @@ def run_method(method, args, model, stream, folder):
         for old in [folder / "log.jsonl", *(folder / "checkpoints").glob("*.pt")]:
             old.unlink(missing_ok=True)
     log = common.JsonlLog(folder / "log.jsonl")
-    log.truncate_to(start)  # rows after the checkpoint are redone
+    log.truncate_to(start)  # rows after the checkpoint are redone; fewer rows than its step is an error
     if start >= args.steps:
         log.close()
         return None
@@ -255,10 +264,52 @@ def run_tests():
             assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
             cut = len(common.read_jsonl(Path(tmp) / "killed" / method / "log.jsonl"))
             assert cut < 300
-            main(build_parser().parse_args([*args, "--run-name", "killed", "--checkpoint-every", "50", "--resume"]))
+            newest = max((Path(tmp) / "killed" / method / "checkpoints").glob("*.pt"), key=lambda p: int(p.stem[5:]))
+            if method == "flh":  # a truncated newest checkpoint: resume falls back to the one before, and says so
+                newest.write_bytes(newest.read_bytes()[:100])
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                main(build_parser().parse_args([*args, "--run-name", "killed", "--checkpoint-every", "50", "--resume"]))
             resumed = (Path(tmp) / "killed" / method / "log.jsonl").read_text()
             assert resumed == whole, f"{method}: the resumed log differs from the uninterrupted one"
-            print(f"  ok: {method}: killed after {cut} logged steps, resumed from its checkpoint; log identical to an uninterrupted run")
+            assert ("falling back to the previous checkpoint" in err.getvalue()) == (method == "flh"), err.getvalue()
+            print(f"  ok: {method}: killed after {cut} logged steps, resumed from its checkpoint"
+                  + (" (the newest one truncated: fell back to the one before)" if method == "flh" else "")
+                  + "; log identical to an uninterrupted run")
+
+        # The log and the checkpoint must agree: a log with fewer rows than the checkpoint's step is refused, untouched.
+        log = Path(tmp) / "whole" / "flh" / "log.jsonl"
+        lines = log.read_text().splitlines(keepends=True)
+        log.write_text("".join(lines[:250]))
+        for bad, says in ((["--run-name", "whole"], "rows were lost"), (["--run-name", "never-ran"], "no run")):
+            try:
+                main(build_parser().parse_args([*tiny, "--method", "flh", "--steps", "300", "--out", tmp, "--resume", *bad]))
+                raise AssertionError(f"--resume accepted {bad}")
+            except common.UserError as e:
+                assert says in str(e), e
+        assert log.read_text() == "".join(lines[:250])
+        # The rewrite at resume is atomic: a crash before its rename leaves the old log whole.
+        jl = common.JsonlLog(log)
+        real_replace = os.replace
+        os.replace = lambda *a: (_ for _ in ()).throw(OSError("crash"))
+        try:
+            jl.truncate_to(100)
+        except OSError:
+            pass
+        finally:
+            os.replace = real_replace
+            jl.close()
+        assert log.read_text() == "".join(lines[:250]) and not list(log.parent.glob(".log.jsonl.*"))
+        print("  ok: --resume refuses a log shorter than its checkpoint and a run that never existed; "
+              "the log rewrite is atomic")
+
+        # A run folder is locked: a second process with the same --run-name refuses in one line.
+        with common.locked(Path(tmp) / "whole"):
+            r = subprocess.run([sys.executable, __file__, *tiny, "--method", "single", "--steps", "5", "--out", tmp,
+                                "--run-name", "whole"], capture_output=True, text=True)
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and "in use by another process" in lines[0], r.stderr
+        print("  ok: a second run with the same --run-name refuses in one line while the first holds the folder")
     print(f"stage 8 checks passed in {time.time() - t0:.1f}s")
 
 
@@ -272,7 +323,7 @@ def add_experiment_args(p):
     p.add_argument("--lr", type=common.positive_float, help="AdamW learning rate")
     add_flh_args(p)
     add_baseline_args(p)
-    p.add_argument("--recovery-threshold", type=common.positive_float, help="accuracy that counts as recovered")
+    p.add_argument("--recovery-threshold", type=common.accuracy_arg, help="accuracy that counts as recovered, in (0, 1]")
     p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy")
     p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints")
     p.set_defaults(**{k: None for k in PRESETS["quick"]})
@@ -282,7 +333,7 @@ def add_experiment_args(p):
 def apply_preset(args):
     """Fill every flag left unset from the chosen preset; explicit flags win."""
     preset = dict(PRESETS[args.preset])
-    if args.dataset not in (None, preset["dataset"]) and args.flip_interval is None:
+    if (args.dataset not in (None, preset["dataset"]) and args.flip_interval is None) or args.no_flip:
         preset["flip_interval"] = None  # another data set: stage 2's default (multi-domain data does not flip)
     return common.fill_from_preset(args, preset)
 
@@ -312,9 +363,24 @@ def main(args):
         criteria = {Path(run).name: report(Path(run)) for run in args.analyse}
         return print(criteria_table(criteria)) if len(criteria) > 1 else None
     apply_preset(args)
+    check_args(args)
     methods = methods_to_run(args.method, args)
     args.run_name = args.run_name or f"{args.method}-{args.dataset}-{args.preset}-seed{args.seed}"
+    if args.resume and not (Path(args.out) / args.run_name / "config.json").exists():
+        raise common.UserError(f"--resume: there is no run {Path(args.out) / args.run_name} to continue")
     folder = common.run_dir(args.out, args.run_name)
+    with common.locked(folder):
+        run_all(args, methods, folder)
+
+
+def check_args(args):
+    """Settings that are each fine alone but nonsense together."""
+    if args.prune == "diverse" and not args.max_prompts:
+        raise common.UserError("--prune diverse needs --max-prompts (the cap it keeps the pool under)")
+
+
+def run_all(args, methods, folder):
+    """Every method of a run folder (locked by the caller), then metrics, plots and criteria."""
     ran = check_folder(folder, args, methods)
     model, stream = prepare(args)
     common.write_json(folder / "config.json", {**vars(args), "methods": ran})

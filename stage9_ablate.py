@@ -92,7 +92,7 @@ def best_setting(args, grid):
     for label, overrides in grid_settings(grid, args).items():
         for seed in seed_range(args):
             folder = sweep / folder_key(grid, label, overrides, args) / f"seed{seed}"
-            if not (folder / "run.json").exists():
+            if not complete(folder, args.steps):
                 raise common.UserError(f"--grid {grid} has not finished ({folder} is missing): run it first")
             rows = common.read_jsonl(folder / "log.jsonl")
             scores.setdefault(label, []).append(np.mean([r["mixture_loss"] for r in rows]))
@@ -221,28 +221,38 @@ def ablation_args(args, overrides, seed):
 
 
 def run_one(job, args, threads):
-    """One (setting, seed) run into its folder; skipped when run.json says it is complete."""
+    """One (setting, seed) run into its folder; skipped when it is complete (run.json written last,
+    and a log of all its rows). The folder is locked while it runs."""
     key, overrides, seed = job
     folder = Path(args.out) / args.run_name / key / f"seed{seed}"
-    if (folder / "run.json").exists():
+    a = ablation_args(args, overrides, seed)
+    if complete(folder, a.steps):
         return key, seed, "skipped"
     torch.set_num_threads(threads)
-    a = ablation_args(args, overrides, seed)
     model, stream = prepare(a)
     learner = AblationLearner(model, a.prompt_length, birth=a.birth, entropy_threshold=a.entropy_threshold,
                               birth_gap=a.birth_gap or (a.flip_interval or a.steps_per_domain) // 4, merge=a.merge,
                               merge_every=a.merge_every or a.birth_interval, merge_cos=a.merge_cos, merge_js=a.merge_js,
                               **flh_kwargs(a))
     folder.mkdir(parents=True, exist_ok=True)
-    common.write_json(folder / "config.json", vars(a))
-    (folder / "log.jsonl").unlink(missing_ok=True)  # a run cut short starts over
-    log = common.JsonlLog(folder / "log.jsonl")
-    t0 = time.time()
-    run_stream(learner, stream, a.steps, log, desc=f"{key} seed{seed}")
-    log.close()
-    common.write_json(folder / "run.json", {"key": key, "seed": seed, "wall_seconds": round(time.time() - t0, 1),
-                                            "threads": threads, "steps": a.steps})
+    with common.locked(folder):
+        (folder / "run.json").unlink(missing_ok=True)
+        common.write_json(folder / "config.json", vars(a))
+        (folder / "log.jsonl").unlink(missing_ok=True)  # a run cut short starts over
+        log = common.JsonlLog(folder / "log.jsonl")
+        t0 = time.time()
+        try:
+            run_stream(learner, stream, a.steps, log, desc=f"{key} seed{seed}")
+        finally:
+            log.close()
+        common.write_json(folder / "run.json", {"key": key, "seed": seed, "wall_seconds": round(time.time() - t0, 1),
+                                                "threads": threads, "steps": a.steps})
     return key, seed, f"{time.time() - t0:.0f}s"
+
+
+def complete(folder, steps):
+    """A run is complete when run.json exists and its log holds all its rows."""
+    return (folder / "run.json").exists() and len(common.read_jsonl(folder / "log.jsonl")) == steps
 
 
 def _worker(payload):
@@ -464,7 +474,20 @@ def run_tests():
         assert [s[f"alpha={x}"]["mean_accuracy"]["mean"] for x in (0.01, 0.1, 0.5, 1.0)] == [0.25, 0.5, 0.75, 1.0]
         assert s["alpha=0.5"]["mean_accuracy_mixture"]["mean"] == 0.375
         assert Path(tmp, "sw", "alpha.png").stat().st_size > 0
-    print("  ok: a tiny sweep runs 4 settings, a restart skips them, the summary of known logs is right")
+        # A run whose log lost rows is not complete: a restart redoes it. A second copy of a shard refuses.
+        folder = Path(tmp, "sw", run_key(grid_settings("alpha", a)["alpha=0.5"], a), "seed0")
+        (folder / "log.jsonl").write_text("".join((folder / "log.jsonl").read_text().splitlines(keepends=True)[:5]))
+        assert not complete(folder, 12)
+        main(a)
+        assert complete(folder, 12)
+        import subprocess
+        import sys
+        with common.locked(Path(tmp, "sw"), ".lock-shard-1-of-1"):
+            r = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and "in use by another process" in lines[0], r.stderr
+    print("  ok: a tiny sweep runs 4 settings, a restart skips them and redoes one whose log lost rows, a second "
+          "copy of a running shard refuses in one line, and the summary of known logs is right")
 
     # Tuning: five snapshot settings; tuning2 adds FLH2 and leader births at the one of lowest mixture log loss.
     with tempfile.TemporaryDirectory() as tmp:
@@ -497,6 +520,13 @@ def run_tests():
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
+def workers_arg(text):
+    value, most = common.positive_int(text), 4 * (os.cpu_count() or 1)
+    if value > most:
+        raise argparse.ArgumentTypeError(f"at most {most} (4 per core), got {value}")
+    return value
+
+
 def shard_arg(text):
     try:
         i, n = (int(x) for x in text.split("/"))
@@ -515,19 +545,19 @@ def build_parser():
     p.add_argument("--seeds", type=common.positive_int, default=1, help="seeds per setting (default: 1)")
     p.add_argument("--first-seed", type=common.nonneg_int, default=0,
                    help="seeds first-seed .. first-seed + seeds - 1; tune on 100.. and report on 0.. (default: 0)")
-    p.add_argument("--workers", type=common.positive_int, default=1,
-                   help="runs at a time on this machine, each with cores/N threads (default: 1)")
+    p.add_argument("--workers", type=workers_arg, default=1,
+                   help="runs at a time on this machine, each with cores/N threads, at most 4 x cores (default: 1)")
     p.add_argument("--shard", type=shard_arg, default=(1, 1),
                    help="run only the i-th of n disjoint slices of the sweep, 1 <= i <= n, e.g. 2/4 (default: 1/1, all)")
     p.add_argument("--summarize", action="store_true", help="only build the summary from the runs that exist")
     add_experiment_args(p)
-    p.add_argument("--entropy-threshold", type=common.nonneg_float, default=0.9,
+    p.add_argument("--entropy-threshold", type=common.accuracy_arg, default=0.9,
                    help="adaptive birth: mean prediction entropy, as a fraction of log C, that calls a birth (default: 0.9)")
     p.add_argument("--birth-gap", type=common.positive_int, default=None,
                    help="adaptive birth: fewest steps between births (default: flip interval / 4)")
     p.add_argument("--merge-every", type=common.positive_int, default=None,
                    help="steps between merge checks (default: the birth interval)")
-    p.add_argument("--merge-cos", type=common.nonneg_float, default=0.95,
+    p.add_argument("--merge-cos", type=common.accuracy_arg, default=0.95,
                    help="param merging: cosine similarity above which a pair merges (default: 0.95)")
     p.add_argument("--merge-js", type=common.nonneg_float, default=0.01,
                    help="js merging: mean Jensen-Shannon divergence (bits) below which a pair merges (default: 0.01)")
@@ -542,9 +572,10 @@ def main(args):
     grids = GRIDS if args.grid == "all" else [args.grid]
     if not args.summarize:
         jobs = shard(expand(grids, args), *args.shard)
-        print(f"{len(jobs)} runs (shard {args.shard[0]}/{args.shard[1]}) with {args.workers} worker(s) "
-              f"-> {Path(args.out) / args.run_name}")
-        run_sweep(jobs, args)
+        sweep = common.run_dir(args.out, args.run_name)
+        print(f"{len(jobs)} runs (shard {args.shard[0]}/{args.shard[1]}) with {args.workers} worker(s) -> {sweep}")
+        with common.locked(sweep, f".lock-shard-{args.shard[0]}-of-{args.shard[1]}"):
+            run_sweep(jobs, args)
         if args.shard[1] > 1:
             return print("this shard is done; run with --summarize once every shard has finished")
     summarize(args, grids)

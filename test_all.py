@@ -74,6 +74,21 @@ def test_sandbox_installed_in_ci():
         assert shutil.which("bwrap"), "bubblewrap is missing: the README's test command installs it"
 
 
+def test_concurrent_first_fetch(tmp_path):
+    """Three processes fetch the same package at once into an empty cache: all succeed, and nothing
+    half-done is left (each downloads into a folder of its own and renames it into place)."""
+    code = "import common; print(common.fetch_package('vaderSentiment'))"
+    env = {**os.environ, "FLH_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(6)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    target = tmp_path / "vaderSentiment"
+    assert {out.strip() for out, _ in outs} == {str(target)}
+    assert (target / "vaderSentiment-3.3.2" / "additional_resources" / "hutto_ICWSM_2014.tar.gz").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["vaderSentiment"]
+
+
 def cli(*args):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
 
