@@ -380,14 +380,17 @@ def main(args):
     stream = build_stream(args)
     model = load_vision_backbone(args.backbone, args.image_size, device)
     model.precision = args.precision = common.resolve_precision(args.precision, device)
+    if args.resume and not (Path(args.out) / args.run_name / "config.json").exists():
+        raise common.UserError(f"--resume: there is no run {Path(args.out) / args.run_name} to continue")
     folder = common.run_dir(args.out, args.run_name)
-    common.write_json(folder / "config.json", {**vars(args), "methods": methods})
     trainable = args.prompt_length * model.embed_dim
     print(f"{', '.join(methods)} on {args.dataset} ({args.image_size} px) with {args.backbone} "
           f"({count_params(model)[1]:,} frozen parameters, {trainable:,} per prompt), {args.steps} steps, "
           f"labels rotate every {args.rotate_interval} -> {folder}", file=sys.stderr)
-    for method in methods:
-        run_method(method, args, model, stream, folder / method)
+    with common.locked(folder):
+        common.write_json(folder / "config.json", {**vars(args), "methods": methods})
+        for method in methods:
+            run_method(method, args, model, stream, folder / method)
     metrics = analyse(folder, args.recovery_threshold, args.window)
     print(summarise(folder, metrics))
     print(f"metrics and plots in {folder}")

@@ -996,7 +996,8 @@ def build_parser():
                    help="address space per program in MiB (default: 1024)")
     e.add_argument("--no-sandbox", action="store_true",
                    help="run programs as plain processes, without bubblewrap: only for code you trust")
-    e.add_argument("--workers", type=common.positive_int, default=4, help="programs run at once (default: 4)")
+    e.add_argument("--workers", type=lambda t: common.positive_int(t, most=64), default=4,
+                   help="programs run at once, at most 64 (default: 4)")
     e.add_argument("--limit", type=common.nonneg_int, default=0, help="only the first N completions per file; 0 = all (default: 0)")
     return p
 
@@ -1006,7 +1007,13 @@ def main(args):
         return run_tests()
     if args.command is None:
         raise common.UserError("choose a sub-command: train, generate or evaluate (or --test)")
-    return {"train": train, "generate": generate, "evaluate": evaluate}[args.command](args)
+    run = {"train": train, "generate": generate, "evaluate": evaluate}[args.command]
+    if args.command == "train":
+        common.run_dir(args.out, args.run_name)
+    elif not (Path(args.out) / args.run_name).is_dir():
+        raise common.UserError(f"no run {Path(args.out) / args.run_name}: train one first (or give --run-name)")
+    with common.locked(Path(args.out) / args.run_name):  # one process per run folder at a time
+        return run(args)
 
 
 if __name__ == "__main__":

@@ -220,7 +220,7 @@ def build_parser():
     add_stream_args(p)
     p.add_argument("--backbone", default="minilm", help="whose tokenizer to use (default: minilm)")
     p.add_argument("--show", type=common.positive_int, default=3, help="how many batches to print (default: 3)")
-    p.add_argument("--start", type=int, default=0, help="first step to print (default: 0)")
+    p.add_argument("--start", type=common.nonneg_int, default=0, help="first step to print (default: 0)")
     common.add_common_args(p, run_name="stream")
     return p
 
