@@ -39,7 +39,7 @@ id or folder (`Qwen/Qwen2.5-Coder-0.5B`, the document's model) and `random:tiny-
     python stage11_codegen.py generate --split val --no-prompt
     python stage11_codegen.py evaluate
 
-Run `--test` for the checks (with bubblewrap installed they include 30 hostile programs). Generated
+Run `--test` for the checks (with bubblewrap installed they include 29 hostile programs). Generated
 code is untrusted: never run it outside `evaluate`.
 """
 import argparse
@@ -749,9 +749,7 @@ def hostile_programs(decoy, secret, home_file, repo, mark):
         "ctypes fork": f"    import ctypes, os\n    if ctypes.CDLL(None).fork() == 0:\n        os.execv('/bin/sleep', {sleep})\n",
         "os.posix_spawn": f"    import os\n    os.posix_spawn('/bin/sleep', {sleep}, {{}})\n",
         "reload(subprocess)": f"    import importlib, subprocess\n    importlib.reload(subprocess).Popen({sleep})\n",
-        "_posixsubprocess.fork_exec": f"    import os, _posixsubprocess as p\n"
-                                      f"    os.posix_spawnp('sleep', {sleep}, {{}}) if not hasattr(p, 'fork_exec') else None\n"
-                                      f"    os.fork() == 0 and os.execv('/bin/sleep', {sleep})\n",
+        "os.fork + os.execv": f"    import os\n    os.fork() == 0 and os.execv('/bin/sleep', {sleep})\n",
         "kill the parent": "    import os, posix\n    posix.kill(os.getppid(), 9)\n",
         "kill the group": "    import posix\n    posix.killpg(0, 9)\n",
         "6 GiB": "    b = bytearray(6 << 30)\n",
