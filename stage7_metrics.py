@@ -347,10 +347,11 @@ def plot_first50(summary, path, title=None):
     for j, (kind, color) in enumerate((("first", "0.65"), ("recurring", "tab:orange"))):
         vals = [summary[m].get(kind) for m in names]
         means = [v["mean"] if v else 0 for v in vals]
-        err = np.array([[v["mean"] - v["ci"][0], v["ci"][1] - v["mean"]] if v and v.get("ci") else [0, 0] for v in vals]).T
         xs = x + (j - 0.5) * 0.38
-        ax.bar(xs, means, 0.36, color=color, yerr=err, capsize=3, label=f"{kind}-time shifts" if kind == "first" else
-               "recurring shifts")
+        ax.bar(xs, means, 0.36, color=color, label="first-time shifts" if kind == "first" else "recurring shifts")
+        for xi, v in zip(xs, vals):  # a whisker only where there is an interval (two or more shifts)
+            if v and v.get("ci"):
+                ax.errorbar(xi, v["mean"], [[v["mean"] - v["ci"][0]], [v["ci"][1] - v["mean"]]], color="k", capsize=3, lw=1)
         for xi, v in zip(xs, vals):
             if v:
                 ax.annotate(f"{v['mean']:.2f}", (xi, 0.02), ha="center", va="bottom", fontsize=7, rotation=90)
