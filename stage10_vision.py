@@ -26,8 +26,7 @@ give a 4x4 grid: 16 patch tokens + [CLS] + 10 prompt tokens = 27 tokens per imag
 Presets (explicit flags override them):
   quick (default)  dinov2-small + fashion-mnist at 56 px, prompt 10, batch 16, lr 1e-2, 1,000 steps
                    with labels rotating every 250, FLH births every 125 with FLH2, alpha 0.1,
-                   recovery threshold 0.5. On 2 CPU cores FLH takes 6 minutes, the baselines 2-3
-                   (README "Vision"); 250-step regimes give a prompt time to reach about 0.65.
+                   recovery threshold 0.5 (wall times: the README's "Vision").
   paper            the plan's: ViT-B/16 (in21k) + CIFAR-10 at 224 px, 10,000 steps, rotations every
                    1,000, births every 500, prompt 20, batch 32, lr 1e-3. For a GPU.
 
@@ -46,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
-from stage3_backbone import count_params, forward_with_prompt, forward_with_prompts
+from stage3_backbone import FrozenBackbone, count_params, forward_with_prompt, forward_with_prompts
 from stage4_pool import FLHPromptPool
 from stage5_train import add_flh_args
 from stage6_baselines import METHODS, add_baseline_args, make_learner, test_args
@@ -128,7 +127,7 @@ def load_vit(name, image_size):
     return common.from_pretrained(AutoModel, source, "vision backbone")
 
 
-class FrozenViTClassifier(nn.Module):
+class FrozenViTClassifier(FrozenBackbone):
     """A frozen ViT + a frozen random linear head on the final [CLS] state; stage 3's interface."""
 
     def __init__(self, encoder, num_labels=10, head_seed=0):
@@ -141,13 +140,6 @@ class FrozenViTClassifier(nn.Module):
             self.head.bias.zero_()
         self.requires_grad_(False)
         self.eval()
-
-    @property
-    def embed_dim(self):
-        return self.encoder.config.hidden_size
-
-    def autocast(self):
-        return torch.autocast(self.head.weight.device.type, torch.bfloat16, enabled=self.precision == "bf16")
 
     def embed(self, batch):
         """[CLS] + patch embeddings with positions added: ([B, 1+N, D], an all-ones mask [B, 1+N])."""

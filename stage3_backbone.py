@@ -5,15 +5,16 @@ P vectors p_1..p_P in the model's input-embedding space. We place them right aft
 
     inputs_embeds = [ E[CLS], p_1, ..., p_P, E[w_1], ..., E[w_L-1] ],   mask = [1, 1...1, m_1..m_L-1]
 
-so BERT's pooler still reads [CLS] (the public reference read the first *prompt* token instead;
-DESIGN.md sec. 7). BERT then adds its position embeddings, so P + L must fit its position table.
+so BERT's pooler still reads [CLS] (the plan's public reference read the first *prompt* token
+instead). BERT then adds its position embeddings, so P + L must fit its position table.
 
 Read-out. A frozen, seeded random head maps a sentence vector h to C logits; it is the same for
 every method, so nothing but the prompts can adapt to a label flip. Two ways to get h:
   cls   h = pooler(state of [CLS])            BERT's pretrained way (default for BERT models)
   mean  h = tau * u / |u|,  u = mean of the text tokens' last states (prompt excluded)
         a cosine classifier, the way sentence-transformers models such as MiniLM were trained
-        (default for `minilm`; it learned clearly faster there, DESIGN.md sec. 4).
+        (default for `minilm`: there, with prompt 10, batch 16 and lr 1e-2, it reached about 0.70
+        prequential accuracy over steps 200-300 where the [CLS] read-out reached 0.60).
 
 K prompts at once. FLH needs every expert's loss on every batch. Instead of K forward passes we
 stack the K prompted copies of the batch into one [K*B, 1+P+L-1, D] input (chunked to bound
@@ -37,7 +38,24 @@ import common
 from stage2_stream import load_tokenizer
 
 
-class FrozenTextClassifier(nn.Module):
+class FrozenBackbone(nn.Module):
+    """What every frozen backbone wrapper shares (stage 10's ViT too): an `encoder` with a config, a
+    `head`, and `precision` ("fp32" or "bf16", the encoder then runs under autocast)."""
+
+    @property
+    def device(self):
+        """Where the frozen weights (and so the prompts) live."""
+        return self.head.weight.device
+
+    @property
+    def embed_dim(self):
+        return self.encoder.config.hidden_size
+
+    def autocast(self):
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16")
+
+
+class FrozenTextClassifier(FrozenBackbone):
     """A frozen encoder + a frozen random linear head, reading [CLS] or the mean of the text."""
 
     def __init__(self, encoder, num_labels=2, pooling="mean", head_seed=0, temperature=20.0):
@@ -54,10 +72,6 @@ class FrozenTextClassifier(nn.Module):
             self.head.bias.zero_()
         self.requires_grad_(False)
         self.eval()
-
-    def autocast(self):
-        device = self.head.weight.device.type
-        return torch.autocast(device, torch.bfloat16, enabled=self.precision == "bf16")
 
     def encode(self, **inputs):
         """The encoder's output (last_hidden_state, pooler_output) in fp32, under the chosen precision."""
@@ -98,10 +112,6 @@ class FrozenTextClassifier(nn.Module):
             return hidden[:, 0]
         m = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1)
-
-    @property
-    def embed_dim(self):
-        return self.encoder.config.hidden_size
 
     @property
     def max_positions(self):

@@ -34,7 +34,7 @@ batches it), and the trained prompt's logits come from its training forward befo
 Two switches make the K-prompt pass cheaper (their accuracy cost is measured in the README's
 "Performance"): `--precision bf16` runs the encoder under bf16 autocast (prompts, head and losses
 stay fp32), and `--loss-batch m` scores the experts on the first m examples of the batch only
-(training still uses all of it; the mixture is then measured on those m examples). `--bench`
+(training still uses all of it; the mixture is then measured on those m examples). `bench.py`
 times them.
 
 One JSONL row per step: step, regime, concept, domain, loss, acc, acc_mixture, mixture_loss,
@@ -42,13 +42,11 @@ weights, prompt_ids (birth index of each live prompt; the row where an index fir
 its birth step and concept), expert_losses, num_prompts, entropy (and acc_live, live_loss).
 
 Run `python stage5_train.py` for a short FLH stream on the defaults (log under runs/<run-name>/),
-`--test` for the checks (10 fixed batches are overfitted; logged accuracy is prequential; snapshot
-births copy the live prompt and freeze the old one), and `--bench --quick` for the side-by-side
-timings (needs `pip install peft` for the comparison).
+and `--test` for the checks (10 fixed batches are overfitted; logged accuracy is prequential;
+snapshot births copy the live prompt and freeze the old one). Timings: `python bench.py`.
 """
 import copy
 import math
-import statistics
 import time
 
 import torch
@@ -119,7 +117,7 @@ class FLHLearner:
         self.model, self.birth_interval, self.loss_batch = model, birth_interval, loss_batch
         self.train_mode, self.birth_offset, self.birth_from = train_mode, birth_offset, birth_from
         self.pool = FLHPromptPool(prompt_length, model.embed_dim, alpha, prune, max_prompts,
-                                  device=model.head.weight.device, share=share, window=merge_window)
+                                  device=model.device, share=share, window=merge_window)
         # AdamW needs at least one parameter: start with a placeholder group, dropped at the 1st birth.
         self._placeholder = torch.nn.Parameter(torch.zeros(1))
         self.lr, self.weight_decay = lr, weight_decay
@@ -208,7 +206,7 @@ class FLHLearner:
 
 def run_stream(learner, stream, steps, log, start=0, every=None, callback=None, desc=None):
     """Feed batches start..steps-1 to the learner, one log row each; callback(step) every `every`."""
-    device = learner.model.head.weight.device
+    device = learner.model.device
     bar = common.progress(range(start, steps), desc=desc or learner.name, initial=start, total=steps)
     for s in bar:
         row = learner.step(to_device(stream.batch(s), device))
@@ -222,160 +220,6 @@ def run_stream(learner, stream, steps, log, start=0, every=None, callback=None, 
         if callback and every and (s + 1) % every == 0:
             callback(s + 1)
     bar.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmark (--bench): what a step costs, side by side
-# ----------------------------------------------------------------------------------------------
-def timed(fn, batches, device, rounds=1):
-    """Seconds per call of fn(batch): the median over `rounds` passes of the mean over the batches,
-    after one untimed warm-up call."""
-    return timed_side_by_side([fn], batches, device, rounds)[0]
-
-
-def timed_side_by_side(fns, batches, device, rounds=3):
-    """timed() for several functions whose passes alternate (A B A B ...), so that a slow spell of
-    the machine falls on all of them alike: one median per function."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for fn in fns:
-        fn(batches[0])
-    sync()
-    passes = [[] for _ in fns]
-    for r in range(rounds):
-        for i in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
-            t0 = time.perf_counter()
-            for b in batches:
-                fns[i](b)
-            sync()
-            passes[i].append((time.perf_counter() - t0) / len(batches))
-    return [statistics.median(p) for p in passes]
-
-
-def grown_flh(model, prompt_length, births, **kw):
-    """An FLH learner right after `births` births (FLH2 prunes by birth index alone, so no
-    training is needed in between to get the pool size a real run has)."""
-    learner = FLHLearner(model, prompt_length, lr=1e-2, birth_interval=10 ** 9, **kw)
-    for _ in range(births):
-        added, removed = learner.pool.birth_prompt()
-        follow_pool(learner.optimizer, added, removed + [learner._placeholder])
-    return learner
-
-
-def peft_single_step(model, prompt_length, lr=1e-2):
-    """HF PEFT prompt tuning on the same frozen encoder, read out like ours: a step function."""
-    try:
-        from peft import PromptTuningConfig, TaskType, get_peft_model
-    except ImportError:
-        raise common.UserError("the benchmark compares with HF PEFT: pip install peft") from None
-    cfg = PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=prompt_length)
-    peft_model = get_peft_model(copy.deepcopy(model.encoder), cfg)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
-
-    def step(batch):
-        with model.autocast():  # PEFT puts the virtual tokens before [CLS]; we read the text only
-            h = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        m = batch["attention_mask"].unsqueeze(-1).float()
-        u = (h[:, prompt_length:].float() * m).sum(1) / m.sum(1)
-        loss = F.cross_entropy(model.head(model.temperature * F.normalize(u, dim=-1)), batch["labels"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
-
-
-def matmul_peak(device, dtype, n=2048, reps=5):
-    """FLOP/s of an n x n matrix product: the machine's practical peak for this dtype."""
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    return 2 * n ** 3 / timed(lambda _: a @ b, [None] * reps, device)
-
-
-def bench_backbone(name, device, quick, loss_batch, P=10, B=16, K=20):
-    """The table's rows for one backbone on one device: a list of (what, seconds, ratio, versus)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    model, tok = load_backbone(name, device=device)
-    stream = TextStream(common.load_text_data("rt"), tok, batch_size=B, flip_every_n=None, seed=0)
-    batches = [to_device(stream.batch(s), device) for s in range(1, 4 if quick else 11)]
-    tokens = sum(b["attention_mask"].shape[1] + P for b in batches) / len(batches) * B
-    rows, t = [], {}
-
-    def add(key, what, seconds, versus=None):
-        t[key] = seconds
-        rows.append({"backbone": name, "device": device.type, "what": what, "seconds": seconds,
-                     "ratio": seconds / t[versus] if versus else None, "versus": versus, "key": key})
-
-    for precision in ("fp32", "bf16"):
-        model.precision = precision
-        prompt = torch.nn.Parameter(torch.randn(P, model.embed_dim, device=device) * 0.02)
-        optimizer = torch.optim.AdamW([prompt], lr=1e-2)
-        ours, theirs = timed_side_by_side([lambda b: train_step(model, prompt, optimizer, b),
-                                           peft_single_step(model, P)], batches, device, rounds=5)
-        add(f"single_{precision}", f"single-prompt step, ours ({precision})", ours)
-        add(f"peft_{precision}", f"single-prompt step, HF PEFT prompt tuning ({precision})", theirs)
-        rows[-2]["ratio"], rows[-2]["versus"] = t[f"single_{precision}"] / t[f"peft_{precision}"], f"peft_{precision}"
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            forward_with_prompt(model, batches[0], prompt)
-        flops = counter.get_total_flops() / batches[0]["input_ids"].shape[0] * B
-        with torch.no_grad():
-            seconds = timed(lambda b: forward_with_prompt(model, b, prompt),
-                            batches, device)
-        peak = matmul_peak(device, torch.float32 if precision == "fp32" else torch.bfloat16)
-        rows.append({"backbone": name, "device": device.type, "key": f"gflops_{precision}",
-                     "what": f"forward pass, achieved GFLOP/s ({precision})", "seconds": seconds,
-                     "gflops": flops / seconds / 1e9, "peak_gflops": peak / 1e9, "ratio": flops / seconds / peak,
-                     "versus": "matmul peak", "tokens_per_s": tokens / t[f"single_{precision}"]})
-        if quick and name != "minilm":
-            continue  # the FLH rows on a 110M model take minutes; the full benchmark has them
-        setups = [("flh_none", "FLH step, 20 births, no pruning", dict(prune="none")),
-                  ("flh_flh2", "FLH step, 20 births, FLH2", dict(prune="flh2"))]
-        if precision == "bf16":
-            setups.append(("flh_fast", f"FLH step, 20 births, FLH2 + loss batch {loss_batch}",
-                           dict(prune="flh2", loss_batch=loss_batch)))
-            setups.append(("flh_snapshot", f"FLH step, snapshot, cap 8 + loss batch {loss_batch}",
-                           dict(train_mode="snapshot", prune="diverse", max_prompts=8, loss_batch=loss_batch)))
-        for key, what, kw in setups:
-            learner = grown_flh(model, P, 20, **kw)
-            add(f"{key}_{precision}", f"{what} ({precision}, K={len(learner.pool)})",
-                timed(learner.step, batches, device), f"single_{precision}")
-        if precision == "fp32":  # the per-prompt loss pass over 20 prompts, three ways
-            prompts = torch.randn(K, P, model.embed_dim, device=device) * 0.02
-            with torch.no_grad():
-                pad = min(128, text_budget(model, P))  # the reference pads every text to 128 tokens
-                padded = [{k: F.pad(b[k], (0, pad - b[k].shape[1])) for k in ("input_ids", "attention_mask")}
-                          for b in batches]
-                reference = timed(lambda b: [forward_with_prompt(model, b, p) for p in prompts], padded, device)
-                add("pass_reference", f"loss pass, {K} prompts: loop, padded to 128 (reference)", reference)
-                add("pass_loop", f"loss pass, {K} prompts: loop of forwards", timed(
-                    lambda b: [forward_with_prompt(model, b, p) for p in prompts],
-                    batches, device), "pass_reference")
-                add("pass_batched", f"loss pass, {K} prompts: one batched pass", timed(
-                    lambda b: forward_with_prompts(model, b, prompts),
-                    batches, device), "pass_reference")
-                model.precision = "bf16"
-                sub = [{k: v[:loss_batch] for k, v in b.items() if torch.is_tensor(v)} for b in batches]
-                add("pass_fast", f"loss pass, {K} prompts: batched, bf16, loss batch {loss_batch}", timed(
-                    lambda b: forward_with_prompts(model, b, prompts),
-                    sub, device), "pass_reference")
-                model.precision = "fp32"
-    return rows
-
-
-def bench(args):
-    """--bench: the README's performance table, printed and written to <out>/bench/bench.json."""
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    backbones = ["minilm", "random:bert-base"]
-    torch.manual_seed(args.seed)
-    rows = [r for d in devices for name in common.progress(backbones, desc=f"bench {d.type}")
-            for r in bench_backbone(name, d, args.quick, args.loss_batch or 8)]
-    print(f"{'backbone':<17}{'what':<66}{'s/step':>8}{'ratio':>8}  versus")
-    for r in rows:
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        extra = f"  ({r['gflops']:.0f} of {r['peak_gflops']:.0f} GFLOP/s)" if "gflops" in r else ""
-        print(f"{r['backbone']:<17}{r['what']:<66}{r['seconds']:8.3f}{ratio:>8}  {r['versus'] or ''}{extra}")
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_bf16": common.fast_bf16(torch.device("cpu")),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "quick": args.quick}
-    out = common.run_dir(args.out, "bench")
-    common.write_json(out / "bench.json", {"machine": meta, "rows": rows})
-    print(f"-> {out / 'bench.json'}" + ("" if meta["gpu"] else "; no GPU here, so no GPU rows"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,21 +353,6 @@ def run_tests():
         assert torch.allclose(p.grad, together[i], atol=1e-6), (i, (p.grad - together[i]).abs().max())
     print("  ok: independent mode: each prompt's gradient equals that of its own loss, from one backward pass")
 
-    # The benchmark's table on a tiny backbone: every row is there with a positive time.
-    calls = []
-    assert timed_side_by_side([lambda b: calls.append("a"), lambda b: calls.append("b")], [0], torch.device("cpu"), 3) \
-        and calls == ["a", "b", "a", "b", "b", "a", "a", "b"], calls  # warm-ups, then alternating passes
-    try:
-        import peft  # noqa: F401  (the benchmark's comparison; not a dependency)
-    except ImportError:
-        print("  skipped: the benchmark's table (needs peft, installed only for --bench)")
-    else:
-        rows = bench_backbone("random:tiny-bert", torch.device("cpu"), quick=False, loss_batch=4, B=8, K=4)
-        keys = {r["key"] for r in rows}
-        want = {f"{k}_{p}" for k in ("single", "peft", "gflops", "flh_none", "flh_flh2") for p in ("fp32", "bf16")}
-        assert keys >= want | {"flh_fast_bf16", "flh_snapshot_bf16", "pass_reference", "pass_loop", "pass_batched", "pass_fast"}, keys - want
-        assert all(r["seconds"] > 0 and (r["ratio"] is None or r["ratio"] > 0) for r in rows)
-        print(f"  ok: the benchmark's {len(rows)} rows on random:tiny-bert, every ratio positive")
     print(f"stage 5 checks passed in {time.time() - t0:.1f}s")
 
 
@@ -614,8 +443,6 @@ def build_parser():
     p.add_argument("--steps", type=common.positive_int, default=300, help="batches to train on (default: 300)")
     p.add_argument("--lr", type=common.positive_float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
     add_flh_args(p, **FLH_DEFAULTS)
-    p.add_argument("--bench", action="store_true", help="time the steps side by side (README 'Performance') and exit")
-    p.add_argument("--quick", action="store_true", help="with --bench: fewer repeats, FLH rows on minilm only")
     common.add_common_args(p, run_name="flh")
     return p
 
@@ -623,8 +450,6 @@ def build_parser():
 def main(args):
     if args.test:
         return run_tests()
-    if args.bench:
-        return bench(args)
     model, stream = prepare(args)
     learner = FLHLearner(model, args.prompt_length, **flh_kwargs(args))
     t0 = time.time()

@@ -66,7 +66,7 @@ class PromptLearner:
 
 
 def new_prompt(model, prompt_length, std=0.02):
-    return nn.Parameter(torch.randn(prompt_length, model.embed_dim).to(model.head.weight.device) * std)
+    return nn.Parameter(torch.randn(prompt_length, model.embed_dim).to(model.device) * std)
 
 
 def kmeans_pp(x, k):
@@ -201,7 +201,7 @@ class SimilarityLearner(PromptLearner):
 
     def __init__(self, model, prompt_length, num_prompts=10, lr=1e-3, key_weight=0.1):
         self.prompts = [new_prompt(model, prompt_length) for _ in range(num_prompts)]
-        self.keys = [nn.Parameter(torch.zeros(model.embed_dim).to(model.head.weight.device)) for _ in range(num_prompts)]
+        self.keys = [nn.Parameter(torch.zeros(model.embed_dim).to(model.device)) for _ in range(num_prompts)]
         self.key_weight = key_weight
         super().__init__(model, self.prompts + self.keys, lr)
 

@@ -8,27 +8,16 @@ Protocol. Every method sees the same batches in the same order (a batch is a pur
 same frozen random head, and is scored test-then-train (stage 5). With `--method all` the
 backbone is loaded once and the methods run one after another.
 
-Presets (explicit flags override them):
-  quick (default)  embedded MiniLM + Rotten Tomatoes sentences (rt), mean read-out, prompt 10,
-                   batch 16, lr 1e-2, 1,600 steps with labels flipping every 400 (3 flips),
-                   FLH births every 100 steps with FLH2 pruning, FLH's experts scored on the first
-                   8 examples of each batch (--loss-batch 8), alpha 0.1, pools of K=10, and
-                   bf16 autocast where the CPU or GPU has native bf16 (--precision auto).
-                   Why: a single prompt needs 300-400 steps at lr 1e-2 to reach 0.70 prequential
-                   accuracy on rt. Its rolling 100-step accuracy at step 399 (the last before the
-                   first flip) is 0.708, 0.735 and 0.706 for seeds 0-2 (fp32: 0.716, 0.750, 0.723).
-                   300-step regimes fell short (0.71, 0.68, 0.69 at step 299), and lr 2e-2 learned
-                   no faster (0.69, 0.68, 0.66 at step 299). 4 regimes show three recoveries; births
-                   every 100 steps put 4 newcomers in each regime. The recovery threshold is 0.7
-                   (0.8 is above what any method reaches within a regime here). bf16 makes a
-                   single-prompt step 1.2-1.5x and FLH's K-prompt pass about 2.6x faster here.
-                   The loss batch takes FLH from 827-950 s to 566-591 s for 0.7 points of mean
-                   accuracy (3 seeds; README "Performance"). Measured on 2 CPU cores: single
-                   322-347 s, random 306-343 s, similarity 390-436 s, FLH 566-591 s (its pool
-                   grows to 8 prompts).
+Presets (explicit flags override them; `--help` shows both presets' value of every flag):
+  quick (default)  CPU-sized: embedded MiniLM + the Rotten Tomatoes sentences (rt), mean read-out,
+                   prompt 10, batch 16, lr 1e-2, 1,600 steps with labels flipping every 400 (so
+                   the rules recur: original, flipped, original, flipped), FLH births every 100
+                   steps at offset 50, FLH's experts scored on 8 examples of each batch, bf16
+                   autocast where the hardware has native bf16. (Why these numbers, and what each
+                   method costs: the README.)
   paper            the plan's Stage 8: bert-base-uncased + GLUE SST-2 (hub), 10,000 steps, flips
                    every 1,000, births every 500, prompt 20, batch 32, alpha 0.1, lr 1e-3; [CLS]
-                   read-out; checkpoints every 1,000 steps. For a GPU.
+                   read-out; the plan's weighted-sum FLH. For a GPU.
 
 Outputs in runs/<run-name>/: config.json, one folder per method (log.jsonl, run.json with the wall
 time, checkpoints/step_N.pt every --checkpoint-every steps and at the end), metrics.json (one
@@ -141,7 +130,7 @@ def run_method(method, args, model, stream, folder):
     common.write_json(folder / "run.json", {"method": method, "steps_run": args.steps - start, "resumed_from": start,
                                             "wall_seconds": round(wall, 1),
                                             "seconds_per_step": round(wall / (args.steps - start), 4),
-                                            "device": str(model.head.weight.device), "threads": torch.get_num_threads()})
+                                            "device": str(model.device), "threads": torch.get_num_threads()})
     return wall
 
 
@@ -356,23 +345,6 @@ def build_parser():
     return p
 
 
-def main(args):
-    if args.test:
-        return run_tests()
-    if args.analyse:
-        criteria = {Path(run).name: report(Path(run)) for run in args.analyse}
-        return print(criteria_table(criteria)) if len(criteria) > 1 else None
-    apply_preset(args)
-    check_args(args)
-    methods = methods_to_run(args.method, args)
-    args.run_name = args.run_name or f"{args.method}-{args.dataset}-{args.preset}-seed{args.seed}"
-    if args.resume and not (Path(args.out) / args.run_name / "config.json").exists():
-        raise common.UserError(f"--resume: there is no run {Path(args.out) / args.run_name} to continue")
-    folder = common.run_dir(args.out, args.run_name)
-    with common.locked(folder):
-        run_all(args, methods, folder)
-
-
 def check_args(args):
     """Settings that are each fine alone but nonsense together."""
     if args.prune == "diverse" and not args.max_prompts:
@@ -451,6 +423,23 @@ def criteria_table(per_run):
         cells = [f"{'**met**' if c[name]['met'] else 'not met'}: {evidence(name, c[name])}" for c in per_run.values()]
         lines.append(f"| {name[2:].replace('_', ' ')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def main(args):
+    if args.test:
+        return run_tests()
+    if args.analyse:
+        criteria = {Path(run).name: report(Path(run)) for run in args.analyse}
+        return print(criteria_table(criteria)) if len(criteria) > 1 else None
+    apply_preset(args)
+    check_args(args)
+    methods = methods_to_run(args.method, args)
+    args.run_name = args.run_name or f"{args.method}-{args.dataset}-{args.preset}-seed{args.seed}"
+    if args.resume and not (Path(args.out) / args.run_name / "config.json").exists():
+        raise common.UserError(f"--resume: there is no run {Path(args.out) / args.run_name} to continue")
+    folder = common.run_dir(args.out, args.run_name)
+    with common.locked(folder):
+        run_all(args, methods, folder)
 
 
 if __name__ == "__main__":

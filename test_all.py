@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+import bench
 import stage2_stream
 import stage3_backbone
 import stage4_pool
@@ -38,6 +39,11 @@ def test_stage4_pool():
 
 def test_stage5_train():
     stage5_train.run_tests()
+
+
+def test_bench():
+    """The benchmark's alternation, and its table on a tiny model (with and without native bf16) where peft is installed."""
+    bench.run_tests()
 
 
 def test_stage6_baselines():
