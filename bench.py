@@ -16,6 +16,7 @@ bf16 rows are timed only where the device multiplies bf16 natively (AVX512-BF16/
 GPUs); elsewhere bf16 is emulated and slow, so they are skipped, and the table says so.
 Run `--test` for the checks (the alternation; every row on a tiny model, where peft is installed).
 """
+
 import contextlib
 import copy
 import statistics
@@ -45,7 +46,7 @@ def timed_side_by_side(fns, batches, device, rounds=3):
     sync()
     passes = [[] for _ in fns]
     for r in range(rounds):
-        for i in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
+        for i in range(len(fns)) if r % 2 == 0 else reversed(range(len(fns))):
             t0 = time.perf_counter()
             for b in batches:
                 fns[i](b)
@@ -67,7 +68,7 @@ def precision(model, name):
 def grown_flh(model, prompt_length, births, **kw):
     """An FLH learner right after `births` births (pruning by birth index or by the cap needs no
     training in between to reach the pool size a real run has)."""
-    learner = FLHLearner(model, prompt_length, lr=1e-2, birth_interval=10 ** 9, **kw)
+    learner = FLHLearner(model, prompt_length, lr=1e-2, birth_interval=10**9, **kw)
     for _ in range(births):
         learner.birth()
     return learner
@@ -85,25 +86,29 @@ def peft_single_step(model, prompt_length, lr=1e-2):
 
     def step(batch):
         with model.autocast():  # PEFT puts the virtual tokens before [CLS]; we read the text only
-            h = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            h = peft_model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
         m = batch["attention_mask"].unsqueeze(-1).float()
         u = (h[:, prompt_length:].float() * m).sum(1) / m.sum(1)
         loss = F.cross_entropy(model.head(model.temperature * F.normalize(u, dim=-1)), batch["labels"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
     return step
 
 
 def matmul_peak(device, dtype, n=2048, reps=5):
     """FLOP/s of an n x n matrix product: the machine's practical peak for this dtype."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    return 2 * n ** 3 / timed(lambda _: a @ b, [None] * reps, device)
+    return 2 * n**3 / timed(lambda _: a @ b, [None] * reps, device)
 
 
 def bench_backbone(name, device, quick, loss_batch, P=10, B=16, K=20, bf16=None):
     """The table's rows for one backbone on one device: dicts with what, seconds and a ratio to `versus`."""
     from torch.utils.flop_counter import FlopCounterMode
+
     model, tok = load_backbone(name, device=device)
     stream = TextStream(common.load_text_data("rt"), tok, batch_size=B, flip_every_n=None, seed=0)
     batches = [to_device(stream.batch(s), device) for s in range(1, 4 if quick else 11)]
@@ -113,15 +118,29 @@ def bench_backbone(name, device, quick, loss_batch, P=10, B=16, K=20, bf16=None)
 
     def add(key, what, seconds, versus=None, **extra):
         t[key] = seconds
-        rows.append({"backbone": name, "device": device.type, "what": what, "seconds": seconds, "key": key,
-                     "ratio": seconds / t[versus] if versus else None, "versus": versus, **extra})
+        rows.append(
+            {
+                "backbone": name,
+                "device": device.type,
+                "what": what,
+                "seconds": seconds,
+                "key": key,
+                "ratio": seconds / t[versus] if versus else None,
+                "versus": versus,
+                **extra,
+            }
+        )
 
     for prec in ("fp32", "bf16") if bf16 else ("fp32",):
         with precision(model, prec):
             prompt = torch.nn.Parameter(torch.randn(P, model.embed_dim, device=device) * 0.02)
             optimizer = torch.optim.AdamW([prompt], lr=1e-2)
-            ours, theirs = timed_side_by_side([lambda b: train_step(model, prompt, optimizer, b),
-                                               peft_single_step(model, P)], batches, device, rounds=5)
+            ours, theirs = timed_side_by_side(
+                [lambda b: train_step(model, prompt, optimizer, b), peft_single_step(model, P)],
+                batches,
+                device,
+                rounds=5,
+            )
             t[f"peft_{prec}"] = theirs
             add(f"single_{prec}", f"single-prompt step, ours ({prec})", ours, f"peft_{prec}")
             add(f"peft_{prec}", f"single-prompt step, HF PEFT prompt tuning ({prec})", theirs)
@@ -131,22 +150,42 @@ def bench_backbone(name, device, quick, loss_batch, P=10, B=16, K=20, bf16=None)
             with torch.no_grad():
                 seconds = timed(lambda b: forward_with_prompt(model, b, prompt), batches, device)
             peak = matmul_peak(device, torch.float32 if prec == "fp32" else torch.bfloat16)
-            add(f"gflops_{prec}", f"forward pass, achieved GFLOP/s ({prec})", seconds, gflops=flops / seconds / 1e9,
-                peak_gflops=peak / 1e9, tokens_per_s=tokens / t[f"single_{prec}"])
+            add(
+                f"gflops_{prec}",
+                f"forward pass, achieved GFLOP/s ({prec})",
+                seconds,
+                gflops=flops / seconds / 1e9,
+                peak_gflops=peak / 1e9,
+                tokens_per_s=tokens / t[f"single_{prec}"],
+            )
             rows[-1].update(ratio=flops / seconds / peak, versus="matmul peak")
             if quick and name != "minilm":
                 continue  # the FLH rows on a 110M model take minutes; the full benchmark has them
-            setups = [("flh_none", "FLH step, 20 births, no pruning", dict(prune="none")),
-                      ("flh_flh2", "FLH step, 20 births, FLH2", dict(prune="flh2"))]
+            setups = [
+                ("flh_none", "FLH step, 20 births, no pruning", dict(prune="none")),
+                ("flh_flh2", "FLH step, 20 births, FLH2", dict(prune="flh2")),
+            ]
             if prec == "bf16":
-                setups += [("flh_fast", f"FLH step, 20 births, FLH2 + loss batch {loss_batch}",
-                            dict(prune="flh2", loss_batch=loss_batch)),
-                           ("flh_snapshot", f"FLH step, snapshot, cap 8 + loss batch {loss_batch}",
-                            dict(train_mode="snapshot", prune="diverse", max_prompts=8, loss_batch=loss_batch))]
+                setups += [
+                    (
+                        "flh_fast",
+                        f"FLH step, 20 births, FLH2 + loss batch {loss_batch}",
+                        dict(prune="flh2", loss_batch=loss_batch),
+                    ),
+                    (
+                        "flh_snapshot",
+                        f"FLH step, snapshot, cap 8 + loss batch {loss_batch}",
+                        dict(train_mode="snapshot", prune="diverse", max_prompts=8, loss_batch=loss_batch),
+                    ),
+                ]
             for key, what, kw in setups:
                 learner = grown_flh(model, P, 20, **kw)
-                add(f"{key}_{prec}", f"{what} ({prec}, K={len(learner.pool)})",
-                    timed(learner.step, batches, device), f"single_{prec}")
+                add(
+                    f"{key}_{prec}",
+                    f"{what} ({prec}, K={len(learner.pool)})",
+                    timed(learner.step, batches, device),
+                    f"single_{prec}",
+                )
             if prec == "fp32":
                 loss_pass_rows(model, batches, device, P, K, loss_batch, bf16, add)
     return rows
@@ -158,34 +197,66 @@ def loss_pass_rows(model, batches, device, P, K, loss_batch, bf16, add):
     prompts = torch.randn(K, P, model.embed_dim, device=device) * 0.02
     with torch.no_grad():
         pad = min(128, text_budget(model, P))  # the reference pads every text to 128 tokens
-        padded = [{k: F.pad(b[k], (0, pad - b[k].shape[1])) for k in ("input_ids", "attention_mask")} for b in batches]
+        padded = [
+            {k: F.pad(b[k], (0, pad - b[k].shape[1])) for k in ("input_ids", "attention_mask")}
+            for b in batches
+        ]
         loop = lambda b: [forward_with_prompt(model, b, p) for p in prompts]  # noqa: E731
-        add("pass_reference", f"loss pass, {K} prompts: loop, padded to 128 (reference)", timed(loop, padded, device))
-        add("pass_loop", f"loss pass, {K} prompts: loop of forwards", timed(loop, batches, device), "pass_reference")
-        add("pass_batched", f"loss pass, {K} prompts: one batched pass", timed(
-            lambda b: forward_with_prompts(model, b, prompts), batches, device), "pass_reference")
+        add(
+            "pass_reference",
+            f"loss pass, {K} prompts: loop, padded to 128 (reference)",
+            timed(loop, padded, device),
+        )
+        add(
+            "pass_loop",
+            f"loss pass, {K} prompts: loop of forwards",
+            timed(loop, batches, device),
+            "pass_reference",
+        )
+        add(
+            "pass_batched",
+            f"loss pass, {K} prompts: one batched pass",
+            timed(lambda b: forward_with_prompts(model, b, prompts), batches, device),
+            "pass_reference",
+        )
         if bf16:
             sub = [{k: v[:loss_batch] for k, v in b.items() if torch.is_tensor(v)} for b in batches]
             with precision(model, "bf16"):
-                add("pass_fast", f"loss pass, {K} prompts: batched, bf16, loss batch {loss_batch}", timed(
-                    lambda b: forward_with_prompts(model, b, prompts), sub, device), "pass_reference")
+                add(
+                    "pass_fast",
+                    f"loss pass, {K} prompts: batched, bf16, loss batch {loss_batch}",
+                    timed(lambda b: forward_with_prompts(model, b, prompts), sub, device),
+                    "pass_reference",
+                )
 
 
 def bench(args):
     """The README's performance table, printed and written to <out>/bench/bench.json."""
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     torch.manual_seed(args.seed)
-    rows = [r for d in devices for name in common.progress(["minilm", "random:bert-base"], desc=f"bench {d.type}")
-            for r in bench_backbone(name, d, args.quick, args.loss_batch)]
+    rows = [
+        r
+        for d in devices
+        for name in common.progress(["minilm", "random:bert-base"], desc=f"bench {d.type}")
+        for r in bench_backbone(name, d, args.quick, args.loss_batch)
+    ]
     print(f"{'backbone':<17}{'what':<66}{'s/step':>8}{'ratio':>8}  versus")
     for r in rows:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
         extra = f"  ({r['gflops']:.0f} of {r['peak_gflops']:.0f} GFLOP/s)" if "gflops" in r else ""
         print(f"{r['backbone']:<17}{r['what']:<66}{r['seconds']:8.3f}{ratio:>8}  {r['versus'] or ''}{extra}")
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_bf16": common.fast_bf16(torch.device("cpu")),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "quick": args.quick}
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_bf16": common.fast_bf16(torch.device("cpu")),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "quick": args.quick,
+    }
     if not meta["cpu_bf16"]:
-        print("this CPU has no native bf16 (AVX512-BF16 or AMX): its bf16 rows were skipped (emulated bf16 is slow)")
+        print(
+            "this CPU has no native bf16 (AVX512-BF16 or AMX): its bf16 rows were skipped (emulated "
+            "bf16 is slow)"
+        )
     out = common.run_dir(args.out, "bench")
     common.write_json(out / "bench.json", {"machine": meta, "rows": rows})
     print(f"-> {out / 'bench.json'}" + ("" if meta["gpu"] else "; no GPU here, so no GPU rows"))
@@ -194,8 +265,9 @@ def bench(args):
 def run_tests():
     t0 = time.time()
     calls = []
-    assert timed_side_by_side([lambda b: calls.append("a"), lambda b: calls.append("b")], [0], torch.device("cpu"), 3) \
-        and calls == ["a", "b", "a", "b", "b", "a", "a", "b"], calls  # warm-ups, then alternating passes
+    assert timed_side_by_side(
+        [lambda b: calls.append("a"), lambda b: calls.append("b")], [0], torch.device("cpu"), 3
+    ) and calls == ["a", "b", "a", "b", "b", "a", "a", "b"], calls  # warm-ups, then alternating passes
     print("  ok: timed_side_by_side warms each function up once, then alternates A B, B A, A B")
     try:
         import peft  # noqa: F401  (the comparison's library; not a dependency)
@@ -203,24 +275,34 @@ def run_tests():
         print("  skipped: the table's rows (needs peft, installed only for benchmarking)")
     else:
         for bf16 in (True, False):  # with native bf16, and as on a CPU without it
-            rows = bench_backbone("random:tiny-bert", torch.device("cpu"), quick=False, loss_batch=4, B=8, K=4, bf16=bf16)
+            rows = bench_backbone(
+                "random:tiny-bert", torch.device("cpu"), quick=False, loss_batch=4, B=8, K=4, bf16=bf16
+            )
             keys = {r["key"] for r in rows}
             precs = ("fp32", "bf16") if bf16 else ("fp32",)
             want = {f"{k}_{p}" for k in ("single", "peft", "gflops", "flh_none", "flh_flh2") for p in precs}
-            want |= {"pass_reference", "pass_loop", "pass_batched"} | ({"flh_fast_bf16", "flh_snapshot_bf16", "pass_fast"}
-                                                                       if bf16 else set())
+            want |= {"pass_reference", "pass_loop", "pass_batched"} | (
+                {"flh_fast_bf16", "flh_snapshot_bf16", "pass_fast"} if bf16 else set()
+            )
             assert keys == want, keys ^ want
             assert all(r["seconds"] > 0 and (r["ratio"] is None or r["ratio"] > 0) for r in rows)
-        print(f"  ok: every row on random:tiny-bert with a positive time and ratio; without native bf16 only the "
-              f"{len(keys)} fp32 rows")
+        print(
+            "  ok: every row on random:tiny-bert with a positive time and ratio; without native bf16 "
+            "only the "
+            f"{len(keys)} fp32 rows"
+        )
     print(f"bench checks passed in {time.time() - t0:.1f}s")
 
 
 def build_parser():
     p = common.Parser(description="Time our steps side by side with HF PEFT's (the README's 'Performance').")
     p.add_argument("--quick", action="store_true", help="fewer repeats, FLH rows on minilm only")
-    p.add_argument("--loss-batch", type=common.positive_int, default=8,
-                   help="the loss batch of the fast FLH and snapshot rows (default: 8)")
+    p.add_argument(
+        "--loss-batch",
+        type=common.positive_int,
+        default=8,
+        help="the loss batch of the fast FLH and snapshot rows (default: 8)",
+    )
     common.add_common_args(p, run_name="bench")
     return p
 

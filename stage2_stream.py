@@ -28,6 +28,7 @@ Run `python stage2_stream.py` to print a few batches, `--test` for the checks (5
 the embedded Rotten Tomatoes sentences; the flip lands exactly at step 1000; the domain of the
 multi-domain stream really changes).
 """
+
 import math
 import time
 
@@ -40,6 +41,7 @@ import common
 def load_tokenizer(backbone):
     """The tokenizer that goes with a backbone name (see common.resolve_text_backbone)."""
     from transformers import AutoTokenizer
+
     _, tokenizer_source, _ = common.resolve_text_backbone(backbone)
     return common.from_pretrained(AutoTokenizer, tokenizer_source, "backbone")
 
@@ -50,11 +52,21 @@ class TextStream:
     domains: {name: (texts, labels)}; several domains rotate every `steps_per_domain` steps
     (None merges them into one). flip_every_n: None for no flips."""
 
-    def __init__(self, domains, tokenizer, batch_size=16, max_length=128, flip_every_n=1000,
-                 steps_per_domain=None, seed=0):
+    def __init__(
+        self,
+        domains,
+        tokenizer,
+        batch_size=16,
+        max_length=128,
+        flip_every_n=1000,
+        steps_per_domain=None,
+        seed=0,
+    ):
         if steps_per_domain is None and len(domains) > 1:
-            merged = ([t for ts, _ in domains.values() for t in ts],
-                      [y for _, ys in domains.values() for y in ys])
+            merged = (
+                [t for ts, _ in domains.values() for t in ts],
+                [y for _, ys in domains.values() for y in ys],
+            )
             domains = {"+".join(domains): merged}
         self.names = list(domains)
         self.texts = [list(domains[d][0]) for d in self.names]
@@ -99,14 +111,22 @@ class TextStream:
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, ids in enumerate(rows):
-            input_ids[r, :len(ids)] = torch.tensor(ids)
-            attention_mask[r, :len(ids)] = 1
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            attention_mask[r, : len(ids)] = 1
         flipped = bool(self.flip_every_n) and (step // self.flip_every_n) % 2 == 1
         labels = self.labels[d][index]
         concept = 2 * d + flipped if self.flip_every_n else d
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": 1 - labels if flipped else labels, "index": index, "step": step,
-                "regime": self.regime(step), "concept": concept, "domain": self.names[d], "flipped": flipped}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": 1 - labels if flipped else labels,
+            "index": index,
+            "step": step,
+            "regime": self.regime(step),
+            "concept": concept,
+            "domain": self.names[d],
+            "flipped": flipped,
+        }
 
     def iterate(self, start=0):
         """Batches start, start+1, ... forever."""
@@ -120,18 +140,35 @@ class TextStream:
 # Flags shared by every text stage
 # ----------------------------------------------------------------------------------------------
 def add_stream_args(parser):
-    parser.add_argument("--dataset", default="rt",
-                        help="rt (embedded Rotten Tomatoes sentences, default) | imdb | multidomain "
-                             "(VADER: amazon, movies, nyt, tweets) | sst2 (hub) | a save_to_disk folder")
-    parser.add_argument("--batch-size", type=common.positive_int, default=16, help="examples per batch (default: 16)")
-    parser.add_argument("--max-length", type=common.positive_int, default=128,
-                        help="max text tokens per example incl. [CLS]/[SEP] (default: 128)")
-    parser.add_argument("--flip-interval", type=common.positive_int, default=None,
-                        help="steps between label flips (default: 1000 for single-domain data, "
-                             "no flips for multi-domain data)")
+    parser.add_argument(
+        "--dataset",
+        default="rt",
+        help="rt (embedded Rotten Tomatoes sentences, default) | imdb | multidomain "
+        "(VADER: amazon, movies, nyt, tweets) | sst2 (hub) | a save_to_disk folder",
+    )
+    parser.add_argument(
+        "--batch-size", type=common.positive_int, default=16, help="examples per batch (default: 16)"
+    )
+    parser.add_argument(
+        "--max-length",
+        type=common.positive_int,
+        default=128,
+        help="max text tokens per example incl. [CLS]/[SEP] (default: 128)",
+    )
+    parser.add_argument(
+        "--flip-interval",
+        type=common.positive_int,
+        default=None,
+        help="steps between label flips (default: 1000 for single-domain data, "
+        "no flips for multi-domain data)",
+    )
     parser.add_argument("--no-flip", action="store_true", help="never flip labels")
-    parser.add_argument("--steps-per-domain", type=common.positive_int, default=1000,
-                        help="steps per domain when the data has several (default: 1000)")
+    parser.add_argument(
+        "--steps-per-domain",
+        type=common.positive_int,
+        default=1000,
+        help="steps per domain when the data has several (default: 1000)",
+    )
 
 
 def build_stream(args, tokenizer, max_length=None):
@@ -141,11 +178,19 @@ def build_stream(args, tokenizer, max_length=None):
     domains = common.load_text_data(args.dataset)
     smallest = min(len(texts) for texts, _ in domains.values())
     if args.batch_size > smallest:
-        raise common.UserError(f"--batch-size {args.batch_size} is larger than the data ({smallest} examples)")
+        raise common.UserError(
+            f"--batch-size {args.batch_size} is larger than the data ({smallest} examples)"
+        )
     flip = args.flip_interval or (1000 if len(domains) == 1 else None)
-    return TextStream(domains, tokenizer, batch_size=args.batch_size,
-                      max_length=max_length or args.max_length, flip_every_n=None if args.no_flip else flip,
-                      steps_per_domain=args.steps_per_domain, seed=args.seed)
+    return TextStream(
+        domains,
+        tokenizer,
+        batch_size=args.batch_size,
+        max_length=max_length or args.max_length,
+        flip_every_n=None if args.no_flip else flip,
+        steps_per_domain=args.steps_per_domain,
+        seed=args.seed,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,8 +208,10 @@ def run_tests():
     for s in (999, 1000, 1001):
         b = batches[s]
         i = int(b["index"][0])
-        print(f"  step {s}: regime {b['regime']} flipped={b['flipped']} label {int(b['labels'][0])} "
-              f"(original {labels[i]}): {texts[i][:60]!r}")
+        print(
+            f"  step {s}: regime {b['regime']} flipped={b['flipped']} label {int(b['labels'][0])} "
+            f"(original {labels[i]}): {texts[i][:60]!r}"
+        )
     for b in batches:
         s, orig = b["step"], torch.tensor([labels[i] for i in b["index"]])
         flipped = (s // 1000) % 2 == 1
@@ -172,7 +219,9 @@ def run_tests():
         assert torch.equal(b["labels"], 1 - orig if flipped else orig), f"labels wrong at step {s}"
         assert b["input_ids"].shape == b["attention_mask"].shape
         # padded only to the longest row: some row is full length, and no column is all padding
-        assert b["attention_mask"][:, -1].any() and b["attention_mask"].sum(1).max() == b["input_ids"].shape[1]
+        assert (
+            b["attention_mask"][:, -1].any() and b["attention_mask"].sum(1).max() == b["input_ids"].shape[1]
+        )
     assert batches[999]["regime"] == 0 and batches[1000]["regime"] == 1, "flip is not exactly at step 1000"
     print("  ok: labels flip exactly at steps 1000, 2000, ...; regimes 0..4 over 5000 steps")
 
@@ -181,8 +230,8 @@ def run_tests():
     order = torch.cat([b["index"] for b in batches])
     assert len(order) > 9 * n
     for e in range(9):
-        assert sorted(order[e * n:(e + 1) * n].tolist()) == list(range(n)), f"pass {e} is not a permutation"
-    assert not torch.equal(order[:n], order[n:2 * n]), "passes are not reshuffled"
+        assert sorted(order[e * n : (e + 1) * n].tolist()) == list(range(n)), f"pass {e} is not a permutation"
+    assert not torch.equal(order[:n], order[n : 2 * n]), "passes are not reshuffled"
     assert torch.equal(stream.batch(4321)["input_ids"], batches[4321]["input_ids"]), "random access differs"
     other = TextStream(rt, tok, batch_size=16, seed=1)
     assert not torch.equal(other.batch(0)["index"], batches[0]["index"]), "seed is ignored"
@@ -195,12 +244,16 @@ def run_tests():
     for s in range(0, 450, 1):
         b = ms.batch(s)
         want = common.VADER_DOMAINS[(s // 50) % 4]
-        assert b["domain"] == want and b["regime"] == s // 50 and b["concept"] == (s // 50) % 4, (s, b["domain"], want)
+        assert b["domain"] == want and b["regime"] == s // 50 and b["concept"] == (s // 50) % 4, (
+            s,
+            b["domain"],
+            want,
+        )
         if s % 50 in (0, 49):
             dt, dl = md[want]
             fresh = tok([dt[i] for i in b["index"]], truncation=True, max_length=128)["input_ids"]
             for r, ids in enumerate(fresh):
-                assert b["input_ids"][r, :len(ids)].tolist() == ids, f"batch {s} is not from {want}"
+                assert b["input_ids"][r, : len(ids)].tolist() == ids, f"batch {s} is not from {want}"
             assert b["labels"].tolist() == [dl[i] for i in b["index"]]
             seen.append(b["domain"])
     assert seen[:4] == ["amazon", "amazon", "movies", "movies"]
@@ -219,7 +272,9 @@ def build_parser():
     p = common.Parser(description="Stage 2: print a few batches of the changing stream.")
     add_stream_args(p)
     p.add_argument("--backbone", default="minilm", help="whose tokenizer to use (default: minilm)")
-    p.add_argument("--show", type=common.positive_int, default=3, help="how many batches to print (default: 3)")
+    p.add_argument(
+        "--show", type=common.positive_int, default=3, help="how many batches to print (default: 3)"
+    )
     p.add_argument("--start", type=common.nonneg_int, default=0, help="first step to print (default: 0)")
     common.add_common_args(p, run_name="stream")
     return p
@@ -232,8 +287,10 @@ def main(args):
     stream = build_stream(args, tok)
     for s in range(args.start, args.start + args.show):
         b = stream.batch(s)
-        print(f"step {s} regime {b['regime']} domain {b['domain']} flipped={b['flipped']} "
-              f"shape {tuple(b['input_ids'].shape)}")
+        print(
+            f"step {s} regime {b['regime']} domain {b['domain']} flipped={b['flipped']} "
+            f"shape {tuple(b['input_ids'].shape)}"
+        )
         for ids, y in zip(b["input_ids"][:3], b["labels"][:3]):
             print(f"  label {int(y)}: {tok.decode(ids, skip_special_tokens=True)[:70]}")
 

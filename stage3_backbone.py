@@ -28,6 +28,7 @@ the learners and the metrics run on images unchanged.
 Run `python stage3_backbone.py` to load a backbone and time a forward, `--test` for the checks
 (shapes; gradients reach the prompt only; batched == looped; too-long inputs fail clearly).
 """
+
 import time
 
 import torch
@@ -89,15 +90,21 @@ class FrozenTextClassifier(FrozenBackbone):
         """Logits [N, C] of N rows, row n read with its own prompt [N, P, D]: the core of every forward."""
         N, P, D = prompts.shape
         if P + emb.shape[1] > self.max_positions:
-            raise common.UserError(f"prompt ({P}) + text ({emb.shape[1]}) tokens exceed the backbone's position "
-                                   f"table ({self.max_positions}); lower --max-length or --prompt-length")
+            raise common.UserError(
+                f"prompt ({P}) + text ({emb.shape[1]}) tokens exceed the backbone's position "
+                f"table ({self.max_positions}); lower --max-length or --prompt-length"
+            )
         ones = mask.new_ones(N, P)
-        x = torch.cat([emb[:, :1], prompts.to(emb.dtype), emb[:, 1:]], 1)             # [N, 1+P+L-1, D]
-        hidden, pooler = self.encode(inputs_embeds=x, attention_mask=torch.cat([mask[:, :1], ones, mask[:, 1:]], 1))
+        x = torch.cat([emb[:, :1], prompts.to(emb.dtype), emb[:, 1:]], 1)  # [N, 1+P+L-1, D]
+        hidden, pooler = self.encode(
+            inputs_embeds=x, attention_mask=torch.cat([mask[:, :1], ones, mask[:, 1:]], 1)
+        )
         if self.pooling == "cls":
             pooled = pooler if pooler is not None else hidden[:, 0]
         else:
-            text = torch.cat([mask[:, :1], ones * 0, mask[:, 1:]], 1).unsqueeze(-1).to(hidden.dtype)  # no prompt
+            text = (
+                torch.cat([mask[:, :1], ones * 0, mask[:, 1:]], 1).unsqueeze(-1).to(hidden.dtype)
+            )  # no prompt
             u = (hidden * text).sum(1) / text.sum(1)
             pooled = self.temperature * F.normalize(u, dim=-1)
         return self.head(pooled)
@@ -121,6 +128,7 @@ class FrozenTextClassifier(FrozenBackbone):
 def load_backbone(name="minilm", num_labels=2, pooling=None, head_seed=0, device="cpu"):
     """Backbone name -> (FrozenTextClassifier on `device`, tokenizer). pooling None = the default."""
     from transformers import AutoModel, PretrainedConfig
+
     source, _, default_pooling = common.resolve_text_backbone(name)
     if isinstance(source, PretrainedConfig):
         with torch.random.fork_rng():  # random weights, but the same ones every time
@@ -136,19 +144,21 @@ def text_budget(model, prompt_length):
     """How many text tokens ([CLS] and [SEP] included) fit beside a prompt of this length."""
     budget = model.max_positions - prompt_length
     if budget < 3:
-        raise common.UserError(f"a prompt of {prompt_length} tokens leaves no room for text in the "
-                               f"backbone's {model.max_positions} positions; lower --prompt-length")
+        raise common.UserError(
+            f"a prompt of {prompt_length} tokens leaves no room for text in the "
+            f"backbone's {model.max_positions} positions; lower --prompt-length"
+        )
     return budget
 
 
 def forward_with_prompts(model, batch, prompts, max_rows=512):
     """Logits [K, B, C] of the batch under each of K prompts [K, P, D], in chunks of <= max_rows rows."""
-    emb, mask = model.embed(batch)                                      # [B, L, D], looked up once
+    emb, mask = model.embed(batch)  # [B, L, D], looked up once
     K, B = prompts.shape[0], emb.shape[0]
     per_chunk = max(1, max_rows // B)
     out = []
     for k0 in range(0, K, per_chunk):
-        p = prompts[k0:k0 + per_chunk]
+        p = prompts[k0 : k0 + per_chunk]
         k = p.shape[0]
         rows = model.read(emb.repeat(k, 1, 1), mask.repeat(k, 1), p.repeat_interleave(B, 0))
         out.append(rows.view(k, B, -1))
@@ -178,7 +188,9 @@ def run_tests():
     t0 = time.time()
     torch.manual_seed(0)
     model, tok = load_backbone("random:tiny-bert", pooling="cls")
-    enc = tok(["a fine film .", "dull and far too long , with nothing to say"], padding=True, return_tensors="pt")
+    enc = tok(
+        ["a fine film .", "dull and far too long , with nothing to say"], padding=True, return_tensors="pt"
+    )
     ids, mask = enc["input_ids"], enc["attention_mask"]
     batch = {"input_ids": ids, "attention_mask": mask}
     D = model.embed_dim
@@ -187,13 +199,16 @@ def run_tests():
     assert logits.shape == (2, 2), logits.shape
     logits.logsumexp(-1).sum().backward()
     assert prompt.grad is not None and prompt.grad.abs().sum() > 0, "no gradient reached the prompt"
-    assert all(p.grad is None and not p.requires_grad for p in model.parameters()), "a backbone weight has a gradient"
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters()), (
+        "a backbone weight has a gradient"
+    )
     print("  ok: logits [B, C]; the gradient reaches the prompt and no backbone parameter")
 
     # [CLS] stays first: the prompt sits at positions 1..P, and the pooler reads position 0.
     seen = {}
-    hook = model.encoder.embeddings.register_forward_hook(lambda m, a, kw, out: seen.update(x=kw["inputs_embeds"]),
-                                                          with_kwargs=True)
+    hook = model.encoder.embeddings.register_forward_hook(
+        lambda m, a, kw, out: seen.update(x=kw["inputs_embeds"]), with_kwargs=True
+    )
     forward_with_prompt(model, batch, prompt.detach())
     hook.remove()
     cls = model.encoder.get_input_embeddings().weight[tok.cls_token_id]
@@ -203,12 +218,14 @@ def run_tests():
     for pooling in ("cls", "mean"):
         model.pooling = pooling
         prompts = torch.randn(7, 5, D) * 0.5
-        batched = forward_with_prompts(model, batch, prompts, max_rows=6)   # chunks of 3 prompts
+        batched = forward_with_prompts(model, batch, prompts, max_rows=6)  # chunks of 3 prompts
         looped = torch.stack([forward_with_prompt(model, batch, p) for p in prompts])
         diff = (batched - looped).abs().max().item()
         assert batched.shape == (7, 2, 2) and diff < 1e-5, (pooling, diff)
-        print(f"  ok: batched K=7 (in chunks) equals looped, pooling={pooling}, max |diff| = {diff:.1e}; "
-              "per-example prompts too")
+        print(
+            f"  ok: batched K=7 (in chunks) equals looped, pooling={pooling}, max |diff| = {diff:.1e}; "
+            "per-example prompts too"
+        )
         per_example = forward_with_example_prompts(model, batch, prompts[[3, 5]])
         assert torch.allclose(per_example, torch.stack([looped[3, 0], looped[5, 1]]), atol=1e-5)
     # mean read-out ignores padding: a padded row gives the same logits as the row alone
@@ -221,7 +238,9 @@ def run_tests():
     long_ids = torch.full((1, 125), 1000)
     long_ids[0, 0] = tok.cls_token_id
     try:
-        forward_with_prompt(model, {"input_ids": long_ids, "attention_mask": torch.ones_like(long_ids)}, prompt)
+        forward_with_prompt(
+            model, {"input_ids": long_ids, "attention_mask": torch.ones_like(long_ids)}, prompt
+        )
         raise AssertionError("a too-long input was accepted")
     except common.UserError as e:
         assert "position table" in str(e)
@@ -242,19 +261,33 @@ def run_tests():
     half = forward_with_prompt(mini, enc, p)
     diff = (full - half).abs().max().item()
     assert half.dtype == torch.float32 and 0 < diff < 0.05 * full.abs().max().item(), diff
-    print(f"  ok: bf16 autocast changes the logits by at most {diff:.1e} (of up to {full.abs().max():.2f}), output fp32")
+    print(
+        f"  ok: bf16 autocast changes the logits by at most {diff:.1e} (of up to "
+        f"{full.abs().max():.2f}), output fp32"
+    )
     print(f"stage 3 checks passed in {time.time() - t0:.1f}s")
 
 
 def build_parser():
     p = common.Parser(description="Stage 3: load a frozen backbone and time a prompted forward pass.")
-    p.add_argument("--backbone", default="minilm",
-                   help="minilm (embedded, default) | random:tiny-bert | random:bert-base | hub id | folder")
-    p.add_argument("--pooling", choices=["cls", "mean"], default=None,
-                   help="read-out: [CLS] via the pooler, or mean of text tokens (default: mean for minilm, else cls)")
+    p.add_argument(
+        "--backbone",
+        default="minilm",
+        help="minilm (embedded, default) | random:tiny-bert | random:bert-base | hub id | folder",
+    )
+    p.add_argument(
+        "--pooling",
+        choices=["cls", "mean"],
+        default=None,
+        help="read-out: [CLS] via the pooler, or mean of text tokens (default: mean for minilm, else cls)",
+    )
     p.add_argument("--prompt-length", type=common.positive_int, default=10, help="soft tokens (default: 10)")
-    p.add_argument("--num-prompts", type=common.positive_int, default=8, help="K for the batched pass (default: 8)")
-    p.add_argument("--batch-size", type=common.positive_int, default=16, help="examples per batch (default: 16)")
+    p.add_argument(
+        "--num-prompts", type=common.positive_int, default=8, help="K for the batched pass (default: 8)"
+    )
+    p.add_argument(
+        "--batch-size", type=common.positive_int, default=16, help="examples per batch (default: 16)"
+    )
     common.add_common_args(p, run_name="backbone")
     return p
 
@@ -266,14 +299,19 @@ def main(args):
     device = common.resolve_device(args.device)
     model, tok = load_backbone(args.backbone, pooling=args.pooling, device=device)
     tr, fr = count_params(model)
-    print(f"{args.backbone}: {fr:,} frozen parameters, {tr} trainable; read-out {model.pooling}; "
-          f"prompt {args.prompt_length} x {model.embed_dim} = {args.prompt_length * model.embed_dim:,} trainable")
+    print(
+        f"{args.backbone}: {fr:,} frozen parameters, {tr} trainable; read-out {model.pooling}; "
+        f"prompt {args.prompt_length} x {model.embed_dim} = {args.prompt_length * model.embed_dim:,} "
+        "trainable"
+    )
     texts = ["a gripping, beautifully acted film ."] * args.batch_size
     enc = {k: v.to(device) for k, v in tok(texts, return_tensors="pt").items()}
     prompts = torch.randn(args.num_prompts, args.prompt_length, model.embed_dim, device=device) * 0.02
     with torch.no_grad():
-        for name, fn in [("one prompt", lambda: forward_with_prompt(model, enc, prompts[0])),
-                         (f"{args.num_prompts} prompts batched", lambda: forward_with_prompts(model, enc, prompts))]:
+        for name, fn in [
+            ("one prompt", lambda: forward_with_prompt(model, enc, prompts[0])),
+            (f"{args.num_prompts} prompts batched", lambda: forward_with_prompts(model, enc, prompts)),
+        ]:
             fn()
             t = time.perf_counter()
             out = fn()

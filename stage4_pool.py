@@ -47,6 +47,7 @@ the same batched pass that gives the losses (it returns the logits too).
 
 Run `python stage4_pool.py` for a small simulation, `--test` for the arithmetic checks.
 """
+
 import math
 import time
 from collections import deque
@@ -59,7 +60,6 @@ from torch import nn
 
 import common
 from stage3_backbone import forward_with_prompt, forward_with_prompts, load_backbone
-
 
 PRUNING = ["none", "flh2", "diverse"]
 
@@ -84,8 +84,18 @@ def mean_js(a, b):
 class FLHPromptPool(nn.Module):
     """Soft prompts [P, D] with FLH weights, a Fixed Share floor and pruning (see the docstring above)."""
 
-    def __init__(self, prompt_length, embed_dim, alpha=0.1, prune="none", max_prompts=None, init_std=0.02,
-                 device="cpu", share=0.0, window=10):
+    def __init__(
+        self,
+        prompt_length,
+        embed_dim,
+        alpha=0.1,
+        prune="none",
+        max_prompts=None,
+        init_std=0.02,
+        device="cpu",
+        share=0.0,
+        window=10,
+    ):
         super().__init__()
         if prune not in PRUNING:
             raise common.UserError(f"unknown pruning {prune!r}; choose from {', '.join(PRUNING)}")
@@ -98,10 +108,10 @@ class FLHPromptPool(nn.Module):
         self.device = torch.device(device)  # where prompts live; weights stay on the CPU in float64
         self.prompts = nn.ParameterList()
         self.log_w = torch.zeros(0, dtype=torch.float64)
-        self.birth_ids = []      # the birth index t of each live prompt (1-based, ever increasing)
+        self.birth_ids = []  # the birth index t of each live prompt (1-based, ever increasing)
         self.num_births = 0
-        self.window = window     # batches of predictions kept per expert for `diverse`
-        self.recent = {}         # birth id -> deque of (step, probabilities [B, C] as float32 numpy)
+        self.window = window  # batches of predictions kept per expert for `diverse`
+        self.recent = {}  # birth id -> deque of (step, probabilities [B, C] as float32 numpy)
 
     def __len__(self):
         return len(self.prompts)
@@ -138,7 +148,10 @@ class FLHPromptPool(nn.Module):
         for a in range(len(self)):
             for b in range(a + 1, len(self)):
                 if a in candidates or b in candidates:
-                    js = mean_js(dict(self.recent.get(self.birth_ids[a], ())), dict(self.recent.get(self.birth_ids[b], ())))
+                    js = mean_js(
+                        dict(self.recent.get(self.birth_ids[a], ())),
+                        dict(self.recent.get(self.birth_ids[b], ())),
+                    )
                     if js is not None and (best is None or js < best[0]):
                         best = (js, a, b)
         return best and best[1:]
@@ -173,7 +186,7 @@ class FLHPromptPool(nn.Module):
                 removed += self.remove([i for i in range(len(self)) if i != victim])
         if self.prune != "diverse" and self.max_prompts and len(self) >= self.max_prompts:
             order = sorted(range(len(self)), key=lambda i: -self.log_w[i].item())
-            removed += self.remove(sorted(order[:self.max_prompts - 1]))
+            removed += self.remove(sorted(order[: self.max_prompts - 1]))
         if init is None:
             init = torch.randn(self.prompt_length, self.embed_dim) * self.init_std
         prompt = nn.Parameter(init.detach().clone().to(self.device))
@@ -216,8 +229,9 @@ class FLHPromptPool(nn.Module):
         no-grad pass. Returns (losses [K], logits [K, B, C])."""
         prompts = self.stacked() if prompts is None else prompts
         if len(prompts) == 0:
-            return torch.zeros(0, device=self.device), torch.zeros(0, len(batch["labels"]), model.head.out_features,
-                                                                   device=self.device)
+            return torch.zeros(0, device=self.device), torch.zeros(
+                0, len(batch["labels"]), model.head.out_features, device=self.device
+            )
         logits = forward_with_prompts(model, batch, prompts)
         return per_prompt_losses(logits, batch["labels"]), logits
 
@@ -228,9 +242,13 @@ class FLHPromptPool(nn.Module):
 
     # -- checkpointing ------------------------------------------------------------------------
     def state(self):
-        return {"prompts": self.stacked().detach().cpu(), "log_w": self.log_w.clone(),
-                "birth_ids": list(self.birth_ids), "num_births": self.num_births,
-                "recent": {j: list(d) for j, d in self.recent.items()}}
+        return {
+            "prompts": self.stacked().detach().cpu(),
+            "log_w": self.log_w.clone(),
+            "birth_ids": list(self.birth_ids),
+            "num_births": self.num_births,
+            "recent": {j: list(d) for j, d in self.recent.items()},
+        }
 
     def load_state(self, state):
         self.prompts = nn.ParameterList([nn.Parameter(p.clone().to(self.device)) for p in state["prompts"]])
@@ -259,7 +277,7 @@ def run_tests():
     pool.update_weights([0.5, 1.0, 2.0])
     after = pool.weights
     assert after[0] > before[0] and after[2] < before[2] and max(range(3), key=after.__getitem__) == 0
-    expected = [math.exp(-l) for l in (0.5, 1.0, 2.0)]
+    expected = [math.exp(-loss) for loss in (0.5, 1.0, 2.0)]
     assert all(abs(a - e / sum(expected)) < 1e-12 for a, e in zip(after, expected))
     print(f"  ok: plan's test: weights {[round(w, 3) for w in before]} -> {[round(w, 3) for w in after]}")
 
@@ -291,7 +309,10 @@ def run_tests():
         most = max(most, len(pool))
     bound = 2 * math.log2(1000) + 4
     assert len(pool) <= bound and most <= bound, (len(pool), most)
-    print(f"  ok: FLH2 keeps {len(pool)} of 1000 prompts alive (at most {most}; bound {bound:.1f}), newest never pruned")
+    print(
+        f"  ok: FLH2 keeps {len(pool)} of 1000 prompts alive (at most {most}; bound {bound:.1f}), "
+        "newest never pruned"
+    )
 
     # Fixed Share against a hand computation: weights [0.7, 0.2, 0.1], losses [1, 0, 2], alpha 1,
     # share 0.1: v = w e^-l / sum = [0.7/e, 0.2, 0.1/e^2] / Z, then 0.9 v + 0.1 / 3.
@@ -300,7 +321,7 @@ def run_tests():
         pool.birth_prompt()
     pool.log_w = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64).log()
     pool.update_weights([1.0, 0.0, 2.0])
-    v = [0.7 / math.e, 0.2, 0.1 / math.e ** 2]
+    v = [0.7 / math.e, 0.2, 0.1 / math.e**2]
     hand = [0.9 * x / sum(v) + 0.1 / 3 for x in v]
     assert all(abs(a - b) < 1e-12 for a, b in zip(pool.weights, hand)), (pool.weights, hand)
     for _ in range(1000):  # the floor holds however bad an expert's losses are
@@ -315,8 +336,10 @@ def run_tests():
         losses = torch.rand(len(a), generator=g) * 3
         a.update_weights(losses), b.update_weights(losses)
     assert torch.equal(a.log_w, b.log_w)
-    print(f"  ok: Fixed Share equals the hand computation {[round(w, 4) for w in hand]}, keeps every weight "
-          ">= share/K, and share=0 is bit-identical to plain FLH")
+    print(
+        f"  ok: Fixed Share equals the hand computation {[round(w, 4) for w in hand]}, keeps every weight "
+        ">= share/K, and share=0 is bit-identical to plain FLH"
+    )
 
     # diverse: of two identical experts the redundant (lighter) one goes; never the leader or the live prompt.
     pool = FLHPromptPool(2, 2, prune="diverse", max_prompts=4, window=3)
@@ -326,7 +349,7 @@ def run_tests():
     g = torch.Generator().manual_seed(1)
     for step in range(3):
         logits = torch.randn(4, 6, 2, generator=g) * 3
-        logits[2] = logits[0]            # experts 1 and 3 (birth ids) predict the same: one is redundant
+        logits[2] = logits[0]  # experts 1 and 3 (birth ids) predict the same: one is redundant
         pool.record(step, logits)
     pool.birth_prompt()
     assert pool.birth_ids == [2, 3, 4, 5], pool.birth_ids  # id 1 (0.10) was lighter than its twin id 3 (0.15)
@@ -338,13 +361,13 @@ def run_tests():
     pool.log_w = torch.tensor([0.2, 0.5, 0.05, 0.25], dtype=torch.float64).log()
     for step in range(3):
         logits = torch.randn(4, 6, 2, generator=g) * 3
-        logits[3] = logits[1]            # leader == live: the most alike pair, both protected
-        logits[2] = logits[0] + 0.1      # the next most alike pair: ids 1 and 3; id 3 is lighter
+        logits[3] = logits[1]  # leader == live: the most alike pair, both protected
+        logits[2] = logits[0] + 0.1  # the next most alike pair: ids 1 and 3; id 3 is lighter
         pool.record(step, logits)
     pool.birth_prompt()
     assert pool.birth_ids == [1, 2, 4, 5] and abs(sum(pool.weights) - 1) < 1e-12, pool.birth_ids
     assert 3 not in pool.recent
-    for trial in range(200):             # random weights and predictions: leader and live always survive
+    for trial in range(200):  # random weights and predictions: leader and live always survive
         pool = FLHPromptPool(2, 2, prune="diverse", max_prompts=3, window=2)
         for t in range(1, 9):
             before_leader = pool.birth_ids[int(pool.log_w.argmax())] if len(pool) else None
@@ -354,13 +377,16 @@ def run_tests():
             for step in range(2):
                 pool.record(10 * t + step, torch.randn(len(pool), 4, 2, generator=g))
                 pool.update_weights(torch.rand(len(pool), generator=g) * 4)
-    print("  ok: diverse removes the redundant one of two identical experts, and never the leader or the live prompt")
+    print(
+        "  ok: diverse removes the redundant one of two identical experts, and never the leader or the "
+        "live prompt"
+    )
 
     # A cap keeps the heaviest; the newcomer is always added.
     pool = FLHPromptPool(2, 2, max_prompts=3, alpha=1.0)
     for t in range(1, 4):
         pool.birth_prompt()
-    pool.update_weights([0.0, 5.0, 1.0])     # expert 2 (born second) becomes lightest
+    pool.update_weights([0.0, 5.0, 1.0])  # expert 2 (born second) becomes lightest
     pool.birth_prompt()
     assert pool.birth_ids == [1, 3, 4] and abs(sum(pool.weights) - 1) < 1e-12
     print("  ok: max_prompts=3 drops the lightest prompt at the 4th birth")
@@ -379,7 +405,10 @@ def run_tests():
         p = pool.get_prompt("sample")
         draws[[i for i, q in enumerate(pool.prompts) if q is p][0]] += 1
     assert (draws / 4000 - w).abs().max() < 0.03, (draws / 4000, w)
-    print(f"  ok: weighted_sum = sum w_i p_i; top_k = heaviest; sample frequencies {(draws / 4000).tolist()} ~ w")
+    print(
+        "  ok: weighted_sum = sum w_i p_i; top_k = heaviest; sample frequencies "
+        f"{(draws / 4000).tolist()} ~ w"
+    )
 
     # get_all_losses: one batched no-grad pass equals per-prompt forwards; mixture is a distribution.
     model, tok = load_backbone("random:tiny-bert")
@@ -408,13 +437,26 @@ def run_tests():
 
 def build_parser():
     p = common.Parser(description="Stage 4: simulate FLH weights on synthetic losses (no model).")
-    p.add_argument("--alpha", type=common.nonneg_float, default=1.0, help="FLH learning rate alpha (default: 1.0)")
-    p.add_argument("--birth-interval", type=common.positive_int, default=10, help="steps between births (default: 10)")
-    p.add_argument("--change-every", type=common.positive_int, default=40, help="steps between rule changes (default: 40)")
+    p.add_argument(
+        "--alpha", type=common.nonneg_float, default=1.0, help="FLH learning rate alpha (default: 1.0)"
+    )
+    p.add_argument(
+        "--birth-interval", type=common.positive_int, default=10, help="steps between births (default: 10)"
+    )
+    p.add_argument(
+        "--change-every",
+        type=common.positive_int,
+        default=40,
+        help="steps between rule changes (default: 40)",
+    )
     p.add_argument("--steps", type=common.positive_int, default=160, help="steps to simulate (default: 160)")
     p.add_argument("--prune", choices=["none", "flh2"], default="flh2", help="pruning rule (default: flh2)")
-    p.add_argument("--share", type=common.unit_float, default=0.0,
-                   help="Fixed Share floor: after each update w <- (1 - share) w + share / K (default: 0)")
+    p.add_argument(
+        "--share",
+        type=common.unit_float,
+        default=0.0,
+        help="Fixed Share floor: after each update w <- (1 - share) w + share / K (default: 0)",
+    )
     common.add_common_args(p, run_name="pool")
     return p
 

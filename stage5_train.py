@@ -45,6 +45,7 @@ Run `python stage5_train.py` for a short FLH stream on the defaults (log under r
 and `--test` for the checks (10 fixed batches are overfitted; logged accuracy is prequential;
 snapshot births copy the live prompt and freeze the old one). Timings: `python bench.py`.
 """
+
 import copy
 import math
 import time
@@ -72,9 +73,16 @@ def r6(x):
 
 
 def base_row(batch, loss, logits):
-    """The fields every method logs: where the step is (regime, concept), its loss, its prequential accuracy."""
-    return {"step": batch["step"], "regime": batch["regime"], "concept": batch["concept"], "domain": batch["domain"],
-            "loss": r6(loss), "acc": r6(accuracy(logits, batch["labels"]))}
+    """The fields every method logs: where the step is (regime, concept), its loss, its prequential
+    accuracy."""
+    return {
+        "step": batch["step"],
+        "regime": batch["regime"],
+        "concept": batch["concept"],
+        "domain": batch["domain"],
+        "loss": r6(loss),
+        "acc": r6(accuracy(logits, batch["labels"])),
+    }
 
 
 def train_step(model, prompt, optimizer, batch):
@@ -107,17 +115,41 @@ class FLHLearner:
 
     name = "flh"
 
-    def __init__(self, model, prompt_length, lr=1e-3, alpha=0.1, birth_interval=500, prune="none",
-                 max_prompts=None, weight_decay=0.01, loss_batch=0, train_mode="weighted_sum", share=0.0,
-                 birth_offset=0, birth_from="live", merge_window=10):
+    def __init__(
+        self,
+        model,
+        prompt_length,
+        lr=1e-3,
+        alpha=0.1,
+        birth_interval=500,
+        prune="none",
+        max_prompts=None,
+        weight_decay=0.01,
+        loss_batch=0,
+        train_mode="weighted_sum",
+        share=0.0,
+        birth_offset=0,
+        birth_from="live",
+        merge_window=10,
+    ):
         if train_mode not in TRAIN_MODES:
             raise common.UserError(f"unknown train mode {train_mode!r}; choose from {', '.join(TRAIN_MODES)}")
         if birth_from not in BIRTH_FROM:
-            raise common.UserError(f"unknown --birth-from {birth_from!r}; choose from {', '.join(BIRTH_FROM)}")
+            raise common.UserError(
+                f"unknown --birth-from {birth_from!r}; choose from {', '.join(BIRTH_FROM)}"
+            )
         self.model, self.birth_interval, self.loss_batch = model, birth_interval, loss_batch
         self.train_mode, self.birth_offset, self.birth_from = train_mode, birth_offset, birth_from
-        self.pool = FLHPromptPool(prompt_length, model.embed_dim, alpha, prune, max_prompts,
-                                  device=model.device, share=share, window=merge_window)
+        self.pool = FLHPromptPool(
+            prompt_length,
+            model.embed_dim,
+            alpha,
+            prune,
+            max_prompts,
+            device=model.device,
+            share=share,
+            window=merge_window,
+        )
         # AdamW needs at least one parameter: start with a placeholder group, dropped at the 1st birth.
         self._placeholder = torch.nn.Parameter(torch.zeros(1))
         self.lr, self.weight_decay = lr, weight_decay
@@ -126,7 +158,9 @@ class FLHLearner:
     def should_birth(self, step):
         """The first step, then every birth_interval steps counted from birth_offset: a learner
         does not know when the rules change, so births need not fall on the change points."""
-        return step == 0 or (step >= self.birth_offset and (step - self.birth_offset) % self.birth_interval == 0)
+        return step == 0 or (
+            step >= self.birth_offset and (step - self.birth_offset) % self.birth_interval == 0
+        )
 
     def birth(self):
         """A newcomer joins the pool and the optimiser. In snapshot mode it is a copy of the live
@@ -146,7 +180,7 @@ class FLHLearner:
         model, pool, y = self.model, self.pool, batch["labels"]
         if self.should_birth(batch["step"]):
             self.birth()
-        weights, entropy = pool.weights, pool.entropy()                 # the weights that predict batch s
+        weights, entropy = pool.weights, pool.entropy()  # the weights that predict batch s
         if self.train_mode == "weighted_sum":
             # predict with sum_i w_i p_i and train it; the experts' losses come from a no-grad pass
             expert_losses, expert_logits, y_sub = self.score_experts(batch)
@@ -166,31 +200,42 @@ class FLHLearner:
             sub = self.sub_batch(batch)
             frozen_losses, frozen_logits = pool.get_all_losses(model, sub, pool.stacked()[:-1])
             loss, logits = train_step(model, pool.prompts[-1], self.optimizer, batch)
-            y_sub, live = sub["labels"], logits[:len(sub["labels"])]
+            y_sub, live = sub["labels"], logits[: len(sub["labels"])]
             expert_logits = torch.cat([frozen_logits, live[None]])
             expert_losses = torch.cat([frozen_losses, per_prompt_losses(live[None], y_sub)])
-        mixture = pool.mixture_probs(expert_logits)                     # FLH's own prediction
+        mixture = pool.mixture_probs(expert_logits)  # FLH's own prediction
         mixture_loss = F.nll_loss(mixture.clamp_min(1e-12).log(), y_sub)
         pool.update_weights(expert_losses)
         pool.record(batch["step"], expert_logits)
         self.last_mixture, self.last_expert_logits = mixture, expert_logits  # for subclasses (stages 6, 9)
         if self.train_mode == "weighted_sum":
-            row = base_row(batch, loss, logits)                         # acc: the weighted-sum prompt's
-        else:                                                           # acc: the mixture's; live: the trained prompt's
-            row = {**base_row({**batch, "labels": y_sub}, mixture_loss, mixture),
-                   "acc_live": r6(accuracy(logits, y)), "live_loss": r6(loss)}
-        return {**row, "acc_mixture": r6(accuracy(mixture, y_sub)), "mixture_loss": r6(mixture_loss),
-                "weights": r6(weights), "prompt_ids": list(pool.birth_ids),
-                "expert_losses": r6(expert_losses.tolist()), "num_prompts": len(pool), "entropy": r6(entropy)}
+            row = base_row(batch, loss, logits)  # acc: the weighted-sum prompt's
+        else:  # acc: the mixture's; live: the trained prompt's
+            row = {
+                **base_row({**batch, "labels": y_sub}, mixture_loss, mixture),
+                "acc_live": r6(accuracy(logits, y)),
+                "live_loss": r6(loss),
+            }
+        return {
+            **row,
+            "acc_mixture": r6(accuracy(mixture, y_sub)),
+            "mixture_loss": r6(mixture_loss),
+            "weights": r6(weights),
+            "prompt_ids": list(pool.birth_ids),
+            "expert_losses": r6(expert_losses.tolist()),
+            "num_prompts": len(pool),
+            "entropy": r6(entropy),
+        }
 
     def sub_batch(self, batch):
         """The batch's first loss_batch examples (all of it when loss_batch is 0)."""
         if not self.loss_batch:
             return batch
-        return {k: v[:self.loss_batch] if torch.is_tensor(v) else v for k, v in batch.items()}
+        return {k: v[: self.loss_batch] if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def score_experts(self, batch):
-        """Every expert's loss and logits on the batch (its first loss_batch examples, if set), and those labels."""
+        """Every expert's loss and logits on the batch (its first loss_batch examples, if set), and
+        those labels."""
         sub = self.sub_batch(batch)
         return (*self.pool.get_all_losses(self.model, sub), sub["labels"])
 
@@ -212,8 +257,10 @@ def run_stream(learner, stream, steps, log, start=0, every=None, callback=None, 
         row = learner.step(to_device(stream.batch(s), device))
         numbers = [row["loss"], *row.get("weights", ()), *row.get("expert_losses", ())]
         if not all(math.isfinite(x) for x in numbers):  # never log NaN: stop and say what to change
-            raise common.UserError(f"step {s}: the loss or the weights are not finite ({row['loss']}); "
-                                   "training diverged: lower --lr (or --alpha)")
+            raise common.UserError(
+                f"step {s}: the loss or the weights are not finite ({row['loss']}); "
+                "training diverged: lower --lr (or --alpha)"
+            )
         log.write(row)
         if s % 20 == 0:
             bar.set_postfix(acc=f"{row['acc']:.2f}", prompts=row.get("num_prompts", 1))
@@ -233,14 +280,17 @@ def run_tests():
     stream = TextStream(rt, tok, batch_size=8, flip_every_n=None, seed=0)
 
     # The plan's overfit check: 10 fixed batches, no flips; the loss falls below half its start.
-    learner = FLHLearner(model, prompt_length=10, lr=3e-2, birth_interval=10 ** 9)
+    learner = FLHLearner(model, prompt_length=10, lr=3e-2, birth_interval=10**9)
     batches = [stream.batch(s) for s in range(10)]
     epoch_loss = []
     for epoch in range(8):
         rows = [learner.step({**b, "step": epoch * 10 + i}) for i, b in enumerate(batches)]
         epoch_loss.append(sum(r["loss"] for r in rows) / 10)
     assert epoch_loss[-1] < epoch_loss[0] / 2, epoch_loss
-    print(f"  ok: overfitting 10 fixed batches: mean loss {epoch_loss[0]:.3f} -> {epoch_loss[-1]:.3f} in 8 epochs")
+    print(
+        f"  ok: overfitting 10 fixed batches: mean loss {epoch_loss[0]:.3f} -> {epoch_loss[-1]:.3f} in "
+        "8 epochs"
+    )
 
     # Prequential: a step's logged accuracies are those of the parameters before the step.
     learner = FLHLearner(model, prompt_length=10, lr=5e-2, alpha=0.5, birth_interval=3)
@@ -258,12 +308,29 @@ def run_tests():
                 acc = accuracy(forward_with_prompt(model, b, w_sum), b["labels"])
                 _, logits = snapshot.pool.get_all_losses(model, b)
                 acc_mix = accuracy(snapshot.pool.mixture_probs(logits), b["labels"])
-            assert row["acc"] == r6(acc) and row["acc_mixture"] == r6(acc_mix), (row["acc"], acc, row["acc_mixture"], acc_mix)
+            assert row["acc"] == r6(acc) and row["acc_mixture"] == r6(acc_mix), (
+                row["acc"],
+                acc,
+                row["acc_mixture"],
+                acc_mix,
+            )
             assert not torch.equal(snapshot.pool.stacked(), learner.pool.stacked()), "the step did not learn"
         else:
             row = learner.step(b)
-        assert set(row) >= {"step", "regime", "loss", "acc", "acc_mixture", "weights", "num_prompts", "entropy"}
-    print("  ok: the logged acc and acc_mixture equal those of the pre-update parameters (also right after a birth)")
+        assert set(row) >= {
+            "step",
+            "regime",
+            "loss",
+            "acc",
+            "acc_mixture",
+            "weights",
+            "num_prompts",
+            "entropy",
+        }
+    print(
+        "  ok: the logged acc and acc_mixture equal those of the pre-update parameters (also right "
+        "after a birth)"
+    )
 
     # --loss-batch m: the experts' losses come from the first m examples only; training uses all.
     learner = FLHLearner(model, prompt_length=10, lr=5e-2, birth_interval=2, loss_batch=3)
@@ -274,9 +341,15 @@ def run_tests():
         if s % 2 == 0:
             torch.set_rng_state(rng)
             snapshot.pool.birth_prompt()
-        head, _ = snapshot.pool.get_all_losses(model, {k: v[:3] if torch.is_tensor(v) else v for k, v in b.items()})
+        head, _ = snapshot.pool.get_all_losses(
+            model, {k: v[:3] if torch.is_tensor(v) else v for k, v in b.items()}
+        )
         whole, _ = snapshot.pool.get_all_losses(model, b)
-        assert row["expert_losses"] == r6(head.tolist()) != r6(whole.tolist()), (row["expert_losses"], head, whole)
+        assert row["expert_losses"] == r6(head.tolist()) != r6(whole.tolist()), (
+            row["expert_losses"],
+            head,
+            whole,
+        )
     print("  ok: --loss-batch 3 gives each expert its loss on the batch's first 3 examples")
 
     # Optimiser follows the pool through FLH2 pruning: one group per live prompt, same objects.
@@ -290,8 +363,19 @@ def run_tests():
     print(f"  ok: after 40 births with FLH2 the optimiser holds exactly the {len(learner.pool)} live prompts")
 
     # Snapshot: the live prompt alone learns; a birth freezes it and continues from a copy, Adam moments too.
-    learner = FLHLearner(model, prompt_length=10, lr=5e-2, alpha=1.0, birth_interval=4, birth_offset=2,
-                         train_mode="snapshot", loss_batch=4, share=0.01, prune="diverse", max_prompts=3)
+    learner = FLHLearner(
+        model,
+        prompt_length=10,
+        lr=5e-2,
+        alpha=1.0,
+        birth_interval=4,
+        birth_offset=2,
+        train_mode="snapshot",
+        loss_batch=4,
+        share=0.01,
+        prune="diverse",
+        max_prompts=3,
+    )
     births, frozen = [], {}
     for s in range(12):
         b = {**stream.batch(300 + s), "step": s}
@@ -302,7 +386,7 @@ def run_tests():
         pool = learner.pool
         if pool.birth_ids[-1] not in ids_before:
             births.append(s)
-            if ids_before:   # the newborn copies the old live prompt and its Adam moments
+            if ids_before:  # the newborn copies the old live prompt and its Adam moments
                 old, new = pool.prompts[-2], pool.prompts[-1]
                 assert pool.birth_ids[-2] == ids_before[-1]
                 assert torch.equal(old.detach(), before[-1]), "the old live prompt moved at its freezing"
@@ -316,17 +400,32 @@ def run_tests():
                 assert torch.equal(p.detach(), frozen[j]), f"frozen expert {j} moved"
         # prequential: acc is the mixture of the experts as they were before the step
         with torch.no_grad():
-            _, logits = snap.pool.get_all_losses(model, {k: v[:4] if torch.is_tensor(v) else v for k, v in b.items()})
+            _, logits = snap.pool.get_all_losses(
+                model, {k: v[:4] if torch.is_tensor(v) else v for k, v in b.items()}
+            )
             acc_mix = accuracy(snap.pool.mixture_probs(logits), b["labels"][:4])
             acc_live = accuracy(forward_with_prompt(model, b, snap.pool.prompts[-1]), b["labels"])
-        assert row["acc"] == row["acc_mixture"] == r6(acc_mix) and row["acc_live"] == r6(acc_live), (row, acc_mix, acc_live)
-        assert len(pool) <= 3 and abs(sum(pool.weights) - 1) < 1e-9 and min(pool.weights) >= 0.01 / len(pool) - 1e-12
+        assert row["acc"] == row["acc_mixture"] == r6(acc_mix) and row["acc_live"] == r6(acc_live), (
+            row,
+            acc_mix,
+            acc_live,
+        )
+        assert (
+            len(pool) <= 3
+            and abs(sum(pool.weights) - 1) < 1e-9
+            and min(pool.weights) >= 0.01 / len(pool) - 1e-12
+        )
     assert births == [0, 2, 6, 10], births
-    print("  ok: snapshot mode: births at 0, 2, 6, 10 (offset 2); a newborn copies the live prompt and its Adam "
-          "moments; frozen experts never move; acc is the pre-update mixture")
+    print(
+        "  ok: snapshot mode: births at 0, 2, 6, 10 (offset 2); a newborn copies the live prompt and "
+        "its Adam "
+        "moments; frozen experts never move; acc is the pre-update mixture"
+    )
 
     # birth_from='leader' copies the heaviest expert; 'random' starts from noise.
-    learner = FLHLearner(model, prompt_length=10, lr=5e-2, birth_interval=10 ** 9, train_mode="snapshot", birth_from="leader")
+    learner = FLHLearner(
+        model, prompt_length=10, lr=5e-2, birth_interval=10**9, train_mode="snapshot", birth_from="leader"
+    )
     for s in range(3):
         learner.step({**stream.batch(400 + s), "step": s})
         if s < 2:
@@ -336,11 +435,13 @@ def run_tests():
     assert torch.equal(learner.pool.prompts[-1].detach(), learner.pool.prompts[1].detach())
     learner.birth_from = "random"
     learner.birth()
-    assert all(not torch.equal(learner.pool.prompts[-1].detach(), p.detach()) for p in learner.pool.prompts[:-1])
+    assert all(
+        not torch.equal(learner.pool.prompts[-1].detach(), p.detach()) for p in learner.pool.prompts[:-1]
+    )
     print("  ok: --birth-from leader copies the heaviest expert; random starts from noise")
 
     # independent: one backward on the sum gives every prompt the gradient of its own loss.
-    learner = FLHLearner(tiny, prompt_length=3, birth_interval=10 ** 9, train_mode="independent")
+    learner = FLHLearner(tiny, prompt_length=3, birth_interval=10**9, train_mode="independent")
     for _ in range(3):
         learner.pool.birth_prompt()
     b = small.batch(5)
@@ -351,21 +452,38 @@ def run_tests():
         learner.pool.zero_grad()
         per_prompt_losses(forward_with_prompts(tiny, b, p[None]), b["labels"]).sum().backward()
         assert torch.allclose(p.grad, together[i], atol=1e-6), (i, (p.grad - together[i]).abs().max())
-    print("  ok: independent mode: each prompt's gradient equals that of its own loss, from one backward pass")
+    print(
+        "  ok: independent mode: each prompt's gradient equals that of its own loss, from one backward pass"
+    )
 
     print(f"stage 5 checks passed in {time.time() - t0:.1f}s")
 
 
 def add_model_args(parser, prompt_length=10):
-    parser.add_argument("--backbone", default="minilm",
-                        help="minilm (embedded, default) | random:tiny-bert | random:bert-base | hub id | folder")
-    parser.add_argument("--pooling", choices=["cls", "mean"], default=None,
-                        help="read-out (default: mean for minilm, cls for BERT models)")
-    parser.add_argument("--prompt-length", type=common.positive_int, default=prompt_length,
-                        help=f"soft tokens per prompt (default: {prompt_length})")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="encoder arithmetic: bf16 autocast or fp32; auto = bf16 where the device has "
-                             "native bf16 (recent CPUs and GPUs), else fp32 (default: auto)")
+    parser.add_argument(
+        "--backbone",
+        default="minilm",
+        help="minilm (embedded, default) | random:tiny-bert | random:bert-base | hub id | folder",
+    )
+    parser.add_argument(
+        "--pooling",
+        choices=["cls", "mean"],
+        default=None,
+        help="read-out (default: mean for minilm, cls for BERT models)",
+    )
+    parser.add_argument(
+        "--prompt-length",
+        type=common.positive_int,
+        default=prompt_length,
+        help=f"soft tokens per prompt (default: {prompt_length})",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="encoder arithmetic: bf16 autocast or fp32; auto = bf16 where the device has "
+        "native bf16 (recent CPUs and GPUs), else fp32 (default: auto)",
+    )
 
 
 def prepare(args):
@@ -373,7 +491,9 @@ def prepare(args):
     common.seed_everything(args.seed)
     device = common.resolve_device(args.device)
     model, tok = load_backbone(args.backbone, pooling=args.pooling, device=device)
-    model.precision = args.precision = common.resolve_precision(args.precision, device)  # config.json says which
+    model.precision = args.precision = common.resolve_precision(
+        args.precision, device
+    )  # config.json says which
     stream = build_stream(args, tok, max_length=min(args.max_length, text_budget(model, args.prompt_length)))
     return model, stream
 
@@ -398,50 +518,124 @@ def offset_arg(text):
 
 def add_flh_args(p, **defaults):
     """FLH's flags. Stage 5 gives its defaults; stages 8-10 leave them None for a preset to fill."""
+
     def text(key, what):
         return what + (f" (default: {defaults[key]})" if defaults.get(key) is not None else "")
-    p.add_argument("--birth-interval", type=common.positive_int, default=defaults.get("birth_interval"),
-                   help=text("birth_interval", "steps between FLH births"))
-    p.add_argument("--birth-offset", type=offset_arg, default=defaults.get("birth_offset"),
-                   help=text("birth_offset", "FLH births at step 0 and then at offset + k * interval; "
-                                             "'half' = interval // 2, off the change points when those fall on multiples"))
-    p.add_argument("--alpha", type=common.nonneg_float, default=defaults.get("alpha"),
-                   help=text("alpha", "FLH learning rate alpha in w_i <- w_i exp(-alpha l_i)"))
-    p.add_argument("--share", type=common.unit_float, default=defaults.get("share"),
-                   help=text("share", "Fixed Share floor: w <- (1 - share) w + share / K after each update; 0 = plain FLH"))
-    p.add_argument("--train-mode", choices=TRAIN_MODES, default=defaults.get("train_mode"),
-                   help=text("train_mode", "weighted_sum (the plan's) | independent | snapshot (frozen experts)"))
-    p.add_argument("--birth-from", choices=BIRTH_FROM, default=defaults.get("birth_from"),
-                   help=text("birth_from", "snapshot mode: a newborn copies the live prompt, the leader, or starts at random"))
-    p.add_argument("--prune", choices=PRUNING, default=defaults.get("prune"),
-                   help=text("prune", "FLH pool pruning: none | flh2 (by age) | diverse (the most alike pair, needs --max-prompts)"))
-    p.add_argument("--max-prompts", type=common.nonneg_int, default=defaults.get("max_prompts"),
-                   help=text("max_prompts", "cap on FLH's live prompts; 0 = none"))
-    p.add_argument("--merge-window", type=common.positive_int, default=defaults.get("merge_window"),
-                   help=text("merge_window", "recent batches whose predictions decide which experts are alike"))
-    p.add_argument("--loss-batch", type=common.nonneg_int, default=defaults.get("loss_batch"),
-                   help=text("loss_batch", "score FLH's experts on the first N examples of each batch only; 0 = all"))
+
+    p.add_argument(
+        "--birth-interval",
+        type=common.positive_int,
+        default=defaults.get("birth_interval"),
+        help=text("birth_interval", "steps between FLH births"),
+    )
+    p.add_argument(
+        "--birth-offset",
+        type=offset_arg,
+        default=defaults.get("birth_offset"),
+        help=text(
+            "birth_offset",
+            "FLH births at step 0 and then at offset + k * interval; "
+            "'half' = interval // 2, off the change points when those fall on multiples",
+        ),
+    )
+    p.add_argument(
+        "--alpha",
+        type=common.nonneg_float,
+        default=defaults.get("alpha"),
+        help=text("alpha", "FLH learning rate alpha in w_i <- w_i exp(-alpha l_i)"),
+    )
+    p.add_argument(
+        "--share",
+        type=common.unit_float,
+        default=defaults.get("share"),
+        help=text(
+            "share", "Fixed Share floor: w <- (1 - share) w + share / K after each update; 0 = plain FLH"
+        ),
+    )
+    p.add_argument(
+        "--train-mode",
+        choices=TRAIN_MODES,
+        default=defaults.get("train_mode"),
+        help=text("train_mode", "weighted_sum (the plan's) | independent | snapshot (frozen experts)"),
+    )
+    p.add_argument(
+        "--birth-from",
+        choices=BIRTH_FROM,
+        default=defaults.get("birth_from"),
+        help=text(
+            "birth_from", "snapshot mode: a newborn copies the live prompt, the leader, or starts at random"
+        ),
+    )
+    p.add_argument(
+        "--prune",
+        choices=PRUNING,
+        default=defaults.get("prune"),
+        help=text(
+            "prune",
+            "FLH pool pruning: none | flh2 (by age) | diverse (the most alike pair, needs --max-prompts)",
+        ),
+    )
+    p.add_argument(
+        "--max-prompts",
+        type=common.nonneg_int,
+        default=defaults.get("max_prompts"),
+        help=text("max_prompts", "cap on FLH's live prompts; 0 = none"),
+    )
+    p.add_argument(
+        "--merge-window",
+        type=common.positive_int,
+        default=defaults.get("merge_window"),
+        help=text("merge_window", "recent batches whose predictions decide which experts are alike"),
+    )
+    p.add_argument(
+        "--loss-batch",
+        type=common.nonneg_int,
+        default=defaults.get("loss_batch"),
+        help=text("loss_batch", "score FLH's experts on the first N examples of each batch only; 0 = all"),
+    )
 
 
-FLH_DEFAULTS = dict(birth_interval=100, birth_offset=0, alpha=0.1, share=0.0, train_mode="weighted_sum",
-                    birth_from="live", prune="none", max_prompts=0, merge_window=10, loss_batch=0)
+FLH_DEFAULTS = dict(
+    birth_interval=100,
+    birth_offset=0,
+    alpha=0.1,
+    share=0.0,
+    train_mode="weighted_sum",
+    birth_from="live",
+    prune="none",
+    max_prompts=0,
+    merge_window=10,
+    loss_batch=0,
+)
 
 
 def flh_kwargs(args):
     """FLHLearner's keyword arguments from parsed flags."""
-    return dict(lr=args.lr, alpha=args.alpha, birth_interval=args.birth_interval, prune=args.prune,
-                max_prompts=args.max_prompts or None, loss_batch=args.loss_batch, train_mode=args.train_mode,
-                share=args.share, birth_from=args.birth_from,
-                birth_offset=args.birth_interval // 2 if args.birth_offset == "half" else args.birth_offset,
-                merge_window=args.merge_window)
+    return dict(
+        lr=args.lr,
+        alpha=args.alpha,
+        birth_interval=args.birth_interval,
+        prune=args.prune,
+        max_prompts=args.max_prompts or None,
+        loss_batch=args.loss_batch,
+        train_mode=args.train_mode,
+        share=args.share,
+        birth_from=args.birth_from,
+        birth_offset=args.birth_interval // 2 if args.birth_offset == "half" else args.birth_offset,
+        merge_window=args.merge_window,
+    )
 
 
 def build_parser():
     p = common.Parser(description="Stage 5: run FLH on the changing stream and write one log row per step.")
     add_stream_args(p)
     add_model_args(p)
-    p.add_argument("--steps", type=common.positive_int, default=300, help="batches to train on (default: 300)")
-    p.add_argument("--lr", type=common.positive_float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    p.add_argument(
+        "--steps", type=common.positive_int, default=300, help="batches to train on (default: 300)"
+    )
+    p.add_argument(
+        "--lr", type=common.positive_float, default=1e-3, help="AdamW learning rate (default: 1e-3)"
+    )
     add_flh_args(p, **FLH_DEFAULTS)
     common.add_common_args(p, run_name="flh")
     return p
@@ -455,9 +649,12 @@ def main(args):
     t0 = time.time()
     rows = fresh_run(learner, stream, args)
     last = rows[-100:]
-    print(f"{len(rows)} steps in {time.time() - t0:.0f}s -> {args.out}/{args.run_name}/log.jsonl; last {len(last)} steps: "
-          f"acc {sum(r['acc'] for r in last) / len(last):.3f}, acc_mixture "
-          f"{sum(r['acc_mixture'] for r in last) / len(last):.3f}, {rows[-1]['num_prompts']} prompts")
+    print(
+        f"{len(rows)} steps in {time.time() - t0:.0f}s -> {args.out}/{args.run_name}/log.jsonl; last "
+        f"{len(last)} steps: "
+        f"acc {sum(r['acc'] for r in last) / len(last):.3f}, acc_mixture "
+        f"{sum(r['acc_mixture'] for r in last) / len(last):.3f}, {rows[-1]['num_prompts']} prompts"
+    )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ parameters it has, then learns from the batch's labels, and returns one log row;
 
 Run `python stage6_baselines.py --method similarity` for a short run, `--test` for the checks.
 """
+
 import time
 from collections import deque
 
@@ -42,8 +43,19 @@ from torch import nn
 import common
 from stage2_stream import TextStream, add_stream_args
 from stage3_backbone import forward_with_example_prompts, load_backbone
-from stage5_train import (FLH_DEFAULTS, FLHLearner, accuracy, add_flh_args, add_model_args, base_row, flh_kwargs,
-                          fresh_run, prepare, r6, train_step)
+from stage5_train import (
+    FLH_DEFAULTS,
+    FLHLearner,
+    accuracy,
+    add_flh_args,
+    add_model_args,
+    base_row,
+    flh_kwargs,
+    fresh_run,
+    prepare,
+    r6,
+    train_step,
+)
 
 METHODS = ["flh", "flh_sum", "single", "reset", "oracle", "leader", "random", "similarity"]
 
@@ -56,7 +68,10 @@ class PromptLearner:
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     def state_dict(self):
-        return {"params": [p.detach().cpu().clone() for p in self.params], "optimizer": self.optimizer.state_dict()}
+        return {
+            "params": [p.detach().cpu().clone() for p in self.params],
+            "optimizer": self.optimizer.state_dict(),
+        }
 
     def load_state_dict(self, state):
         with torch.no_grad():
@@ -94,6 +109,7 @@ class SingleLearner(PromptLearner):
 
 class ResetLearner(SingleLearner):
     """One prompt, re-initialised with fresh Adam state whenever the regime changes (it is told)."""
+
     name = "reset"
 
     def __init__(self, model, prompt_length, lr=1e-3):
@@ -119,6 +135,7 @@ class ResetLearner(SingleLearner):
 class OracleLearner(PromptLearner):
     """One prompt per concept, told the concept of every batch; a concept's prompt is made when the
     concept first appears and trains only on its batches."""
+
     name = "oracle"
 
     def __init__(self, model, prompt_length, lr=1e-3):
@@ -152,6 +169,7 @@ class LeaderLearner(FLHLearner):
     """FLH's snapshot pool, predicting with the expert of lowest mean loss over its last `window`
     batches (chosen before the batch's labels are seen; experts without a loss yet are skipped,
     and at the very start the live prompt predicts)."""
+
     name = "leader"
 
     def __init__(self, model, prompt_length, leader_window=10, **kw):
@@ -162,12 +180,21 @@ class LeaderLearner(FLHLearner):
         row = super().step(batch)  # trains the pool exactly as FLH does and logs the mixture too
         ids, losses = self.pool.birth_ids, row["expert_losses"]
         scored = [k for k, j in enumerate(ids) if self.history.get(j)]
-        k = min(scored, key=lambda k: sum(self.history[ids[k]]) / len(self.history[ids[k]])) if scored else len(ids) - 1
-        logits, y = self.last_expert_logits[k], batch["labels"][:self.last_expert_logits.shape[1]]
+        k = (
+            min(scored, key=lambda k: sum(self.history[ids[k]]) / len(self.history[ids[k]]))
+            if scored
+            else len(ids) - 1
+        )
+        logits, y = self.last_expert_logits[k], batch["labels"][: self.last_expert_logits.shape[1]]
         self.history = {j: self.history.get(j, deque(maxlen=self.window)) for j in ids}
         for j, loss in zip(ids, losses):
             self.history[j].append(loss)
-        return {**row, "loss": r6(F.cross_entropy(logits, y)), "acc": r6(accuracy(logits, y)), "leader": ids[k]}
+        return {
+            **row,
+            "loss": r6(F.cross_entropy(logits, y)),
+            "acc": r6(accuracy(logits, y)),
+            "leader": ids[k],
+        }
 
     def state_dict(self):
         return {**super().state_dict(), "history": {j: list(h) for j, h in self.history.items()}}
@@ -179,6 +206,7 @@ class LeaderLearner(FLHLearner):
 
 class RandomPoolLearner(PromptLearner):
     """K prompts; each batch draws one uniformly (from torch's global RNG, which checkpoints keep)."""
+
     name = "random"
 
     def __init__(self, model, prompt_length, num_prompts=10, lr=1e-3):
@@ -197,6 +225,7 @@ class RandomPoolLearner(PromptLearner):
 
 class SimilarityLearner(PromptLearner):
     """mini-L2P: per-example prompt chosen by cosine similarity of the [CLS] query to learned keys."""
+
     name = "similarity"
 
     def __init__(self, model, prompt_length, num_prompts=10, lr=1e-3, key_weight=0.1):
@@ -228,7 +257,11 @@ class SimilarityLearner(PromptLearner):
         loss.backward()
         self.optimizer.step()
         counts = torch.bincount(idx, minlength=len(self.prompts)).tolist()
-        return {**base_row(batch, ce.item(), logits.detach()), "num_prompts": len(self.prompts), "selected": counts}
+        return {
+            **base_row(batch, ce.item(), logits.detach()),
+            "num_prompts": len(self.prompts),
+            "selected": counts,
+        }
 
 
 def make_learner(method, model, args):
@@ -236,7 +269,11 @@ def make_learner(method, model, args):
     FLH's flags of stage 5)."""
     P, lr = args.prompt_length, args.lr
     if method in ("flh", "flh_sum"):
-        learner = FLHLearner(model, P, **{**flh_kwargs(args), **({"train_mode": "weighted_sum"} if method == "flh_sum" else {})})
+        learner = FLHLearner(
+            model,
+            P,
+            **{**flh_kwargs(args), **({"train_mode": "weighted_sum"} if method == "flh_sum" else {})},
+        )
         learner.name = method
         return learner
     if method == "leader":
@@ -252,12 +289,22 @@ def make_learner(method, model, args):
 
 def add_baseline_args(p, **defaults):
     """The baselines' own flags (None defaults: a preset fills them)."""
+
     def text(key, what):
         return what + (f" (default: {defaults[key]})" if defaults.get(key) is not None else "")
-    p.add_argument("--num-prompts", type=common.positive_int, default=defaults.get("num_prompts"),
-                   help=text("num_prompts", "pool size K of random and similarity"))
-    p.add_argument("--leader-window", type=common.positive_int, default=defaults.get("leader_window"),
-                   help=text("leader_window", "leader: batches over which the expert of lowest mean loss is chosen"))
+
+    p.add_argument(
+        "--num-prompts",
+        type=common.positive_int,
+        default=defaults.get("num_prompts"),
+        help=text("num_prompts", "pool size K of random and similarity"),
+    )
+    p.add_argument(
+        "--leader-window",
+        type=common.positive_int,
+        default=defaults.get("leader_window"),
+        help=text("leader_window", "leader: batches over which the expert of lowest mean loss is chosen"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,8 +313,10 @@ def add_baseline_args(p, **defaults):
 def test_args(**kw):
     """Parsed flags for make_learner in the checks: stage 5's FLH defaults, overridden by kw."""
     import argparse
-    return argparse.Namespace(**{**FLH_DEFAULTS, "prompt_length": 8, "lr": 3e-2, "num_prompts": 2,
-                                 "leader_window": 10, **kw})
+
+    return argparse.Namespace(
+        **{**FLH_DEFAULTS, "prompt_length": 8, "lr": 3e-2, "num_prompts": 2, "leader_window": 10, **kw}
+    )
 
 
 def run_tests():
@@ -277,15 +326,22 @@ def run_tests():
     # A fixed-label stream over 80 sentences, 40 of each class (the file is sorted by label),
     # so that 100 batches of 8 pass over each 10 times.
     pick = [i for i, y in enumerate(labels) if y == 1][:40] + [i for i, y in enumerate(labels) if y == 0][:40]
-    small = TextStream({"rt": ([texts[i] for i in pick], [labels[i] for i in pick])}, tok, batch_size=8,
-                       max_length=64, flip_every_n=None)
+    small = TextStream(
+        {"rt": ([texts[i] for i in pick], [labels[i] for i in pick])},
+        tok,
+        batch_size=8,
+        max_length=64,
+        flip_every_n=None,
+    )
     for method in ("single", "random", "similarity", "leader"):
         torch.manual_seed(0)
         learner = make_learner(method, model, test_args(train_mode="snapshot", birth_interval=25))
         rows = [learner.step(small.batch(s)) for s in range(100)]
         late = sum(r["acc"] for r in rows[50:]) / 50
-        assert late > 0.6, (method, late)   # 400 examples: 0.6 is 4 standard errors above chance
-        print(f"  ok: {method} learns a fixed-label stream: prequential accuracy over steps 50-99 = {late:.2f}")
+        assert late > 0.6, (method, late)  # 400 examples: 0.6 is 4 standard errors above chance
+        print(
+            f"  ok: {method} learns a fixed-label stream: prequential accuracy over steps 50-99 = {late:.2f}"
+        )
     stream = TextStream({"rt": (texts, labels)}, tok, batch_size=8, max_length=64, flip_every_n=None)
     flips = TextStream({"rt": (texts, labels)}, tok, batch_size=8, max_length=64, flip_every_n=3)
 
@@ -297,10 +353,17 @@ def run_tests():
     first = oracle.params[0].detach().clone()
     for s in range(3, 6):
         row = oracle.step(flips.batch(s))
-    assert oracle.concepts == [0, 1] and torch.equal(oracle.params[0].detach(), first) and row["num_prompts"] == 2
+    assert (
+        oracle.concepts == [0, 1]
+        and torch.equal(oracle.params[0].detach(), first)
+        and row["num_prompts"] == 2
+    )
     oracle.step(flips.batch(6))
     assert not torch.equal(oracle.params[0].detach(), first) and len(oracle.params) == 2
-    print("  ok: oracle keeps one prompt per concept; concept 0's prompt rests while concept 1 is on, then resumes")
+    print(
+        "  ok: oracle keeps one prompt per concept; concept 0's prompt rests while concept 1 is on, "
+        "then resumes"
+    )
 
     # Reset: at every regime change the prompt is re-drawn and its Adam state starts again.
     torch.manual_seed(0)
@@ -325,7 +388,11 @@ def run_tests():
         want = min(means, key=means.get) if means else ids[-1]
         k = ids.index(want)
         logits = leader.last_expert_logits[k]
-        assert row["leader"] == want and row["acc"] == r6(accuracy(logits, b["labels"])), (s, row["leader"], want)
+        assert row["leader"] == want and row["acc"] == r6(accuracy(logits, b["labels"])), (
+            s,
+            row["leader"],
+            want,
+        )
         for j, loss in zip(ids, row["expert_losses"]):
             seen.setdefault(j, []).append(loss)
     print("  ok: leader predicts with the expert of lowest mean loss over its last 3 batches")
@@ -357,8 +424,10 @@ def run_tests():
         learner.step(batch)
     after = F.cosine_similarity(q, torch.stack(learner.keys)[idx].detach(), dim=-1).mean()
     assert after > before + 0.01, (before, after)
-    print(f"  ok: similarity keys start at 4 distinct queries (k-means++); it picks the nearest key; "
-          f"5 steps raise cos(query, its key) {before:.3f} -> {after:.3f}")
+    print(
+        f"  ok: similarity keys start at 4 distinct queries (k-means++); it picks the nearest key; "
+        f"5 steps raise cos(query, its key) {before:.3f} -> {after:.3f}"
+    )
     print(f"stage 6 checks passed in {time.time() - t0:.1f}s")
 
 
@@ -368,7 +437,9 @@ def build_parser():
     add_stream_args(p)
     add_model_args(p)
     p.add_argument("--steps", type=common.positive_int, default=300, help="batches (default: 300)")
-    p.add_argument("--lr", type=common.positive_float, default=1e-2, help="AdamW learning rate (default: 1e-2)")
+    p.add_argument(
+        "--lr", type=common.positive_float, default=1e-2, help="AdamW learning rate (default: 1e-2)"
+    )
     add_baseline_args(p, num_prompts=10, leader_window=10)
     add_flh_args(p, **FLH_DEFAULTS)
     common.add_common_args(p, run_name="baseline")
@@ -381,8 +452,11 @@ def main(args):
     model, stream = prepare(args)
     learner = make_learner(args.method, model, args)
     rows = fresh_run(learner, stream, args)[-100:]
-    print(f"{args.method}: accuracy over the last {len(rows)} steps {sum(r['acc'] for r in rows) / len(rows):.3f} "
-          f"-> {args.out}/{args.run_name}/log.jsonl")
+    print(
+        f"{args.method}: accuracy over the last {len(rows)} steps "
+        f"{sum(r['acc'] for r in rows) / len(rows):.3f} "
+        f"-> {args.out}/{args.run_name}/log.jsonl"
+    )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ first-time and recurring shifts per method.
 Run `python stage7_metrics.py RUN [RUN ...]` (several runs, e.g. seeds, are also summarised
 together), `--test` for the checks on synthetic logs with known answers.
 """
+
 import json
 import math
 import sys
@@ -53,8 +54,16 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 
-COLORS = {"flh": "tab:red", "flh_sum": "tab:orange", "leader": "tab:brown", "oracle": "black", "single": "tab:blue",
-          "reset": "tab:olive", "random": "tab:green", "similarity": "tab:purple"}
+COLORS = {
+    "flh": "tab:red",
+    "flh_sum": "tab:orange",
+    "leader": "tab:brown",
+    "oracle": "black",
+    "single": "tab:blue",
+    "reset": "tab:olive",
+    "random": "tab:green",
+    "similarity": "tab:purple",
+}
 KINDS = ("first", "recurring")
 
 
@@ -85,10 +94,12 @@ def recovery_times(rows, threshold=0.8, window=50):
         seg = acc[start:end]
         hit = None
         if len(seg) >= window:
-            means = np.convolve(seg, np.ones(window) / window, mode="valid")   # means[j] = mean seg[j:j+w]
+            means = np.convolve(seg, np.ones(window) / window, mode="valid")  # means[j] = mean seg[j:j+w]
             reached = np.flatnonzero(means >= threshold - 1e-12)
             hit = int(reached[0] + window) if len(reached) else None
-        out.append({"shift": c, "steps": hit, "recovered": hit is not None, "regime_length": int(end - start)})
+        out.append(
+            {"shift": c, "steps": hit, "recovered": hit is not None, "regime_length": int(end - start)}
+        )
     return out
 
 
@@ -104,9 +115,11 @@ def true_adaptive_regret(rows, window, loss_key="mixture_loss"):
     for s, r in enumerate(rows):
         for i, loss in zip(r["prompt_ids"], r["expert_losses"]):
             L[pos[i], s], alive[pos[i], s] = loss, 1
+
     def window_sums(x):
         c = np.concatenate([np.zeros(x.shape[:-1] + (1,)), np.cumsum(x, -1)], -1)
         return c[..., window:] - c[..., :-window]
+
     method = window_sums(np.array([r[loss_key] for r in rows], float))
     experts = np.where(window_sums(alive) == window, window_sums(L), np.inf)
     best = experts.min(0)
@@ -127,13 +140,22 @@ def shift_details(rows, recovery, first=50):
         start = next(k for k, r in enumerate(rows) if r["step"] == rec["shift"])
         end = start + rec["regime_length"]
         concept = rows[start]["concept"]
-        d = {"shift": rec["shift"], "concept": concept, "kind": "recurring" if concept in seen else "first",
-             "first50": float(acc[start:min(end, start + first)].mean()), "recovery": rec["steps"]}
+        d = {
+            "shift": rec["shift"],
+            "concept": concept,
+            "kind": "recurring" if concept in seen else "first",
+            "first50": float(acc[start : min(end, start + first)].mean()),
+            "recovery": rec["steps"],
+        }
         seen.add(concept)
         if d["kind"] == "recurring" and "weights" in rows[0]:
             d["switch"] = None
             for n, r in enumerate(rows[start:end]):
-                old = sum(w for j, w in zip(r["prompt_ids"], r["weights"]) if born[j][0] < rec["shift"] and born[j][1] == concept)
+                old = sum(
+                    w
+                    for j, w in zip(r["prompt_ids"], r["weights"])
+                    if born[j][0] < rec["shift"] and born[j][1] == concept
+                )
                 if old > 0.5:
                     d["switch"] = n
                     break
@@ -149,8 +171,12 @@ def by_kind(details):
         if not ds:
             continue
         rec = [d["recovery"] for d in ds if d["recovery"] is not None]
-        out[kind] = {"shifts": len(ds), "first50": float(np.mean([d["first50"] for d in ds])),
-                     "recovered": len(rec), "mean_recovery": float(np.mean(rec)) if rec else None}
+        out[kind] = {
+            "shifts": len(ds),
+            "first50": float(np.mean([d["first50"] for d in ds])),
+            "recovered": len(rec),
+            "mean_recovery": float(np.mean(rec)) if rec else None,
+        }
         if "switch" in ds[0]:
             sw = [d["switch"] for d in ds if d["switch"] is not None]
             out[kind].update(switched=len(sw), mean_switch=float(np.mean(sw)) if sw else None)
@@ -185,35 +211,59 @@ def first50_summary(per_run, baseline="single"):
             x = [d["first50"] for d in mine]
             out[m][kind] = {"n": len(x), "mean": float(np.mean(x)), "ci": bootstrap_interval(x)}
             if m != baseline:
-                diff = [d["first50"] - b["first50"] for run in per_run if m in run and baseline in run
-                        for d, b in zip(run[m]["shift_details"], run[baseline]["shift_details"]) if d["kind"] == kind]
+                diff = [
+                    d["first50"] - b["first50"]
+                    for run in per_run
+                    if m in run and baseline in run
+                    for d, b in zip(run[m]["shift_details"], run[baseline]["shift_details"])
+                    if d["kind"] == kind
+                ]
                 if diff:
-                    out[m][kind]["minus_" + baseline] = {"n": len(diff), "mean": float(np.mean(diff)),
-                                                         "ci": bootstrap_interval(diff)}
+                    out[m][kind]["minus_" + baseline] = {
+                        "n": len(diff),
+                        "mean": float(np.mean(diff)),
+                        "ci": bootstrap_interval(diff),
+                    }
             if kind == "recurring" and "switch" in mine[0]:
                 done = [d["switch"] for d in mine if d["switch"] is not None]
-                out[m][kind]["switch"] = {"switched": len(done), "shifts": len(mine),
-                                          "mean": float(np.mean(done)) if done else None}
+                out[m][kind]["switch"] = {
+                    "switched": len(done),
+                    "shifts": len(mine),
+                    "mean": float(np.mean(done)) if done else None,
+                }
     return out
 
 
 def first50_table(summary, baseline="single"):
     """Markdown: first-50 accuracy after first-time and recurring shifts, per method, with intervals."""
+
     def cell(v):
         if v is None:
             return "-"
         ci = f" [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v.get("ci") else ""
         return f"{v['mean']:.3f}{ci}"
-    lines = [f"| method | first-50 acc, recurring | minus {baseline}, recurring | first-50 acc, first-time "
-             f"| minus {baseline}, first-time | shifts (recurring / first) | switch time (recurring) |",
-             "|---|---|---|---|---|---|---|"]
+
+    lines = [
+        f"| method | first-50 acc, recurring | minus {baseline}, recurring | first-50 acc, first-time "
+        f"| minus {baseline}, first-time | shifts (recurring / first) | switch time (recurring) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m, k in summary.items():
         rec, fst = k.get("recurring", {}), k.get("first", {})
         sw = rec.get("switch")
-        sw = "-" if not sw else (f"{sw['mean']:.0f} steps ({sw['switched']}/{sw['shifts']})" if sw["mean"] is not None
-                                 else f"never (0/{sw['shifts']})")
-        lines.append(f"| {m} | {cell(rec or None)} | {cell(rec.get('minus_' + baseline))} | {cell(fst or None)} "
-                     f"| {cell(fst.get('minus_' + baseline))} | {rec.get('n', 0)} / {fst.get('n', 0)} | {sw} |")
+        sw = (
+            "-"
+            if not sw
+            else (
+                f"{sw['mean']:.0f} steps ({sw['switched']}/{sw['shifts']})"
+                if sw["mean"] is not None
+                else f"never (0/{sw['shifts']})"
+            )
+        )
+        lines.append(
+            f"| {m} | {cell(rec or None)} | {cell(rec.get('minus_' + baseline))} | {cell(fst or None)} "
+            f"| {cell(fst.get('minus_' + baseline))} | {rec.get('n', 0)} / {fst.get('n', 0)} | {sw} |"
+        )
     return "\n".join(lines)
 
 
@@ -223,13 +273,21 @@ def compute_metrics(rows, threshold=0.8, window=500, recovery_window=50):
     rec = recovery_times(rows, threshold, recovery_window)
     done = [r["steps"] for r in rec if r["recovered"]]
     n = min(window, len(rows))
-    m = {"steps": len(rows), "mean_accuracy": float(acc.mean()),
-         "windowed_accuracy": float(acc[-n:].mean()), "adaptive_regret": float(acc[-n:].mean()),
-         "window": n, "final_accuracy": float(acc[-recovery_window:].mean()),
-         "recovery": rec, "recovery_threshold": threshold, "recovery_window": recovery_window,
-         "shifts_recovered": len(done), "shifts": len(rec),
-         "mean_recovery_time": float(np.mean(done)) if done else None,
-         "accuracy_over_time": [[r["step"], r["acc"]] for r in rows]}
+    m = {
+        "steps": len(rows),
+        "mean_accuracy": float(acc.mean()),
+        "windowed_accuracy": float(acc[-n:].mean()),
+        "adaptive_regret": float(acc[-n:].mean()),
+        "window": n,
+        "final_accuracy": float(acc[-recovery_window:].mean()),
+        "recovery": rec,
+        "recovery_threshold": threshold,
+        "recovery_window": recovery_window,
+        "shifts_recovered": len(done),
+        "shifts": len(rec),
+        "mean_recovery_time": float(np.mean(done)) if done else None,
+        "accuracy_over_time": [[r["step"], r["acc"]] for r in rows],
+    }
     if "concept" in rows[0]:
         m["shift_details"] = shift_details(rows, rec)
         m["by_kind"] = by_kind(m["shift_details"])
@@ -238,7 +296,9 @@ def compute_metrics(rows, threshold=0.8, window=500, recovery_window=50):
         m["key_usage"] = (counts / counts.sum()).round(4).tolist()
     if "acc_mixture" in rows[0]:
         m["mean_accuracy_mixture"] = float(np.mean([r["acc_mixture"] for r in rows]))
-        m["recovery_mixture"] = recovery_times([{**r, "acc": r["acc_mixture"]} for r in rows], threshold, recovery_window)
+        m["recovery_mixture"] = recovery_times(
+            [{**r, "acc": r["acc_mixture"]} for r in rows], threshold, recovery_window
+        )
     if "weights" in rows[0]:
         m["weight_entropy"] = [r["entropy"] for r in rows]
         m["true_adaptive_regret"] = true_adaptive_regret(rows, n, "mixture_loss")
@@ -259,16 +319,28 @@ def plot_accuracy(logs, path, smooth=50, threshold=None, title=None):
     fig, ax = plt.subplots(figsize=(9, 4))
     for name, rows in logs.items():
         steps = [r["step"] for r in rows]
-        ax.plot(steps, trailing_mean([r["acc"] for r in rows], smooth), label=name, color=COLORS.get(name), lw=1.4)
+        ax.plot(
+            steps, trailing_mean([r["acc"] for r in rows], smooth), label=name, color=COLORS.get(name), lw=1.4
+        )
         if "acc_mixture" in rows[0]:
-            ax.plot(steps, trailing_mean([r["acc_mixture"] for r in rows], smooth), label=f"{name} (mixture)",
-                    color=COLORS.get(name), lw=1, ls="--")
+            ax.plot(
+                steps,
+                trailing_mean([r["acc_mixture"] for r in rows], smooth),
+                label=f"{name} (mixture)",
+                color=COLORS.get(name),
+                lw=1,
+                ls="--",
+            )
     _shift_lines(ax, shifts(next(iter(logs.values()))))
     if threshold:
         ax.axhline(threshold, color="k", lw=0.6, ls="--")
     ax.axhline(0.5, color="0.8", lw=0.6)
-    ax.set(xlabel="step", ylabel=f"prequential accuracy ({smooth}-step mean)", ylim=(0, 1),
-           title=title or "accuracy over time (dotted: rule changes)")
+    ax.set(
+        xlabel="step",
+        ylabel=f"prequential accuracy ({smooth}-step mean)",
+        ylim=(0, 1),
+        title=title or "accuracy over time (dotted: rule changes)",
+    )
     ax.legend(loc="lower right", fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -279,7 +351,9 @@ def plot_accuracy_seeds(runs, path, smooth=50, threshold=None, title=None):
     """Mean over runs (seeds) of each method's smoothed accuracy, shaded between min and max."""
     fig, ax = plt.subplots(figsize=(9, 4))
     for name in methods_of(runs):
-        curves = np.array([trailing_mean([r["acc"] for r in logs[name]], smooth) for logs in runs if name in logs])
+        curves = np.array(
+            [trailing_mean([r["acc"] for r in logs[name]], smooth) for logs in runs if name in logs]
+        )
         steps = [r["step"] for r in next(logs for logs in runs if name in logs)[name]]
         ax.plot(steps, curves.mean(0), label=f"{name}", color=COLORS.get(name), lw=1.4)
         ax.fill_between(steps, curves.min(0), curves.max(0), color=COLORS.get(name), alpha=0.15, lw=0)
@@ -287,8 +361,12 @@ def plot_accuracy_seeds(runs, path, smooth=50, threshold=None, title=None):
     if threshold:
         ax.axhline(threshold, color="k", lw=0.6, ls="--")
     ax.axhline(0.5, color="0.8", lw=0.6)
-    ax.set(xlabel="step", ylabel=f"prequential accuracy ({smooth}-step mean)", ylim=(0, 1),
-           title=title or f"mean over {len(runs)} seeds (band: min-max); dotted: rule changes")
+    ax.set(
+        xlabel="step",
+        ylabel=f"prequential accuracy ({smooth}-step mean)",
+        ylim=(0, 1),
+        title=title or f"mean over {len(runs)} seeds (band: min-max); dotted: rule changes",
+    )
     ax.legend(loc="lower right", fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -305,8 +383,16 @@ def plot_weights(rows, path, title="FLH weights"):
             W[pos[i], s] = w
     fig, ax = plt.subplots(figsize=(9, 3.5))
     steps = [r["step"] for r in rows]
-    im = ax.imshow(W, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
-                   extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(ids) - 0.5))
+    im = ax.imshow(
+        W,
+        aspect="auto",
+        origin="lower",
+        cmap="viridis",
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+        extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(ids) - 0.5),
+    )
     _shift_lines(ax, shifts(rows))
     ax.set(xlabel="step", ylabel="prompt (birth order)", title=f"{title} (blank: not born or pruned)")
     fig.colorbar(im, ax=ax, label="weight")
@@ -327,13 +413,23 @@ def plot_recovery(metrics, path):
         spread = np.std(done) if len(done) > 1 else 0
         ax.bar(x, height, color=COLORS.get(name, "0.5"), yerr=spread or None, capsize=4)
         label = f"{len(done)}/{len(m['recovery'])}"
-        ax.annotate(label if done else f"never {label}", (x, height + spread), xytext=(0, 4),
-                    textcoords="offset points", ha="center", va="bottom", fontsize=9)
+        ax.annotate(
+            label if done else f"never {label}",
+            (x, height + spread),
+            xytext=(0, 4),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
     ax.set_xticks(range(len(names)), names)
     ax.margins(y=0.15)
     thr = metrics[names[0]]["recovery_threshold"]
-    ax.set(ylabel="steps to recover", title=f"recovery to {thr:.0%} ({metrics[names[0]]['recovery_window']}-step "
-                                             "window); k/n shifts recovered")
+    ax.set(
+        ylabel="steps to recover",
+        title=f"recovery to {thr:.0%} ({metrics[names[0]]['recovery_window']}-step "
+        "window); k/n shifts recovered",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -348,17 +444,29 @@ def plot_first50(summary, path, title=None):
         vals = [summary[m].get(kind) for m in names]
         means = [v["mean"] if v else 0 for v in vals]
         xs = x + (j - 0.5) * 0.38
-        ax.bar(xs, means, 0.36, color=color, label="first-time shifts" if kind == "first" else "recurring shifts")
+        ax.bar(
+            xs, means, 0.36, color=color, label="first-time shifts" if kind == "first" else "recurring shifts"
+        )
         for xi, v in zip(xs, vals):  # a whisker only where there is an interval (two or more shifts)
             if v and v.get("ci"):
-                ax.errorbar(xi, v["mean"], [[v["mean"] - v["ci"][0]], [v["ci"][1] - v["mean"]]], color="k", capsize=3, lw=1)
+                ax.errorbar(
+                    xi,
+                    v["mean"],
+                    [[v["mean"] - v["ci"][0]], [v["ci"][1] - v["mean"]]],
+                    color="k",
+                    capsize=3,
+                    lw=1,
+                )
         for xi, v in zip(xs, vals):
             if v:
                 ax.annotate(f"{v['mean']:.2f}", (xi, 0.02), ha="center", va="bottom", fontsize=7, rotation=90)
     ax.axhline(0.5, color="0.3", lw=0.6, ls=":")
     ax.set_xticks(x, names, rotation=20)
-    ax.set(ylim=(0, 1), ylabel="accuracy over a shift's first 50 steps",
-           title=title or "right after the rules change (bars: mean over shifts; whiskers: 95% bootstrap)")
+    ax.set(
+        ylim=(0, 1),
+        ylabel="accuracy over a shift's first 50 steps",
+        title=title or "right after the rules change (bars: mean over shifts; whiskers: 95% bootstrap)",
+    )
     ax.legend(fontsize=8, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -369,8 +477,14 @@ def plot_prompts(logs, path):
     """Number of live prompts per step (dashes keep overlapping lines visible)."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for k, (name, rows) in enumerate(logs.items()):
-        ax.plot([r["step"] for r in rows], [r.get("num_prompts", 1) for r in rows], label=name,
-                color=COLORS.get(name), lw=1.6, ls=["-", "--", "-.", ":"][k % 4])
+        ax.plot(
+            [r["step"] for r in rows],
+            [r.get("num_prompts", 1) for r in rows],
+            label=name,
+            color=COLORS.get(name),
+            lw=1.6,
+            ls=["-", "--", "-.", ":"][k % 4],
+        )
     ax.set(xlabel="step", ylabel="live prompts", title="prompts in the pool per step")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -384,8 +498,10 @@ def plot_prompts(logs, path):
 def read_log(path):
     """The rows of one log.jsonl, saying so on stderr when a torn last line is dropped or steps are
     missing; an empty log or rows without step/regime/acc are one clear error."""
+
     def warn(message):
         print(f"[stage 7] {message}", file=sys.stderr)
+
     rows = common.read_jsonl(path, report=warn)
     if not rows:
         raise common.UserError(f"{path} holds no complete row")
@@ -393,7 +509,10 @@ def read_log(path):
         raise common.UserError(f"{path} is not a log of this project (rows need step, regime and acc)")
     for a, b in zip(rows, rows[1:]):
         if b["step"] != a["step"] + 1:
-            warn(f"{path}: the steps jump from {a['step']} to {b['step']} (rows missing); metrics use the rows there are")
+            warn(
+                f"{path}: the steps jump from {a['step']} to {b['step']} (rows missing); metrics use "
+                "the rows there are"
+            )
             break
     return rows
 
@@ -420,31 +539,48 @@ def analyse(folder, threshold=0.8, window=500, recovery_window=50, smooth=50):
     logs = {k: v for k, v in find_logs(folder).items() if v}
     metrics = {name: compute_metrics(rows, threshold, window, recovery_window) for name, rows in logs.items()}
     common.write_json(folder / "metrics.json", metrics)
-    plot_accuracy(logs, folder / "accuracy.png", smooth, threshold, title=f"{folder.name}: accuracy over time")
+    plot_accuracy(
+        logs, folder / "accuracy.png", smooth, threshold, title=f"{folder.name}: accuracy over time"
+    )
     plot_recovery(metrics, folder / "recovery.png")
     plot_prompts(logs, folder / "prompts.png")
     for name, rows in logs.items():
         if "weights" in rows[0]:
             plot_weights(rows, folder / f"weights_{name}.png", title=f"{name} weights")
-    if all("shift_details" in m for m in metrics.values()) and any(m["shift_details"] for m in metrics.values()):
-        plot_first50(first50_summary([metrics]), folder / "first50.png", title=f"{folder.name}: first 50 steps after a shift")
+    if all("shift_details" in m for m in metrics.values()) and any(
+        m["shift_details"] for m in metrics.values()
+    ):
+        plot_first50(
+            first50_summary([metrics]),
+            folder / "first50.png",
+            title=f"{folder.name}: first 50 steps after a shift",
+        )
     return metrics
 
 
 def summary_table(per_run):
     """Markdown table: mean +- std over runs (seeds) of the headline metrics, per method."""
-    keys = [("mean_accuracy", "mean acc"), ("windowed_accuracy", "windowed acc"), ("final_accuracy", "final acc"),
-            ("mean_recovery_time", "recovery (steps)")]
-    lines = ["| method | " + " | ".join(k[1] for k in keys) + " | shifts recovered | runs |",
-             "|---" * (len(keys) + 3) + "|"]
+    keys = [
+        ("mean_accuracy", "mean acc"),
+        ("windowed_accuracy", "windowed acc"),
+        ("final_accuracy", "final acc"),
+        ("mean_recovery_time", "recovery (steps)"),
+    ]
+    lines = [
+        "| method | " + " | ".join(k[1] for k in keys) + " | shifts recovered | runs |",
+        "|---" * (len(keys) + 3) + "|",
+    ]
     summary = {}
     for m in methods_of(per_run):
         runs = [run for run in per_run if m in run]
         cells, summary[m] = [], {}
         for key, _ in keys:
             vals = [run[m][key] for run in runs if run[m][key] is not None]
-            summary[m][key] = {"mean": float(np.mean(vals)) if vals else None,
-                               "std": float(np.std(vals)) if vals else None, "n": len(vals)}
+            summary[m][key] = {
+                "mean": float(np.mean(vals)) if vals else None,
+                "std": float(np.std(vals)) if vals else None,
+                "n": len(vals),
+            }
             fmt = "{:.0f}" if key == "mean_recovery_time" else "{:.3f}"
             cells.append(f"{fmt.format(np.mean(vals))} ± {fmt.format(np.std(vals))}" if vals else "never")
         rec = sum(run[m]["shifts_recovered"] for run in runs)
@@ -460,11 +596,23 @@ def summary_table(per_run):
 def _fake_rows(acc, interval, weights=None):
     rows = []
     for s, a in enumerate(acc):
-        r = {"step": s, "regime": s // interval, "concept": (s // interval) % 2, "acc": float(a), "loss": 1 - float(a)}
+        r = {
+            "step": s,
+            "regime": s // interval,
+            "concept": (s // interval) % 2,
+            "acc": float(a),
+            "loss": 1 - float(a),
+        }
         if weights is not None:
-            r.update(weights=weights, prompt_ids=list(range(1, len(weights) + 1)), num_prompts=len(weights),
-                     entropy=float(-sum(w * math.log(w) for w in weights)),
-                     expert_losses=[1 - float(a)] * len(weights), mixture_loss=1 - float(a), acc_mixture=float(a))
+            r.update(
+                weights=weights,
+                prompt_ids=list(range(1, len(weights) + 1)),
+                num_prompts=len(weights),
+                entropy=float(-sum(w * math.log(w) for w in weights)),
+                expert_losses=[1 - float(a)] * len(weights),
+                mixture_loss=1 - float(a),
+                acc_mixture=float(a),
+            )
         rows.append(r)
     return rows
 
@@ -500,25 +648,51 @@ def run_tests():
         w1 = 0.6 if 407 <= s_ < 600 else 0.2
         r["weights"] = {1: [1.0], 2: [0.5, 0.5], 3: [w1, 0.4, 0.6 - w1]}[len(r["prompt_ids"])]
     d = shift_details(rows, recovery_times(rows, 0.8, 50))
-    assert [x["kind"] for x in d] == ["first", "recurring", "recurring"] and [x["concept"] for x in d] == [1, 0, 1]
+    assert [x["kind"] for x in d] == ["first", "recurring", "recurring"] and [x["concept"] for x in d] == [
+        1,
+        0,
+        1,
+    ]
     assert np.allclose([x["first50"] for x in d], [0.2, 0.5, 0.9]) and "switch" not in d[0], d
     assert d[1]["switch"] == 7 and d[2]["switch"] is None, d
     k = by_kind(d)
-    assert np.isclose(k["first"]["first50"], 0.2) and np.isclose(k["recurring"]["first50"], 0.7) and k["recurring"]["switched"] == 1
-    print("  ok: shifts split into first-time (200) and recurring (400, 600); first-50 accuracy 0.2 / 0.5 / 0.9; "
-          "switch time 7 steps, and censored where the old expert never gets half the weight")
+    assert (
+        np.isclose(k["first"]["first50"], 0.2)
+        and np.isclose(k["recurring"]["first50"], 0.7)
+        and k["recurring"]["switched"] == 1
+    )
+    print(
+        "  ok: shifts split into first-time (200) and recurring (400, 600); first-50 accuracy 0.2 / "
+        "0.5 / 0.9; "
+        "switch time 7 steps, and censored where the old expert never gets half the weight"
+    )
     # Paired differences: a method exactly 0.1 better than single on every shift; bootstrap intervals.
     x = np.random.default_rng(1).normal(0.6, 0.1, 400)
     lo, hi = bootstrap_interval(x)
-    assert lo < x.mean() < hi and hi - lo < 4 * 1.96 * x.std() / 20 and bootstrap_interval([0.3] * 5) == [0.3, 0.3]
-    base = {"shift_details": [{"kind": kk, "first50": v} for kk, v in (("first", 0.4), ("recurring", 0.5), ("recurring", 0.3))]}
+    assert (
+        lo < x.mean() < hi
+        and hi - lo < 4 * 1.96 * x.std() / 20
+        and bootstrap_interval([0.3] * 5) == [0.3, 0.3]
+    )
+    base = {
+        "shift_details": [
+            {"kind": kk, "first50": v} for kk, v in (("first", 0.4), ("recurring", 0.5), ("recurring", 0.3))
+        ]
+    }
     better = {"shift_details": [{**e, "first50": e["first50"] + 0.1} for e in base["shift_details"]]}
     f50 = first50_summary([{"single": base, "m": better}, {"single": base, "m": better}])
-    assert abs(f50["m"]["recurring"]["minus_single"]["mean"] - 0.1) < 1e-12 and f50["m"]["recurring"]["n"] == 4
-    assert np.allclose(f50["m"]["recurring"]["minus_single"]["ci"], [0.1, 0.1]) and abs(f50["m"]["first"]["mean"] - 0.5) < 1e-12
+    assert (
+        abs(f50["m"]["recurring"]["minus_single"]["mean"] - 0.1) < 1e-12 and f50["m"]["recurring"]["n"] == 4
+    )
+    assert (
+        np.allclose(f50["m"]["recurring"]["minus_single"]["ci"], [0.1, 0.1])
+        and abs(f50["m"]["first"]["mean"] - 0.5) < 1e-12
+    )
     assert "minus_single" not in f50["single"]["first"] and first50_table(f50).count("\n") == 3
-    print("  ok: paired first-50 differences against single (+0.1 on every shift -> 0.1 [0.1, 0.1]); "
-          "the bootstrap interval brackets the mean")
+    print(
+        "  ok: paired first-50 differences against single (+0.1 on every shift -> 0.1 [0.1, 0.1]); "
+        "the bootstrap interval brackets the mean"
+    )
 
     K = 5
     rows = _fake_rows(np.full(300, 0.7), 100, weights=[1 / K] * K)
@@ -536,7 +710,7 @@ def run_tests():
         for name in ("flh", "single"):
             (Path(tmp) / name).mkdir()
             with open(Path(tmp) / name / "log.jsonl", "w") as f:
-                for r in (_fake_rows(acc, 200, [0.5, 0.5]) if name == "flh" else _fake_rows(acc[::-1], 200)):
+                for r in _fake_rows(acc, 200, [0.5, 0.5]) if name == "flh" else _fake_rows(acc[::-1], 200):
                     f.write(json.dumps(r) + "\n")
         metrics = analyse(tmp, window=100)
         assert set(metrics) == {"flh", "single"}
@@ -547,17 +721,25 @@ def run_tests():
         table, summary = summary_table([metrics, metrics])
         plot_accuracy_seeds([find_logs(tmp)] * 2, Path(tmp) / "seeds.png")
         assert (Path(tmp) / "seeds.png").stat().st_size > 5000
-        assert summary["flh"]["mean_recovery_time"]["mean"] == 55 and summary["flh"]["shifts_recovered"] == [4, 6]
+        assert summary["flh"]["mean_recovery_time"]["mean"] == 55 and summary["flh"]["shifts_recovered"] == [
+            4,
+            6,
+        ]
         # A torn last line and a gap are reported; an empty or foreign log is one clear error.
         import contextlib
         import io
+
         log = Path(tmp) / "single" / "log.jsonl"
         lines = log.read_text().splitlines(keepends=True)
         log.write_text("".join(lines[:10] + lines[40:]) + '{"step": 8')
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             rows = find_logs(Path(tmp) / "single")["single"]
-        assert len(rows) == len(lines) - 30 and "torn last line" in err.getvalue() and "jump from 9 to 40" in err.getvalue()
+        assert (
+            len(rows) == len(lines) - 30
+            and "torn last line" in err.getvalue()
+            and "jump from 9 to 40" in err.getvalue()
+        )
         for text, says in (("", "no complete row"), ('{"a": 1}\n', "not a log"), ("garbage\n", "not JSON")):
             log.write_text(text)
             try:
@@ -565,21 +747,40 @@ def run_tests():
                 raise AssertionError(f"{text!r} was accepted")
             except common.UserError as e:
                 assert says in str(e), e
-    print("  ok: a torn last line and missing steps are reported; empty, foreign and garbage logs are one clear error")
+    print(
+        "  ok: a torn last line and missing steps are reported; empty, foreign and garbage logs are "
+        "one clear error"
+    )
     print("  ok: a run folder gives metrics.json and 4 non-empty PNGs; the seed summary averages right")
     print(f"stage 7 checks passed in {time.time() - t0:.1f}s")
 
 
 def build_parser():
-    p = common.Parser(description="Stage 7: metrics and plots from run folders (several = seeds, summarised).")
+    p = common.Parser(
+        description="Stage 7: metrics and plots from run folders (several = seeds, summarised)."
+    )
     p.add_argument("runs", nargs="*", help="run folders (each with log.jsonl, or one sub-folder per method)")
-    p.add_argument("--recovery-threshold", type=common.accuracy_arg, default=0.8,
-                   help="accuracy a shift must recover to (default: 0.8)")
-    p.add_argument("--recovery-window", type=common.positive_int, default=50,
-                   help="steps in the rolling accuracy for recovery (default: 50)")
-    p.add_argument("--window", type=common.positive_int, default=500,
-                   help="N of the windowed accuracy / adaptive regret (default: 500)")
-    p.add_argument("--summary", default=None, help="folder for summary.json/summary.md over all runs (default: none)")
+    p.add_argument(
+        "--recovery-threshold",
+        type=common.accuracy_arg,
+        default=0.8,
+        help="accuracy a shift must recover to (default: 0.8)",
+    )
+    p.add_argument(
+        "--recovery-window",
+        type=common.positive_int,
+        default=50,
+        help="steps in the rolling accuracy for recovery (default: 50)",
+    )
+    p.add_argument(
+        "--window",
+        type=common.positive_int,
+        default=500,
+        help="N of the windowed accuracy / adaptive regret (default: 500)",
+    )
+    p.add_argument(
+        "--summary", default=None, help="folder for summary.json/summary.md over all runs (default: none)"
+    )
     p.add_argument("--test", action="store_true", help="run this stage's built-in checks and exit")
     return p
 
@@ -600,7 +801,9 @@ def main(args):
         out.mkdir(parents=True, exist_ok=True)
         common.write_json(out / "summary.json", {"runs": args.runs, "methods": summary})
         (out / "summary.md").write_text(table + "\n")
-        plot_accuracy_seeds([find_logs(r) for r in args.runs], out / "accuracy_seeds.png", threshold=args.recovery_threshold)
+        plot_accuracy_seeds(
+            [find_logs(r) for r in args.runs], out / "accuracy_seeds.png", threshold=args.recovery_threshold
+        )
         print(f"over {len(per_run)} runs:\n{table}")
         if all("shift_details" in m for run in per_run for m in run.values()):
             f50 = first50_summary(per_run)

@@ -26,6 +26,7 @@ latest checkpoint; the continued log equals an uninterrupted one (same seed).
 
 Run `--test` for the checks (a tiny run of all methods writes every output; resume is exact).
 """
+
 import contextlib
 import io
 import os
@@ -46,14 +47,50 @@ from stage5_train import add_flh_args, add_model_args, prepare, run_stream
 from stage6_baselines import METHODS, add_baseline_args, make_learner
 from stage7_metrics import analyse
 
-PLAN_FLH = dict(train_mode="weighted_sum", alpha=0.1, share=0.0, birth_from="live", max_prompts=0, merge_window=10)
+PLAN_FLH = dict(
+    train_mode="weighted_sum", alpha=0.1, share=0.0, birth_from="live", max_prompts=0, merge_window=10
+)
 PRESETS = {
-    "quick": dict(backbone="minilm", dataset="rt", steps=1600, flip_interval=400, steps_per_domain=400, birth_interval=100,
-                  birth_offset="half", prompt_length=10, batch_size=16, lr=1e-2, **PLAN_FLH, num_prompts=10,
-                  leader_window=10, prune="flh2", loss_batch=8, recovery_threshold=0.7, window=400, checkpoint_every=400),
-    "paper": dict(backbone="bert-base-uncased", dataset="sst2", steps=10000, flip_interval=1000, steps_per_domain=1000,
-                  birth_interval=500, birth_offset=0, prompt_length=20, batch_size=32, lr=1e-3, **PLAN_FLH, num_prompts=10,
-                  leader_window=10, prune="none", loss_batch=0, recovery_threshold=0.8, window=500, checkpoint_every=1000),
+    "quick": dict(
+        backbone="minilm",
+        dataset="rt",
+        steps=1600,
+        flip_interval=400,
+        steps_per_domain=400,
+        birth_interval=100,
+        birth_offset="half",
+        prompt_length=10,
+        batch_size=16,
+        lr=1e-2,
+        **PLAN_FLH,
+        num_prompts=10,
+        leader_window=10,
+        prune="flh2",
+        loss_batch=8,
+        recovery_threshold=0.7,
+        window=400,
+        checkpoint_every=400,
+    ),
+    "paper": dict(
+        backbone="bert-base-uncased",
+        dataset="sst2",
+        steps=10000,
+        flip_interval=1000,
+        steps_per_domain=1000,
+        birth_interval=500,
+        birth_offset=0,
+        prompt_length=20,
+        batch_size=32,
+        lr=1e-3,
+        **PLAN_FLH,
+        num_prompts=10,
+        leader_window=10,
+        prune="none",
+        loss_batch=0,
+        recovery_threshold=0.8,
+        window=500,
+        checkpoint_every=1000,
+    ),
 }
 
 
@@ -68,8 +105,12 @@ def methods_to_run(method, args):
 
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state):
@@ -92,13 +133,17 @@ def save_checkpoint(folder, step, learner):
 def load_latest_checkpoint(folder):
     """The newest readable checkpoint's contents, or None if there is none. An unreadable one (a
     truncated file, say) is skipped with a message, and the one before it is used."""
-    found = sorted((folder / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]), reverse=True)
+    found = sorted(
+        (folder / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]), reverse=True
+    )
     for path in found:
         try:
             return torch.load(path, weights_only=False)
         except Exception as e:  # noqa: BLE001 (any failure to read means: try the previous one)
-            print(f"[flh] {path} is unreadable ({type(e).__name__}); falling back to the previous checkpoint",
-                  file=sys.stderr)
+            print(
+                f"[flh] {path} is unreadable ({type(e).__name__}); falling back to the previous checkpoint",
+                file=sys.stderr,
+            )
     return None
 
 
@@ -121,16 +166,32 @@ def run_method(method, args, model, stream, folder):
         log.close()
         return None
     t0 = time.time()
-    run_stream(learner, stream, args.steps, log, start, every=args.checkpoint_every,
-               callback=lambda s: save_checkpoint(folder, s, learner), desc=method)
+    run_stream(
+        learner,
+        stream,
+        args.steps,
+        log,
+        start,
+        every=args.checkpoint_every,
+        callback=lambda s: save_checkpoint(folder, s, learner),
+        desc=method,
+    )
     log.close()
     if args.steps % args.checkpoint_every:
         save_checkpoint(folder, args.steps, learner)
     wall = time.time() - t0
-    common.write_json(folder / "run.json", {"method": method, "steps_run": args.steps - start, "resumed_from": start,
-                                            "wall_seconds": round(wall, 1),
-                                            "seconds_per_step": round(wall / (args.steps - start), 4),
-                                            "device": str(model.device), "threads": torch.get_num_threads()})
+    common.write_json(
+        folder / "run.json",
+        {
+            "method": method,
+            "steps_run": args.steps - start,
+            "resumed_from": start,
+            "wall_seconds": round(wall, 1),
+            "seconds_per_step": round(wall / (args.steps - start), 4),
+            "device": str(model.device),
+            "threads": torch.get_num_threads(),
+        },
+    )
     return wall
 
 
@@ -140,28 +201,41 @@ def plan_criteria(folder, metrics):
     cfg = common.read_json(folder / "config.json")
     out = {}
     ran = {m: len(rows) for m, rows in logs.items()}
-    out["1_all_methods_run"] = {"met": set(ran) >= set(PLAN_METHODS) and all(n == cfg["steps"] for n in ran.values()),
-                                "steps_logged": ran}
+    out["1_all_methods_run"] = {
+        "met": set(ran) >= set(PLAN_METHODS) and all(n == cfg["steps"] for n in ran.values()),
+        "steps_logged": ran,
+    }
     # 2. Sawtooth: the single prompt's accuracy drops at each shift (last 50 steps before vs first 50 after).
     if "single" in logs:
         acc = np.array([r["acc"] for r in logs["single"]])
         cuts = [m["shift"] for m in metrics["single"]["recovery"]]
-        drops = [float(acc[c - 50:c].mean() - acc[c:c + 50].mean()) for c in cuts if c >= 50]
-        out["2_single_sawtooth"] = {"met": bool(drops) and min(drops) > 0.1, "accuracy_drop_at_each_shift": drops,
-                                    "single_shifts_recovered": [metrics["single"]["shifts_recovered"], len(cuts)]}
+        drops = [float(acc[c - 50 : c].mean() - acc[c : c + 50].mean()) for c in cuts if c >= 50]
+        out["2_single_sawtooth"] = {
+            "met": bool(drops) and min(drops) > 0.1,
+            "accuracy_drop_at_each_shift": drops,
+            "single_shifts_recovered": [metrics["single"]["shifts_recovered"], len(cuts)],
+        }
     # 3. Input similarity fails to recover after the first flip.
     if "similarity" in metrics:
         m = metrics["similarity"]
-        out["3_similarity_fails_to_recover"] = {"met": m["shifts_recovered"] == 0,
-                                                "shifts_recovered": [m["shifts_recovered"], m["shifts"]]}
+        out["3_similarity_fails_to_recover"] = {
+            "met": m["shifts_recovered"] == 0,
+            "shifts_recovered": [m["shifts_recovered"], m["shifts"]],
+        }
     # 4. FLH recovers fastest: most shifts recovered, then the lowest mean recovery time.
-    key = {k: (-m["shifts_recovered"], m["mean_recovery_time"] if m["mean_recovery_time"] is not None else 1e9)
-           for k, m in metrics.items()}
+    key = {
+        k: (-m["shifts_recovered"], m["mean_recovery_time"] if m["mean_recovery_time"] is not None else 1e9)
+        for k, m in metrics.items()
+    }
     best = min(key, key=key.get)
-    out["4_flh_recovers_fastest"] = {"met": best == "flh" and all(key[k] > key["flh"] for k in key if k != "flh"),
-                                     "fastest": best, "tied_with": [k for k in key if k != best and key[k] == key[best]],
-                                     "recovered_and_mean_steps": {
-                                         k: [m["shifts_recovered"], m["shifts"], m["mean_recovery_time"]] for k, m in metrics.items()}}
+    out["4_flh_recovers_fastest"] = {
+        "met": best == "flh" and all(key[k] > key["flh"] for k in key if k != "flh"),
+        "fastest": best,
+        "tied_with": [k for k in key if k != best and key[k] == key[best]],
+        "recovered_and_mean_steps": {
+            k: [m["shifts_recovered"], m["shifts"], m["mean_recovery_time"]] for k, m in metrics.items()
+        },
+    }
     # 5. Weight moves to recent prompts: at the end of each regime after a shift, the mass on prompts
     #    born since that shift exceeds one half.
     if "flh" in logs:
@@ -175,23 +249,29 @@ def plan_criteria(folder, metrics):
             end = (cuts[k + 1] if k + 1 < len(cuts) else len(rows)) - 1
             r = rows[end]
             mass.append(float(sum(w for i, w in zip(r["prompt_ids"], r["weights"]) if born[i] >= c)))
-        out["5_weight_moves_to_recent_prompts"] = {"met": bool(mass) and min(mass) > 0.5,
-                                                   "mass_on_prompts_born_since_shift_at_regime_end": mass}
+        out["5_weight_moves_to_recent_prompts"] = {
+            "met": bool(mass) and min(mass) > 0.5,
+            "mass_on_prompts_born_since_shift_at_regime_end": mass,
+        }
     return out
 
 
 def summarise(folder, metrics):
     """The table printed at the end of a run."""
-    lines = [f"{'method':<11}{'mean acc':>9}{'window acc':>11}{'final acc':>10}{'recovered':>10}"
-             f"{'recovery':>9}{'first-50 first/recurring':>26}{'wall s':>8}"]
+    lines = [
+        f"{'method':<11}{'mean acc':>9}{'window acc':>11}{'final acc':>10}{'recovered':>10}"
+        f"{'recovery':>9}{'first-50 first/recurring':>26}{'wall s':>8}"
+    ]
     for name, m in metrics.items():
         run = folder / name / "run.json"
         wall = common.read_json(run)["wall_seconds"] if run.exists() else float("nan")
         rec = f"{m['mean_recovery_time']:.0f}" if m["mean_recovery_time"] is not None else "never"
         kinds = m.get("by_kind", {})
         f50 = "/".join(f"{kinds[k]['first50']:.3f}" if k in kinds else "-" for k in ("first", "recurring"))
-        lines.append(f"{name:<11}{m['mean_accuracy']:>9.3f}{m['windowed_accuracy']:>11.3f}{m['final_accuracy']:>10.3f}"
-                     f"{m['shifts_recovered']:>6}/{m['shifts']:<3}{rec:>9}{f50:>26}{wall:>8.0f}")
+        lines.append(
+            f"{name:<11}{m['mean_accuracy']:>9.3f}{m['windowed_accuracy']:>11.3f}{m['final_accuracy']:>10.3f}"
+            f"{m['shifts_recovered']:>6}/{m['shifts']:<3}{rec:>9}{f50:>26}{wall:>8.0f}"
+        )
     return "\n".join(lines)
 
 
@@ -200,44 +280,125 @@ def summarise(folder, metrics):
 # ----------------------------------------------------------------------------------------------
 def run_tests():
     t0 = time.time()
-    tiny = ["--backbone", "random:tiny-bert", "--batch-size", "4", "--flip-interval", "10", "--birth-interval", "5",
-            "--num-prompts", "3", "--checkpoint-every", "10", "--train-mode", "snapshot", "--prune", "diverse",
-            "--max-prompts", "3", "--share", "0.01", "--alpha", "2", "--leader-window", "3"]
+    tiny = [
+        "--backbone",
+        "random:tiny-bert",
+        "--batch-size",
+        "4",
+        "--flip-interval",
+        "10",
+        "--birth-interval",
+        "5",
+        "--num-prompts",
+        "3",
+        "--checkpoint-every",
+        "10",
+        "--train-mode",
+        "snapshot",
+        "--prune",
+        "diverse",
+        "--max-prompts",
+        "3",
+        "--share",
+        "0.01",
+        "--alpha",
+        "2",
+        "--leader-window",
+        "3",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         # A tiny run of all four methods writes every output.
-        main(build_parser().parse_args([*tiny, "--method", "all", "--steps", "30", "--out", tmp, "--run-name", "all"]))
+        main(
+            build_parser().parse_args(
+                [*tiny, "--method", "all", "--steps", "30", "--out", tmp, "--run-name", "all"]
+            )
+        )
         run = Path(tmp) / "all"
         metrics = common.read_json(run / "metrics.json")
         assert sorted(metrics) == sorted(METHODS), list(metrics)
         for m in METHODS:
             rows = common.read_jsonl(run / m / "log.jsonl")
-            assert [r["step"] for r in rows] == list(range(30)) and (run / m / "checkpoints" / "step_30.pt").exists()
-        assert {p.name for p in run.glob("*.png")} >= {"accuracy.png", "recovery.png", "prompts.png", "weights_flh.png",
-                                                       "first50.png"}
-        assert metrics["oracle"]["by_kind"]["recurring"]["shifts"] == 1 and "switch" in metrics["flh"]["shift_details"][1]
+            assert [r["step"] for r in rows] == list(range(30)) and (
+                run / m / "checkpoints" / "step_30.pt"
+            ).exists()
+        assert {p.name for p in run.glob("*.png")} >= {
+            "accuracy.png",
+            "recovery.png",
+            "prompts.png",
+            "weights_flh.png",
+            "first50.png",
+        }
+        assert (
+            metrics["oracle"]["by_kind"]["recurring"]["shifts"] == 1
+            and "switch" in metrics["flh"]["shift_details"][1]
+        )
         criteria = common.read_json(run / "criteria.json")
         assert len(criteria) == 5 and criteria["1_all_methods_run"]["met"]
         table = criteria_table({"seed0": criteria, "seed1": criteria})
         assert table.count("\n") == 6 and "| all methods run | **met**: 30 steps each |" in table
         # Same batches for every method: the regimes (and the logged steps) line up.
-        assert len({tuple(r["regime"] for r in common.read_jsonl(run / m / "log.jsonl")) for m in METHODS}) == 1
-        print(f"  ok: --method all writes metrics.json ({len(METHODS)} methods), {len(METHODS)} logs of 30 rows, "
-              "checkpoints and plots")
+        assert (
+            len({tuple(r["regime"] for r in common.read_jsonl(run / m / "log.jsonl")) for m in METHODS}) == 1
+        )
+        print(
+            f"  ok: --method all writes metrics.json ({len(METHODS)} methods), {len(METHODS)} logs of "
+            "30 rows, "
+            "checkpoints and plots"
+        )
 
-        # A fresh run of a method may change a setting only that method reads; a shared setting may not change.
-        main(build_parser().parse_args([*tiny, "--method", "leader", "--leader-window", "2", "--steps", "30", "--out", tmp,
-                                        "--run-name", "all"]))
+        # A fresh run of a method may change a setting only that method reads; a shared one may not change.
+        main(
+            build_parser().parse_args(
+                [
+                    *tiny,
+                    "--method",
+                    "leader",
+                    "--leader-window",
+                    "2",
+                    "--steps",
+                    "30",
+                    "--out",
+                    tmp,
+                    "--run-name",
+                    "all",
+                ]
+            )
+        )
         assert common.read_json(run / "config.json")["methods"] == METHODS
         assert sorted(common.read_json(run / "metrics.json")) == sorted(METHODS)
-        for method, change, name in (("single", ["--lr", "0.5"], "lr"), ("flh", ["--loss-batch", "2"], "loss_batch")):
+        for method, change, name in (
+            ("single", ["--lr", "0.5"], "lr"),
+            ("flh", ["--loss-batch", "2"], "loss_batch"),
+        ):
             try:  # flh alone may not change its loss batch: flh_sum and leader read it too
-                main(build_parser().parse_args([*tiny, "--method", method, *change, "--leader-window", "2", "--steps", "30",
-                                                "--out", tmp, "--run-name", "all"]))
-                raise AssertionError(f"a changed shared setting ({name}) was accepted in an existing run folder")
+                main(
+                    build_parser().parse_args(
+                        [
+                            *tiny,
+                            "--method",
+                            method,
+                            *change,
+                            "--leader-window",
+                            "2",
+                            "--steps",
+                            "30",
+                            "--out",
+                            tmp,
+                            "--run-name",
+                            "all",
+                        ]
+                    )
+                )
+                raise AssertionError(
+                    f"a changed shared setting ({name}) was accepted in an existing run folder"
+                )
             except common.UserError as e:
                 assert f"({name})" in str(e), e
-        print("  ok: a run folder takes a fresh leader run with another window, refuses another lr, and refuses "
-              "another loss batch for flh alone")
+        print(
+            "  ok: a run folder takes a fresh leader run with another window, refuses another lr, and "
+            "refuses "
+            "another loss batch for flh alone"
+        )
 
         # Resume: kill a run after a checkpoint, resume it, compare with an uninterrupted run.
         for method in ("flh", "leader", "oracle", "reset", "similarity"):
@@ -253,26 +414,45 @@ def run_tests():
             assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
             cut = len(common.read_jsonl(Path(tmp) / "killed" / method / "log.jsonl"))
             assert cut < 300
-            newest = max((Path(tmp) / "killed" / method / "checkpoints").glob("*.pt"), key=lambda p: int(p.stem[5:]))
-            if method == "flh":  # a truncated newest checkpoint: resume falls back to the one before, and says so
+            newest = max(
+                (Path(tmp) / "killed" / method / "checkpoints").glob("*.pt"), key=lambda p: int(p.stem[5:])
+            )
+            if (
+                method == "flh"
+            ):  # a truncated newest checkpoint: resume falls back to the one before, and says so
                 newest.write_bytes(newest.read_bytes()[:100])
             err = io.StringIO()
             with contextlib.redirect_stderr(err):
-                main(build_parser().parse_args([*args, "--run-name", "killed", "--checkpoint-every", "50", "--resume"]))
+                main(
+                    build_parser().parse_args(
+                        [*args, "--run-name", "killed", "--checkpoint-every", "50", "--resume"]
+                    )
+                )
             resumed = (Path(tmp) / "killed" / method / "log.jsonl").read_text()
             assert resumed == whole, f"{method}: the resumed log differs from the uninterrupted one"
-            assert ("falling back to the previous checkpoint" in err.getvalue()) == (method == "flh"), err.getvalue()
-            print(f"  ok: {method}: killed after {cut} logged steps, resumed from its checkpoint"
-                  + (" (the newest one truncated: fell back to the one before)" if method == "flh" else "")
-                  + "; log identical to an uninterrupted run")
+            assert ("falling back to the previous checkpoint" in err.getvalue()) == (method == "flh"), (
+                err.getvalue()
+            )
+            print(
+                f"  ok: {method}: killed after {cut} logged steps, resumed from its checkpoint"
+                + (" (the newest one truncated: fell back to the one before)" if method == "flh" else "")
+                + "; log identical to an uninterrupted run"
+            )
 
-        # The log and the checkpoint must agree: a log with fewer rows than the checkpoint's step is refused, untouched.
+        # Log and checkpoint must agree: a log shorter than the checkpoint's step is refused, untouched.
         log = Path(tmp) / "whole" / "flh" / "log.jsonl"
         lines = log.read_text().splitlines(keepends=True)
         log.write_text("".join(lines[:250]))
-        for bad, says in ((["--run-name", "whole"], "rows were lost"), (["--run-name", "never-ran"], "no run")):
+        for bad, says in (
+            (["--run-name", "whole"], "rows were lost"),
+            (["--run-name", "never-ran"], "no run"),
+        ):
             try:
-                main(build_parser().parse_args([*tiny, "--method", "flh", "--steps", "300", "--out", tmp, "--resume", *bad]))
+                main(
+                    build_parser().parse_args(
+                        [*tiny, "--method", "flh", "--steps", "300", "--out", tmp, "--resume", *bad]
+                    )
+                )
                 raise AssertionError(f"--resume accepted {bad}")
             except common.UserError as e:
                 assert says in str(e), e
@@ -289,30 +469,55 @@ def run_tests():
             os.replace = real_replace
             jl.close()
         assert log.read_text() == "".join(lines[:250]) and not list(log.parent.glob(".log.jsonl.*"))
-        print("  ok: --resume refuses a log shorter than its checkpoint and a run that never existed; "
-              "the log rewrite is atomic")
+        print(
+            "  ok: --resume refuses a log shorter than its checkpoint and a run that never existed; "
+            "the log rewrite is atomic"
+        )
 
         # A run folder is locked: a second process with the same --run-name refuses in one line.
         with common.locked(Path(tmp) / "whole"):
-            r = subprocess.run([sys.executable, __file__, *tiny, "--method", "single", "--steps", "5", "--out", tmp,
-                                "--run-name", "whole"], capture_output=True, text=True)
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    *tiny,
+                    "--method",
+                    "single",
+                    "--steps",
+                    "5",
+                    "--out",
+                    tmp,
+                    "--run-name",
+                    "whole",
+                ],
+                capture_output=True,
+                text=True,
+            )
         lines = [x for x in r.stderr.splitlines() if x.strip()]
         assert r.returncode == 2 and len(lines) == 1 and "in use by another process" in lines[0], r.stderr
-        print("  ok: a second run with the same --run-name refuses in one line while the first holds the folder")
+        print(
+            "  ok: a second run with the same --run-name refuses in one line while the first holds the folder"
+        )
     print(f"stage 8 checks passed in {time.time() - t0:.1f}s")
 
 
 def add_experiment_args(p):
     """The flags a preset fills, with both presets' values in their help (stage 9 reuses them)."""
-    p.add_argument("--preset", default="quick", choices=list(PRESETS),
-                   help="quick: CPU-sized, embedded MiniLM + rt (default); paper: the plan's BERT/SST-2 setting")
+    p.add_argument(
+        "--preset",
+        default="quick",
+        choices=list(PRESETS),
+        help="quick: CPU-sized, embedded MiniLM + rt (default); paper: the plan's BERT/SST-2 setting",
+    )
     add_stream_args(p)
     add_model_args(p)
     p.add_argument("--steps", type=common.positive_int, help="batches in the stream")
     p.add_argument("--lr", type=common.positive_float, help="AdamW learning rate")
     add_flh_args(p)
     add_baseline_args(p)
-    p.add_argument("--recovery-threshold", type=common.accuracy_arg, help="accuracy that counts as recovered, in (0, 1]")
+    p.add_argument(
+        "--recovery-threshold", type=common.accuracy_arg, help="accuracy that counts as recovered, in (0, 1]"
+    )
     p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy")
     p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints")
     p.set_defaults(**{k: None for k in PRESETS["quick"]})
@@ -323,20 +528,33 @@ def apply_preset(args):
     """Fill every flag left unset from the chosen preset; explicit flags win."""
     preset = dict(PRESETS[args.preset])
     if (args.dataset not in (None, preset["dataset"]) and args.flip_interval is None) or args.no_flip:
-        preset["flip_interval"] = None  # another data set: stage 2's default (multi-domain data does not flip)
+        preset["flip_interval"] = (
+            None  # another data set: stage 2's default (multi-domain data does not flip)
+        )
     return common.fill_from_preset(args, preset)
 
 
 def build_parser():
-    p = common.Parser(description="Stage 8: run FLH and the baselines on the changing stream; metrics and plots.")
-    p.add_argument("--method", default="flh", choices=[*METHODS, "all"],
-                   help="which method, or all of them (flh_sum only where flh does not train the weighted-sum way) "
-                        "(default: flh)")
+    p = common.Parser(
+        description="Stage 8: run FLH and the baselines on the changing stream; metrics and plots."
+    )
+    p.add_argument(
+        "--method",
+        default="flh",
+        choices=[*METHODS, "all"],
+        help="which method, or all of them (flh_sum only where flh does not train the weighted-sum way) "
+        "(default: flh)",
+    )
     add_experiment_args(p)
     p.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
-    p.add_argument("--analyse", metavar="RUN", nargs="+", default=None,
-                   help="only recompute metrics, plots and criteria of existing run folders (no training); "
-                        "several folders (seeds) also get a table of the plan's criteria")
+    p.add_argument(
+        "--analyse",
+        metavar="RUN",
+        nargs="+",
+        default=None,
+        help="only recompute metrics, plots and criteria of existing run folders (no training); "
+        "several folders (seeds) also get a table of the plan's criteria",
+    )
     common.add_common_args(p, run_name=None)
     p.set_defaults(run_name=None)
     for action in p._actions:
@@ -356,19 +574,37 @@ def run_all(args, methods, folder):
     ran = check_folder(folder, args, methods)
     model, stream = prepare(args)
     common.write_json(folder / "config.json", {**vars(args), "methods": ran})
-    print(f"{', '.join(methods)} on {args.dataset} with {args.backbone} ({model.pooling} read-out), {args.steps} steps, "
-          f"regimes change at {[s for s in range(1, args.steps) if stream.regime(s) != stream.regime(s - 1)][:8]}... "
-          f"-> {folder}", file=sys.stderr)
+    print(
+        f"{', '.join(methods)} on {args.dataset} with {args.backbone} ({model.pooling} read-out), "
+        f"{args.steps} steps, "
+        "regimes change at "
+        f"{[s for s in range(1, args.steps) if stream.regime(s) != stream.regime(s - 1)][:8]}... "
+        f"-> {folder}",
+        file=sys.stderr,
+    )
     for method in methods:
         run_method(method, args, model, stream, folder / method)
     report(folder)
 
 
 # The settings only some methods read: a fresh run of all of those may change them in a run folder.
-FLH_KEYS = ("birth_interval", "birth_offset", "alpha", "share", "train_mode", "birth_from", "prune", "max_prompts",
-            "merge_window", "loss_batch")
-READ_BY = {**{k: {"flh", "flh_sum", "leader"} for k in FLH_KEYS}, "num_prompts": {"random", "similarity"},
-           "leader_window": {"leader"}}
+FLH_KEYS = (
+    "birth_interval",
+    "birth_offset",
+    "alpha",
+    "share",
+    "train_mode",
+    "birth_from",
+    "prune",
+    "max_prompts",
+    "merge_window",
+    "loss_batch",
+)
+READ_BY = {
+    **{k: {"flh", "flh_sum", "leader"} for k in FLH_KEYS},
+    "num_prompts": {"random", "similarity"},
+    "leader_window": {"leader"},
+}
 
 
 def check_folder(folder, args, methods):
@@ -379,13 +615,22 @@ def check_folder(folder, args, methods):
         return methods
     old = common.read_json(folder / "config.json")
     rerun = set() if args.resume else set(methods)
-    now = {**vars(args), "precision": common.resolve_precision(args.precision, common.resolve_device(args.device))}
-    changed = [k for k in (*PRESETS["quick"], "seed", "max_length", "pooling", "precision", "no_flip")
-               if k not in ("checkpoint_every", "recovery_threshold", "window") and old.get(k) != now[k]
-               and not READ_BY.get(k, set(METHODS)) <= rerun]
+    now = {
+        **vars(args),
+        "precision": common.resolve_precision(args.precision, common.resolve_device(args.device)),
+    }
+    changed = [
+        k
+        for k in (*PRESETS["quick"], "seed", "max_length", "pooling", "precision", "no_flip")
+        if k not in ("checkpoint_every", "recovery_threshold", "window")
+        and old.get(k) != now[k]
+        and not READ_BY.get(k, set(METHODS)) <= rerun
+    ]
     if changed:
-        raise common.UserError(f"{folder} holds a run with other settings ({', '.join(changed)}): "
-                               f"{'resume with its settings' if args.resume else 'choose another --run-name'}")
+        raise common.UserError(
+            f"{folder} holds a run with other settings ({', '.join(changed)}): "
+            f"{'resume with its settings' if args.resume else 'choose another --run-name'}"
+        )
     return [m for m in METHODS if m in {*old.get("methods", []), *methods}]
 
 
@@ -398,13 +643,17 @@ def report(folder):
     criteria = plan_criteria(folder, metrics)
     common.write_json(folder / "criteria.json", criteria)
     print(summarise(folder, metrics))
-    print("plan's criteria: " + ", ".join(f"{k}: {'met' if v['met'] else 'not met'}" for k, v in criteria.items()))
+    print(
+        "plan's criteria: "
+        + ", ".join(f"{k}: {'met' if v['met'] else 'not met'}" for k, v in criteria.items())
+    )
     print(f"metrics, criteria and plots in {folder}")
     return criteria
 
 
 def criteria_table(per_run):
     """Markdown: each of the plan's criteria per run, met or not, with the number that decides it."""
+
     def evidence(name, v):
         if name.startswith("1"):
             return f"{min(v['steps_logged'].values())} steps each"
@@ -415,12 +664,20 @@ def criteria_table(per_run):
         if name.startswith("4"):
             k, n, t = v["recovered_and_mean_steps"]["flh"]
             tie = f" (tied with {', '.join(v['tied_with'])})" if v.get("tied_with") else ""
-            return f"flh {k}/{n}" + (f" in {t:.0f} steps" if t is not None else "") + f"; fastest: {v['fastest']}{tie}"
+            return (
+                f"flh {k}/{n}"
+                + (f" in {t:.0f} steps" if t is not None else "")
+                + f"; fastest: {v['fastest']}{tie}"
+            )
         return "mass " + ", ".join(f"{m:.2f}" for m in v["mass_on_prompts_born_since_shift_at_regime_end"])
+
     runs = list(per_run)
     lines = ["| plan's criterion | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
     for name in per_run[runs[0]]:
-        cells = [f"{'**met**' if c[name]['met'] else 'not met'}: {evidence(name, c[name])}" for c in per_run.values()]
+        cells = [
+            f"{'**met**' if c[name]['met'] else 'not met'}: {evidence(name, c[name])}"
+            for c in per_run.values()
+        ]
         lines.append(f"| {name[2:].replace('_', ' ')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

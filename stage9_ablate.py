@@ -36,6 +36,7 @@ runs the i-th (1 <= i <= n) of n disjoint slices, for one job per machine:
 Outputs in the sweep folder: summary.json, summary.md and one plot per grid (<grid>.png).
 Run `--test` for the checks.
 """
+
 import argparse
 import json
 import os
@@ -54,8 +55,8 @@ from stage5_train import FLHLearner, flh_kwargs, follow_pool, prepare, r6, run_s
 from stage7_metrics import compute_metrics, summary_table
 from stage8_run import add_experiment_args, apply_preset
 
-GRIDS = ["birth", "alpha", "length", "merge", "train_mode"]   # the plan's ablations (--grid all)
-TUNING = ["tuning", "tuning2"]                                 # choosing snapshot FLH's settings
+GRIDS = ["birth", "alpha", "length", "merge", "train_mode"]  # the plan's ablations (--grid all)
+TUNING = ["tuning", "tuning2"]  # choosing snapshot FLH's settings
 ABLATION_DEFAULTS = dict(birth="fixed", merge="none")
 SNAPSHOT = dict(train_mode="snapshot", prune="diverse", max_prompts=8, birth_from="live")
 
@@ -76,12 +77,19 @@ def grid_settings(grid, args):
         out = {f"train_mode={m}": {"train_mode": m} for m in ("weighted_sum", "independent", "snapshot")}
         return {**out, "train_mode=newest": {"train_mode": "snapshot", "birth_from": "random"}}
     if grid == "tuning":
-        out = {f"alpha={a},share={sh}": {**SNAPSHOT, "alpha": a, "share": sh} for a in (1.0, 8.0) for sh in (0.0, 0.01)}
+        out = {
+            f"alpha={a},share={sh}": {**SNAPSHOT, "alpha": a, "share": sh}
+            for a in (1.0, 8.0)
+            for sh in (0.0, 0.01)
+        }
         return {**out, "alpha=0.1,share=0.01": {**SNAPSHOT, "alpha": 0.1, "share": 0.01}}
     if grid == "tuning2":
         label, best = best_setting(args, "tuning")
-        return {label: best, f"{label},flh2": {**best, "prune": "flh2", "max_prompts": 0},
-                f"{label},birth_from=leader": {**best, "birth_from": "leader"}}
+        return {
+            label: best,
+            f"{label},flh2": {**best, "prune": "flh2", "max_prompts": 0},
+            f"{label},birth_from=leader": {**best, "birth_from": "leader"},
+        }
     raise common.UserError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS + TUNING)} or all")
 
 
@@ -129,7 +137,7 @@ def expand(grids, args):
 
 def shard(jobs, i, n):
     """The i-th of n disjoint slices (1 <= i <= n); their union is all jobs."""
-    return jobs[i - 1::n]
+    return jobs[i - 1 :: n]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,14 +147,26 @@ class AblationLearner(FLHLearner):
     """FLHLearner (stage 5, all its training modes) + adaptive birth and merging, both off by
     default. The step is FLH's own; this class only decides births differently and merges after it."""
 
-    def __init__(self, model, prompt_length, birth="fixed", entropy_threshold=0.9, birth_gap=50,
-                 merge="none", merge_every=50, merge_cos=0.95, merge_js=0.01, history=100, **flh):
+    def __init__(
+        self,
+        model,
+        prompt_length,
+        birth="fixed",
+        entropy_threshold=0.9,
+        birth_gap=50,
+        merge="none",
+        merge_every=50,
+        merge_cos=0.95,
+        merge_js=0.01,
+        history=100,
+        **flh,
+    ):
         super().__init__(model, prompt_length, **flh)
         self.birth_rule, self.merge = birth, merge
         self.entropy_threshold, self.birth_gap = entropy_threshold, birth_gap
         self.merge_every, self.merge_cos, self.merge_js = merge_every, merge_cos, merge_js
         self.last_entropy, self.last_birth = None, None
-        self.losses, self.history = {}, history   # birth id -> deque of its last `history` batch losses
+        self.losses, self.history = {}, history  # birth id -> deque of its last `history` batch losses
 
     def should_birth(self, step):
         if self.birth_rule == "fixed":
@@ -163,7 +183,9 @@ class AblationLearner(FLHLearner):
     def step(self, batch):
         row = super().step(batch)
         mixture = self.last_mixture
-        self.last_entropy = float(-(mixture * mixture.clamp_min(1e-12).log()).sum(-1).mean()) / np.log(mixture.shape[-1])
+        self.last_entropy = float(-(mixture * mixture.clamp_min(1e-12).log()).sum(-1).mean()) / np.log(
+            mixture.shape[-1]
+        )
         self.losses = {j: self.losses.get(j, deque(maxlen=self.history)) for j in self.pool.birth_ids}
         for j, loss in zip(self.pool.birth_ids, row["expert_losses"]):
             self.losses[j].append(loss)
@@ -181,7 +203,7 @@ class AblationLearner(FLHLearner):
         flat = F.normalize(pool.stacked().detach().flatten(1), dim=1)
         out = []
         for x, a in enumerate(old):
-            for b in old[x + 1:]:
+            for b in old[x + 1 :]:
                 if self.merge == "param":
                     out.append((float(flat[a] @ flat[b]), a, b))
                 else:
@@ -197,11 +219,18 @@ class AblationLearner(FLHLearner):
         if not scores:
             return None
         score, a, b = max(scores)
-        if (self.merge == "param" and score <= self.merge_cos) or (self.merge == "js" and -score >= self.merge_js):
+        if (self.merge == "param" and score <= self.merge_cos) or (
+            self.merge == "js" and -score >= self.merge_js
+        ):
             return None
         pool, w = self.pool, self.pool.log_w.exp()
-        event = {"kept": pool.birth_ids[a], "removed": pool.birth_ids[b], "score": r6(abs(score)),
-                 "weights": r6([w[a], w[b]]), "recent_loss": r6([np.mean(self.losses[pool.birth_ids[i]]) for i in (a, b)])}
+        event = {
+            "kept": pool.birth_ids[a],
+            "removed": pool.birth_ids[b],
+            "score": r6(abs(score)),
+            "weights": r6([w[a], w[b]]),
+            "recent_loss": r6([np.mean(self.losses[pool.birth_ids[i]]) for i in (a, b)]),
+        }
         with torch.no_grad():
             pa, pb = pool.prompts[a], pool.prompts[b]
             pa.copy_((w[a].item() * pa + w[b].item() * pb) / (w[a] + w[b]).item())
@@ -230,10 +259,18 @@ def run_one(job, args, threads):
         return key, seed, "skipped"
     torch.set_num_threads(threads)
     model, stream = prepare(a)
-    learner = AblationLearner(model, a.prompt_length, birth=a.birth, entropy_threshold=a.entropy_threshold,
-                              birth_gap=a.birth_gap or (a.flip_interval or a.steps_per_domain) // 4, merge=a.merge,
-                              merge_every=a.merge_every or a.birth_interval, merge_cos=a.merge_cos, merge_js=a.merge_js,
-                              **flh_kwargs(a))
+    learner = AblationLearner(
+        model,
+        a.prompt_length,
+        birth=a.birth,
+        entropy_threshold=a.entropy_threshold,
+        birth_gap=a.birth_gap or (a.flip_interval or a.steps_per_domain) // 4,
+        merge=a.merge,
+        merge_every=a.merge_every or a.birth_interval,
+        merge_cos=a.merge_cos,
+        merge_js=a.merge_js,
+        **flh_kwargs(a),
+    )
     folder.mkdir(parents=True, exist_ok=True)
     with common.locked(folder):
         (folder / "run.json").unlink(missing_ok=True)
@@ -245,8 +282,16 @@ def run_one(job, args, threads):
             run_stream(learner, stream, a.steps, log, desc=f"{key} seed{seed}")
         finally:
             log.close()
-        common.write_json(folder / "run.json", {"key": key, "seed": seed, "wall_seconds": round(time.time() - t0, 1),
-                                                "threads": threads, "steps": a.steps})
+        common.write_json(
+            folder / "run.json",
+            {
+                "key": key,
+                "seed": seed,
+                "wall_seconds": round(time.time() - t0, 1),
+                "threads": threads,
+                "steps": a.steps,
+            },
+        )
     return key, seed, f"{time.time() - t0:.0f}s"
 
 
@@ -272,6 +317,7 @@ def run_sweep(jobs, args):
             bar.update()
     else:
         import multiprocessing
+
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = []
             for r in pool.map(_worker, payloads):
@@ -288,8 +334,10 @@ def run_sweep(jobs, args):
 def summarize(args, grids):
     """summary.json, summary.md and <grid>.png in the sweep folder, from the runs found there."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     sweep = Path(args.out) / args.run_name
     summary, md = {}, [f"# Stage 9 sweep `{args.run_name}`", ""]
     for grid in grids:
@@ -316,50 +364,93 @@ def summarize(args, grids):
                 stats[lab][key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
             for kind in ("first", "recurring"):
                 got = [r[lab]["by_kind"][kind] for r in runs if kind in r[lab]["by_kind"]]
-                times = [d["recovery"] for r in runs for d in r[lab]["shift_details"]
-                         if d["kind"] == kind and d["recovery"] is not None]
-                stats[lab][f"recovery_{kind}"] = {"recovered": sum(g["recovered"] for g in got),
-                                                  "shifts": sum(g["shifts"] for g in got),
-                                                  "mean_steps": float(np.mean(times)) if times else None,
-                                                  "first50": float(np.mean([g["first50"] for g in got])) if got else None}
+                times = [
+                    d["recovery"]
+                    for r in runs
+                    for d in r[lab]["shift_details"]
+                    if d["kind"] == kind and d["recovery"] is not None
+                ]
+                stats[lab][f"recovery_{kind}"] = {
+                    "recovered": sum(g["recovered"] for g in got),
+                    "shifts": sum(g["shifts"] for g in got),
+                    "mean_steps": float(np.mean(times)) if times else None,
+                    "first50": float(np.mean([g["first50"] for g in got])) if got else None,
+                }
             extra[lab] = stats[lab]
         summary[grid] = {"seeds": len(runs), "settings": stats}
-        md += [f"## {grid} ({len(runs)} seed{'s' * (len(runs) > 1)})", "", table.replace("| method |", "| setting |"), ""]
-        md += ["| setting | mixture log loss | mixture acc | prompts (mean) | merges | first-time shifts: recovered, "
-               "steps, first-50 acc | recurring shifts: recovered, steps, first-50 acc |", "|---|---|---|---|---|---|---|"]
+        md += [
+            f"## {grid} ({len(runs)} seed{'s' * (len(runs) > 1)})",
+            "",
+            table.replace("| method |", "| setting |"),
+            "",
+        ]
+        md += [
+            "| setting | mixture log loss | mixture acc | prompts (mean) | merges | first-time shifts: "
+            "recovered, "
+            "steps, first-50 acc | recurring shifts: recovered, steps, first-50 acc |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for lab, st in extra.items():
             kinds = []
             for kind in ("first", "recurring"):
                 k = st[f"recovery_{kind}"]
-                kinds.append(f"{k['recovered']}/{k['shifts']}, " + ("never" if k["mean_steps"] is None else f"{k['mean_steps']:.0f}")
-                             + ("" if k["first50"] is None else f", {k['first50']:.3f}"))
-            md.append(f"| {lab} | {st['mixture_log_loss']['mean']:.4f} | {st['mean_accuracy_mixture']['mean']:.3f} "
-                      f"| {st['mean_prompts']['mean']:.1f} | {st['merges']['mean']:.1f} | {kinds[0]} | {kinds[1]} |")
+                kinds.append(
+                    f"{k['recovered']}/{k['shifts']}, "
+                    + ("never" if k["mean_steps"] is None else f"{k['mean_steps']:.0f}")
+                    + ("" if k["first50"] is None else f", {k['first50']:.3f}")
+                )
+            md.append(
+                f"| {lab} | {st['mixture_log_loss']['mean']:.4f} | {st['mean_accuracy_mixture']['mean']:.3f} "
+                f"| {st['mean_prompts']['mean']:.1f} | {st['merges']['mean']:.1f} | {kinds[0]} | {kinds[1]} |"
+            )
         md.append("")
         fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
         x = np.arange(len(labels))
-        for key, name, fmt in (("mean_accuracy", "mean acc", "o-"), ("windowed_accuracy", "windowed acc", "s--"),
-                               ("mean_accuracy_mixture", "mixture acc", "^:")):
-            ax[0].errorbar(x, [stats[lab][key]["mean"] for lab in labels], [stats[lab][key]["std"] for lab in labels],
-                           fmt=fmt, capsize=3, label=name)
-        for j, (kind, color, name) in enumerate((("first", "tab:blue", "first-time regimes"),
-                                                 ("recurring", "tab:orange", "recurring regimes"))):
+        for key, name, fmt in (
+            ("mean_accuracy", "mean acc", "o-"),
+            ("windowed_accuracy", "windowed acc", "s--"),
+            ("mean_accuracy_mixture", "mixture acc", "^:"),
+        ):
+            ax[0].errorbar(
+                x,
+                [stats[lab][key]["mean"] for lab in labels],
+                [stats[lab][key]["std"] for lab in labels],
+                fmt=fmt,
+                capsize=3,
+                label=name,
+            )
+        for j, (kind, color, name) in enumerate(
+            (("first", "tab:blue", "first-time regimes"), ("recurring", "tab:orange", "recurring regimes"))
+        ):
             rec = [stats[lab][f"recovery_{kind}"] for lab in labels]
             xs = x + (j - 0.5) * 0.38
             ax[1].bar(xs, [r["mean_steps"] or 0 for r in rec], 0.36, color=color, label=name)
             for xi, r in zip(xs, rec):  # a shift never recovered has no time: say so, draw no bar
-                text = f"{r['recovered']}/{r['shifts']}" if r["mean_steps"] is not None else f"never\n0/{r['shifts']}"
+                text = (
+                    f"{r['recovered']}/{r['shifts']}"
+                    if r["mean_steps"] is not None
+                    else f"never\n0/{r['shifts']}"
+                )
                 ax[1].annotate(text, (xi, r["mean_steps"] or 0), ha="center", va="bottom", fontsize=7)
         for a in ax:  # one thing varies: its value; several (tuning): the whole label
-            ticks = [lab.split("=", 1)[1] if lab.count("=") == 1 else lab.replace(",", "\n") for lab in labels]
+            ticks = [
+                lab.split("=", 1)[1] if lab.count("=") == 1 else lab.replace(",", "\n") for lab in labels
+            ]
             a.set_xticks(x, ticks, fontsize=8 if grid in TUNING else 10)
             a.set_xlabel(grid)
         ax[0].set_ylabel("prequential accuracy")
         ax[0].legend(fontsize=8)
         ax[1].set_ylim(0, max(10, ax[1].get_ylim()[1] * 1.15))
         ax[1].set_ylabel("mean recovery time (steps)")
-        ax[1].legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False,
-                     title="labels: shifts recovered, over seeds", title_fontsize=8)
+        ax[1].legend(
+            fontsize=7,
+            loc="lower center",
+            bbox_to_anchor=(0.5, 1.0),
+            ncol=2,
+            frameon=False,
+            title="labels: shifts recovered, over seeds",
+            title_fontsize=8,
+        )
         fig.suptitle(f"{grid}: mean ± std over {len(runs)} seed(s)")
         fig.tight_layout()
         fig.savefig(sweep / f"{grid}.png", dpi=110)
@@ -376,9 +467,10 @@ def summarize(args, grids):
 # ----------------------------------------------------------------------------------------------
 def run_tests():
     import tempfile
-    from stage3_backbone import load_backbone
+
     from stage2_stream import TextStream
-    from stage3_backbone import load_tokenizer
+    from stage3_backbone import load_backbone, load_tokenizer
+
     t0 = time.time()
     args = apply_preset(build_parser().parse_args([]))
     sizes = {g: len(grid_settings(g, args)) for g in GRIDS}
@@ -389,18 +481,25 @@ def run_tests():
     assert len(jobs) == 2 * (19 - 4), len(jobs)  # the base setting appears in all five grids, run once
     parts = [shard(jobs, i, 3) for i in (1, 2, 3)]
     assert sorted(j for p in parts for j in p) == sorted(jobs) and sum(map(len, parts)) == len(jobs)
-    print(f"  ok: the grids expand to {sizes}; {len(jobs)} distinct runs for 2 seeds; 3 shards are disjoint and cover them")
+    print(
+        f"  ok: the grids expand to {sizes}; {len(jobs)} distinct runs for 2 seeds; 3 shards are "
+        "disjoint and cover them"
+    )
 
     torch.manual_seed(0)
     model, _ = load_backbone("random:tiny-bert")
     tok = load_tokenizer("minilm")
-    stream = TextStream(common.load_text_data("rt"), tok, batch_size=4, max_length=24, flip_every_n=None, seed=0)
+    stream = TextStream(
+        common.load_text_data("rt"), tok, batch_size=4, max_length=24, flip_every_n=None, seed=0
+    )
 
     # Merging: two identical prompts (same tensors, same predictions) merge, weights summed; two
     # distinct ones (opposite tensors, opposite predictions) stay apart.
     for merge in ("param", "js"):
         for same in (True, False):
-            learner = AblationLearner(model, 3, lr=1e-2, birth_interval=10 ** 9, merge=merge, merge_every=1, merge_window=2)
+            learner = AblationLearner(
+                model, 3, lr=1e-2, birth_interval=10**9, merge=merge, merge_every=1, merge_window=2
+            )
             for _ in range(2):
                 learner.birth()
             logits = torch.tensor([[2.0, -2.0], [-1.0, 1.0]]).expand(2, 2, 2).clone()  # [K, B, C]
@@ -413,9 +512,17 @@ def run_tests():
                 for j, loss in zip(learner.pool.birth_ids, (0.5, 0.7)):
                     learner.losses.setdefault(j, deque()).append(loss)
             event = learner.maybe_merge(2)
-            assert (event is not None) == same and len(learner.pool) == (1 if same else 2), (merge, same, event)
-            assert abs(sum(learner.pool.weights) - 1) < 1e-12 and len(learner.optimizer.param_groups) == len(learner.pool)
-    print("  ok: param and js merging merge two identical prompts (weights summed) and leave two distinct ones")
+            assert (event is not None) == same and len(learner.pool) == (1 if same else 2), (
+                merge,
+                same,
+                event,
+            )
+            assert abs(sum(learner.pool.weights) - 1) < 1e-12 and len(learner.optimizer.param_groups) == len(
+                learner.pool
+            )
+    print(
+        "  ok: param and js merging merge two identical prompts (weights summed) and leave two distinct ones"
+    )
 
     # Stage 9 holds no copy of FLH's step: with its parts off, the ablation learner logs what FLH logs.
     for mode in ("weighted_sum", "snapshot"):
@@ -425,20 +532,25 @@ def run_tests():
             learner = cls(model, 3, lr=1e-2, birth_interval=2, train_mode=mode, loss_batch=2)
             logs.append([learner.step(stream.batch(s)) for s in range(6)])
         assert [{k: v for k, v in r.items() if k != "prediction_entropy"} for r in logs[1]] == logs[0], mode
-    print("  ok: with adaptive birth and merging off, the ablation learner's rows equal FLH's (weighted_sum, snapshot)")
+    print(
+        "  ok: with adaptive birth and merging off, the ablation learner's rows equal FLH's "
+        "(weighted_sum, snapshot)"
+    )
 
     # newest (snapshot mode, newborns from noise): only the newest prompt moves.
     learner = AblationLearner(model, 3, lr=1e-1, birth_interval=2, train_mode="snapshot", birth_from="random")
     learner.step(stream.batch(0) | {"step": 0})
     learner.step(stream.batch(1) | {"step": 1})
     before = [p.detach().clone() for p in learner.pool.prompts]
-    learner.step(stream.batch(2) | {"step": 2})   # a birth, then a step
+    learner.step(stream.batch(2) | {"step": 2})  # a birth, then a step
     after = learner.pool.prompts
     assert torch.equal(before[0], after[0]) and not torch.equal(after[1], before[0]) and len(after) == 2
     print("  ok: newest mode trains the newest prompt only")
 
     # Adaptive birth: fires when the last batch's prediction entropy is high, never within the gap.
-    learner = AblationLearner(model, 3, lr=1e-2, birth_interval=10 ** 9, birth="adaptive", entropy_threshold=0.5, birth_gap=5)
+    learner = AblationLearner(
+        model, 3, lr=1e-2, birth_interval=10**9, birth="adaptive", entropy_threshold=0.5, birth_gap=5
+    )
     assert learner.should_birth(0)
     learner.last_birth, fired = 0, []
     for s in range(1, 20):
@@ -453,9 +565,28 @@ def run_tests():
 
     # A tiny sweep: runs, skips finished runs when restarted, and summarises them correctly.
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["--grid", "alpha", "--backbone", "random:tiny-bert", "--steps", "12", "--flip-interval", "4",
-                "--birth-interval", "3", "--batch-size", "2", "--max-length", "16", "--prompt-length", "2",
-                "--out", tmp, "--run-name", "sw"]
+        argv = [
+            "--grid",
+            "alpha",
+            "--backbone",
+            "random:tiny-bert",
+            "--steps",
+            "12",
+            "--flip-interval",
+            "4",
+            "--birth-interval",
+            "3",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "16",
+            "--prompt-length",
+            "2",
+            "--out",
+            tmp,
+            "--run-name",
+            "sw",
+        ]
         a = apply_preset(build_parser().parse_args(argv))
         main(a)
         logs = sorted(Path(tmp, "sw").glob("*/seed0/log.jsonl"))
@@ -471,29 +602,63 @@ def run_tests():
                 for r in rows:
                     f.write(json.dumps({**r, "acc": acc, "acc_mixture": acc / 2}) + "\n")
         s = summarize(a, ["alpha"])["alpha"]["settings"]
-        assert [s[f"alpha={x}"]["mean_accuracy"]["mean"] for x in (0.01, 0.1, 0.5, 1.0)] == [0.25, 0.5, 0.75, 1.0]
+        assert [s[f"alpha={x}"]["mean_accuracy"]["mean"] for x in (0.01, 0.1, 0.5, 1.0)] == [
+            0.25,
+            0.5,
+            0.75,
+            1.0,
+        ]
         assert s["alpha=0.5"]["mean_accuracy_mixture"]["mean"] == 0.375
         assert Path(tmp, "sw", "alpha.png").stat().st_size > 0
         # A run whose log lost rows is not complete: a restart redoes it. A second copy of a shard refuses.
         folder = Path(tmp, "sw", run_key(grid_settings("alpha", a)["alpha=0.5"], a), "seed0")
-        (folder / "log.jsonl").write_text("".join((folder / "log.jsonl").read_text().splitlines(keepends=True)[:5]))
+        (folder / "log.jsonl").write_text(
+            "".join((folder / "log.jsonl").read_text().splitlines(keepends=True)[:5])
+        )
         assert not complete(folder, 12)
         main(a)
         assert complete(folder, 12)
         import subprocess
         import sys
+
         with common.locked(Path(tmp, "sw"), ".lock-shard-1-of-1"):
             r = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
         lines = [x for x in r.stderr.splitlines() if x.strip()]
         assert r.returncode == 2 and len(lines) == 1 and "in use by another process" in lines[0], r.stderr
-    print("  ok: a tiny sweep runs 4 settings, a restart skips them and redoes one whose log lost rows, a second "
-          "copy of a running shard refuses in one line, and the summary of known logs is right")
+    print(
+        "  ok: a tiny sweep runs 4 settings, a restart skips them and redoes one whose log lost rows, "
+        "a second "
+        "copy of a running shard refuses in one line, and the summary of known logs is right"
+    )
 
-    # Tuning: five snapshot settings; tuning2 adds FLH2 and leader births at the one of lowest mixture log loss.
+    # Tuning: five snapshot settings; tuning2 adds FLH2 and leader births at the one of lowest mixture loss.
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["--grid", "tuning", "--backbone", "random:tiny-bert", "--steps", "8", "--flip-interval", "4",
-                "--birth-interval", "2", "--batch-size", "2", "--max-length", "16", "--prompt-length", "2",
-                "--first-seed", "100", "--seeds", "2", "--out", tmp, "--run-name", "tu"]
+        argv = [
+            "--grid",
+            "tuning",
+            "--backbone",
+            "random:tiny-bert",
+            "--steps",
+            "8",
+            "--flip-interval",
+            "4",
+            "--birth-interval",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "16",
+            "--prompt-length",
+            "2",
+            "--first-seed",
+            "100",
+            "--seeds",
+            "2",
+            "--out",
+            tmp,
+            "--run-name",
+            "tu",
+        ]
         a = apply_preset(build_parser().parse_args(argv))
         try:
             grid_settings("tuning2", a)
@@ -503,17 +668,38 @@ def run_tests():
         main(a)
         runs = sorted(Path(tmp, "tu").glob("*/seed*/run.json"))
         assert len(runs) == 10 and {p.parent.name for p in runs} == {"seed100", "seed101"}, runs
-        losses = {lab: np.mean([np.mean([r["mixture_loss"] for r in common.read_jsonl(
-                  Path(tmp, "tu", lab, f"seed{sd}", "log.jsonl"))]) for sd in (100, 101)])
-                  for lab, o in grid_settings("tuning", a).items()}
+        losses = {
+            lab: np.mean(
+                [
+                    np.mean(
+                        [
+                            r["mixture_loss"]
+                            for r in common.read_jsonl(Path(tmp, "tu", lab, f"seed{sd}", "log.jsonl"))
+                        ]
+                    )
+                    for sd in (100, 101)
+                ]
+            )
+            for lab, o in grid_settings("tuning", a).items()
+        }
         label, best = best_setting(a, "tuning")
-        assert label == min(losses, key=losses.get) and best["train_mode"] == "snapshot" and best["max_prompts"] == 8
+        assert (
+            label == min(losses, key=losses.get)
+            and best["train_mode"] == "snapshot"
+            and best["max_prompts"] == 8
+        )
         t2 = grid_settings("tuning2", a)
-        assert list(t2) == [label, f"{label},flh2", f"{label},birth_from=leader"] and t2[f"{label},flh2"]["prune"] == "flh2"
+        assert (
+            list(t2) == [label, f"{label},flh2", f"{label},birth_from=leader"]
+            and t2[f"{label},flh2"]["prune"] == "flh2"
+        )
         cfg = common.read_json(Path(tmp, "tu", label, "seed100", "config.json"))
         assert cfg["train_mode"] == "snapshot" and cfg["prune"] == "diverse" and cfg["seed"] == 100
-    print(f"  ok: the tuning grid runs 5 snapshot settings on seeds 100-101; tuning2 builds on the one of lowest "
-          f"mixture log loss ({label})")
+    print(
+        "  ok: the tuning grid runs 5 snapshot settings on seeds 100-101; tuning2 builds on the one "
+        "of lowest "
+        f"mixture log loss ({label})"
+    )
     print(f"stage 9 checks passed in {time.time() - t0:.1f}s")
 
 
@@ -538,29 +724,68 @@ def shard_arg(text):
 
 
 def build_parser():
-    p = common.Parser(description="Stage 9: ablation grids over the stage 8 FLH run (several seeds, workers, shards).")
-    p.add_argument("--grid", default="all", choices=[*GRIDS, "all", *TUNING],
-                   help="which grid, or all five ablations; tuning: snapshot FLH's alpha x share; tuning2: FLH2 and "
-                        "leader births at the best of tuning (default: all)")
+    p = common.Parser(
+        description="Stage 9: ablation grids over the stage 8 FLH run (several seeds, workers, shards)."
+    )
+    p.add_argument(
+        "--grid",
+        default="all",
+        choices=[*GRIDS, "all", *TUNING],
+        help="which grid, or all five ablations; tuning: snapshot FLH's alpha x share; tuning2: FLH2 and "
+        "leader births at the best of tuning (default: all)",
+    )
     p.add_argument("--seeds", type=common.positive_int, default=1, help="seeds per setting (default: 1)")
-    p.add_argument("--first-seed", type=common.nonneg_int, default=0,
-                   help="seeds first-seed .. first-seed + seeds - 1; tune on 100.. and report on 0.. (default: 0)")
-    p.add_argument("--workers", type=workers_arg, default=1,
-                   help="runs at a time on this machine, each with cores/N threads, at most 4 x cores (default: 1)")
-    p.add_argument("--shard", type=shard_arg, default=(1, 1),
-                   help="run only the i-th of n disjoint slices of the sweep, 1 <= i <= n, e.g. 2/4 (default: 1/1, all)")
+    p.add_argument(
+        "--first-seed",
+        type=common.nonneg_int,
+        default=0,
+        help="seeds first-seed .. first-seed + seeds - 1; tune on 100.. and report on 0.. (default: 0)",
+    )
+    p.add_argument(
+        "--workers",
+        type=workers_arg,
+        default=1,
+        help="runs at a time on this machine, each with cores/N threads, at most 4 x cores (default: 1)",
+    )
+    p.add_argument(
+        "--shard",
+        type=shard_arg,
+        default=(1, 1),
+        help="run only the i-th of n disjoint slices of the sweep, 1 <= i <= n, e.g. 2/4 (default: 1/1, all)",
+    )
     p.add_argument("--summarize", action="store_true", help="only build the summary from the runs that exist")
     add_experiment_args(p)
-    p.add_argument("--entropy-threshold", type=common.accuracy_arg, default=0.9,
-                   help="adaptive birth: mean prediction entropy, as a fraction of log C, that calls a birth (default: 0.9)")
-    p.add_argument("--birth-gap", type=common.positive_int, default=None,
-                   help="adaptive birth: fewest steps between births (default: flip interval / 4)")
-    p.add_argument("--merge-every", type=common.positive_int, default=None,
-                   help="steps between merge checks (default: the birth interval)")
-    p.add_argument("--merge-cos", type=common.accuracy_arg, default=0.95,
-                   help="param merging: cosine similarity above which a pair merges (default: 0.95)")
-    p.add_argument("--merge-js", type=common.nonneg_float, default=0.01,
-                   help="js merging: mean Jensen-Shannon divergence (bits) below which a pair merges (default: 0.01)")
+    p.add_argument(
+        "--entropy-threshold",
+        type=common.accuracy_arg,
+        default=0.9,
+        help="adaptive birth: mean prediction entropy, as a fraction of log C, that calls a birth "
+        "(default: 0.9)",
+    )
+    p.add_argument(
+        "--birth-gap",
+        type=common.positive_int,
+        default=None,
+        help="adaptive birth: fewest steps between births (default: flip interval / 4)",
+    )
+    p.add_argument(
+        "--merge-every",
+        type=common.positive_int,
+        default=None,
+        help="steps between merge checks (default: the birth interval)",
+    )
+    p.add_argument(
+        "--merge-cos",
+        type=common.accuracy_arg,
+        default=0.95,
+        help="param merging: cosine similarity above which a pair merges (default: 0.95)",
+    )
+    p.add_argument(
+        "--merge-js",
+        type=common.nonneg_float,
+        default=0.01,
+        help="js merging: mean Jensen-Shannon divergence (bits) below which a pair merges (default: 0.01)",
+    )
     common.add_common_args(p, run_name="stage9")
     return p
 
@@ -573,7 +798,10 @@ def main(args):
     if not args.summarize:
         jobs = shard(expand(grids, args), *args.shard)
         sweep = common.run_dir(args.out, args.run_name)
-        print(f"{len(jobs)} runs (shard {args.shard[0]}/{args.shard[1]}) with {args.workers} worker(s) -> {sweep}")
+        print(
+            f"{len(jobs)} runs (shard {args.shard[0]}/{args.shard[1]}) with {args.workers} worker(s) "
+            f"-> {sweep}"
+        )
         with common.locked(sweep, f".lock-shard-{args.shard[0]}-of-{args.shard[1]}"):
             run_sweep(jobs, args)
         if args.shard[1] > 1:

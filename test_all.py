@@ -4,6 +4,7 @@ Each stage file owns its checks in `run_tests()` (real models and data where beh
 this file only calls them, plus the command-line contract: good runs write their logs, bad input
 ends with one line and exit code 2.
 """
+
 import json
 import os
 import shutil
@@ -42,7 +43,8 @@ def test_stage5_train():
 
 
 def test_bench():
-    """The benchmark's alternation, and its table on a tiny model (with and without native bf16) where peft is installed."""
+    """The benchmark's alternation, and its table on a tiny model (with and without native bf16)
+    where peft is installed."""
     bench.run_tests()
 
 
@@ -85,8 +87,12 @@ def test_concurrent_first_fetch(tmp_path):
     half-done is left (each downloads into a folder of its own and renames it into place)."""
     code = "import common; print(common.fetch_package('vaderSentiment'))"
     env = {**os.environ, "FLH_CACHE": str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(6)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(6)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
     target = tmp_path / "vaderSentiment"
@@ -100,8 +106,23 @@ def cli(*args):
 
 
 def test_stage5_cli_writes_log(tmp_path):
-    r = cli("stage5_train.py", "--backbone", "random:tiny-bert", "--steps", "30", "--flip-interval", "10",
-            "--birth-interval", "5", "--batch-size", "4", "--out", str(tmp_path), "--run-name", "smoke")
+    r = cli(
+        "stage5_train.py",
+        "--backbone",
+        "random:tiny-bert",
+        "--steps",
+        "30",
+        "--flip-interval",
+        "10",
+        "--birth-interval",
+        "5",
+        "--batch-size",
+        "4",
+        "--out",
+        str(tmp_path),
+        "--run-name",
+        "smoke",
+    )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (tmp_path / "smoke" / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(30))
@@ -114,16 +135,38 @@ def test_stage5_cli_writes_log(tmp_path):
 def test_same_seed_same_log(tmp_path):
     logs = []
     for name in ("a", "b"):
-        r = cli("stage5_train.py", "--backbone", "random:tiny-bert", "--steps", "12", "--birth-interval", "4",
-                "--batch-size", "4", "--out", str(tmp_path), "--run-name", name)
+        r = cli(
+            "stage5_train.py",
+            "--backbone",
+            "random:tiny-bert",
+            "--steps",
+            "12",
+            "--birth-interval",
+            "4",
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path),
+            "--run-name",
+            name,
+        )
         assert r.returncode == 0, r.stderr
         logs.append((tmp_path / name / "log.jsonl").read_text())
     assert logs[0] == logs[1]
 
 
-@pytest.mark.parametrize("args", [["--flip-interval", "0"], ["--backbone", "nosuchmodel"],
-                                  ["--dataset", "nosuch"], ["--alpha", "-1"], ["--lr", "abc"],
-                                  ["--backbone", "random:nosuch"], ["--method", "nosuch"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--flip-interval", "0"],
+        ["--backbone", "nosuchmodel"],
+        ["--dataset", "nosuch"],
+        ["--alpha", "-1"],
+        ["--lr", "abc"],
+        ["--backbone", "random:nosuch"],
+        ["--method", "nosuch"],
+    ],
+)
 @pytest.mark.parametrize("script", ["stage5_train.py", "stage8_run.py"])
 def test_bad_input_is_one_clear_line(script, args, tmp_path):
     r = cli(script, *args, "--steps", "1", "--out", str(tmp_path))
@@ -132,12 +175,20 @@ def test_bad_input_is_one_clear_line(script, args, tmp_path):
     assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("script,args", [
-    ("stage9_ablate.py", ["--grid", "nosuch"]), ("stage9_ablate.py", ["--shard", "3/2"]),
-    ("stage9_ablate.py", ["--shard", "x"]), ("stage9_ablate.py", ["--shard", "0/2"]),
-    ("stage9_ablate.py", ["--seeds", "0"]),
-    ("stage10_vision.py", ["--dataset", "nosuch"]), ("stage10_vision.py", ["--backbone", "random:nosuch", "--dataset", "synthetic"]),
-    ("stage10_vision.py", ["--rotate-interval", "0"]), ("stage10_vision.py", ["--image-size", "-3"])])
+@pytest.mark.parametrize(
+    "script,args",
+    [
+        ("stage9_ablate.py", ["--grid", "nosuch"]),
+        ("stage9_ablate.py", ["--shard", "3/2"]),
+        ("stage9_ablate.py", ["--shard", "x"]),
+        ("stage9_ablate.py", ["--shard", "0/2"]),
+        ("stage9_ablate.py", ["--seeds", "0"]),
+        ("stage10_vision.py", ["--dataset", "nosuch"]),
+        ("stage10_vision.py", ["--backbone", "random:nosuch", "--dataset", "synthetic"]),
+        ("stage10_vision.py", ["--rotate-interval", "0"]),
+        ("stage10_vision.py", ["--image-size", "-3"]),
+    ],
+)
 def test_bad_input_stages_9_10(script, args, tmp_path):
     r = cli(script, *args, "--steps", "1", "--out", str(tmp_path))
     assert r.returncode == 2, (r.returncode, r.stderr)
@@ -145,12 +196,28 @@ def test_bad_input_stages_9_10(script, args, tmp_path):
     assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("args", [[], ["nosuch"], ["train", "--epochs", "0"], ["train", "--model", "random:nosuch"],
-                                  ["train", "--lr", "abc"], ["generate", "--limit", "-1"], ["generate", "--run-name", "nosuch"],
-                                  ["evaluate", "--run-name", "nosuch"], ["evaluate", "--timeout", "0"],
-                                  ["evaluate", "--timeout", "1e308"], ["evaluate", "--memory-mb", "0"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["nosuch"],
+        ["train", "--epochs", "0"],
+        ["train", "--model", "random:nosuch"],
+        ["train", "--lr", "abc"],
+        ["generate", "--limit", "-1"],
+        ["generate", "--run-name", "nosuch"],
+        ["evaluate", "--run-name", "nosuch"],
+        ["evaluate", "--timeout", "0"],
+        ["evaluate", "--timeout", "1e308"],
+        ["evaluate", "--memory-mb", "0"],
+    ],
+)
 def test_bad_input_stage11(args, tmp_path):
-    r = cli("stage11_codegen.py", *args, *(["--out", str(tmp_path)] if args[:1] in (["train"], ["generate"], ["evaluate"]) else []))
+    r = cli(
+        "stage11_codegen.py",
+        *args,
+        *(["--out", str(tmp_path)] if args[:1] in (["train"], ["generate"], ["evaluate"]) else []),
+    )
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in r.stderr, r.stderr
