@@ -331,130 +331,153 @@ def run_sweep(jobs, args):
 # ----------------------------------------------------------------------------------------------
 # Summary: tables and plots from whatever runs exist
 # ----------------------------------------------------------------------------------------------
-def summarize(args, grids):
-    """summary.json, summary.md and <grid>.png in the sweep folder, from the runs found there."""
+def grid_runs(sweep, grid, args):
+    """The complete runs of one grid as [{label: metrics}], one dict per seed, keeping only the
+    settings that every seed found has; and {setting: the sweep's seeds it still misses}."""
+    per_seed = {}
+    for label, overrides in grid_settings(grid, args).items():
+        for run in sorted((sweep / folder_key(grid, label, overrides, args)).glob("seed*/run.json")):
+            cfg = common.read_json(run.parent / "config.json")
+            rows = common.read_jsonl(run.parent / "log.jsonl")
+            m = compute_metrics(rows, cfg["recovery_threshold"], cfg["window"])
+            m["mean_accuracy_mixture"] = float(np.mean([r["acc_mixture"] for r in rows]))
+            m["mixture_log_loss"] = float(np.mean([r["mixture_loss"] for r in rows]))
+            m["merges"] = sum(1 for r in rows if "merged" in r)
+            m["mean_prompts"] = float(np.mean([r["num_prompts"] for r in rows]))
+            per_seed.setdefault(cfg["seed"], {})[label] = m
+    labels = [lab for lab in grid_settings(grid, args) if all(lab in s for s in per_seed.values())]
+    missing = {
+        lab: [sd for sd in seed_range(args) if lab not in per_seed.get(sd, {})]
+        for lab in grid_settings(grid, args)
+    }
+    missing = {lab: seeds for lab, seeds in missing.items() if seeds}
+    return [{lab: s[lab] for lab in labels} for s in per_seed.values()], labels, missing
+
+
+def grid_stats(runs, labels):
+    """Mean ± std over seeds of every metric, and recovery and first-50 accuracy by kind of shift."""
+    table, stats = summary_table(runs)
+    for lab in labels:
+        for key in ("mean_accuracy_mixture", "mixture_log_loss", "merges", "mean_prompts"):
+            vals = [r[lab][key] for r in runs]
+            stats[lab][key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
+        for kind in ("first", "recurring"):
+            got = [r[lab]["by_kind"][kind] for r in runs if kind in r[lab]["by_kind"]]
+            times = [
+                d["recovery"]
+                for r in runs
+                for d in r[lab]["shift_details"]
+                if d["kind"] == kind and d["recovery"] is not None
+            ]
+            stats[lab][f"recovery_{kind}"] = {
+                "recovered": sum(g["recovered"] for g in got),
+                "shifts": sum(g["shifts"] for g in got),
+                "mean_steps": float(np.mean(times)) if times else None,
+                "first50": float(np.mean([g["first50"] for g in got])) if got else None,
+            }
+    return table, stats
+
+
+def grid_markdown(grid, runs, table, stats, labels):
+    """The grid's two Markdown tables: the headline metrics, then mixture, pool size and recovery by kind."""
+    md = [
+        f"## {grid} ({len(runs)} seed{'s' * (len(runs) > 1)})",
+        "",
+        table.replace("| method |", "| setting |"),
+        "",
+    ]
+    md += [
+        "| setting | mixture log loss | mixture acc | prompts (mean) | merges "
+        "| first-time shifts: recovered, steps, first-50 acc "
+        "| recurring shifts: recovered, steps, first-50 acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for lab in labels:
+        st, kinds = stats[lab], []
+        for kind in ("first", "recurring"):
+            k = st[f"recovery_{kind}"]
+            steps = "never" if k["mean_steps"] is None else f"{k['mean_steps']:.0f}"
+            kinds.append(
+                f"{k['recovered']}/{k['shifts']}, {steps}"
+                + ("" if k["first50"] is None else f", {k['first50']:.3f}")
+            )
+        md.append(
+            f"| {lab} | {st['mixture_log_loss']['mean']:.4f} | {st['mean_accuracy_mixture']['mean']:.3f} "
+            f"| {st['mean_prompts']['mean']:.1f} | {st['merges']['mean']:.1f} | {kinds[0]} | {kinds[1]} |"
+        )
+    return md + [""]
+
+
+def plot_grid(grid, stats, labels, seeds, path):
+    """Accuracy (mean ± std over seeds) and recovery time by kind of shift, one setting per tick."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    x = np.arange(len(labels))
+    for key, name, fmt in (
+        ("mean_accuracy", "mean acc", "o-"),
+        ("windowed_accuracy", "windowed acc", "s--"),
+        ("mean_accuracy_mixture", "mixture acc", "^:"),
+    ):
+        means, stds = [stats[lab][key]["mean"] for lab in labels], [stats[lab][key]["std"] for lab in labels]
+        ax[0].errorbar(x, means, stds, fmt=fmt, capsize=3, label=name)
+    for j, (kind, color) in enumerate((("first", "tab:blue"), ("recurring", "tab:orange"))):
+        rec = [stats[lab][f"recovery_{kind}"] for lab in labels]
+        xs = x + (j - 0.5) * 0.38
+        ax[1].bar(
+            xs,
+            [r["mean_steps"] or 0 for r in rec],
+            0.36,
+            color=color,
+            label=f"{kind}-time regimes" if kind == "first" else "recurring regimes",
+        )
+        for xi, r in zip(xs, rec):  # a shift never recovered has no time: say so, draw no bar
+            text = (
+                f"{r['recovered']}/{r['shifts']}"
+                if r["mean_steps"] is not None
+                else f"never\n0/{r['shifts']}"
+            )
+            ax[1].annotate(text, (xi, r["mean_steps"] or 0), ha="center", va="bottom", fontsize=7)
+    for a in ax:  # one thing varies: its value; several (tuning): the whole label
+        ticks = [lab.split("=", 1)[1] if lab.count("=") == 1 else lab.replace(",", "\n") for lab in labels]
+        a.set_xticks(x, ticks, fontsize=8 if grid in TUNING else 10)
+        a.set_xlabel(grid)
+    ax[0].set_ylabel("prequential accuracy")
+    ax[0].legend(fontsize=8)
+    ax[1].set_ylim(0, max(10, ax[1].get_ylim()[1] * 1.15))
+    ax[1].set_ylabel("mean recovery time (steps)")
+    ax[1].legend(
+        fontsize=7,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=2,
+        frameon=False,
+        title="labels: shifts recovered, over seeds",
+        title_fontsize=8,
+    )
+    fig.suptitle(f"{grid}: mean ± std over {seeds} seed(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summarize(args, grids):
+    """summary.json, summary.md and <grid>.png in the sweep folder, from the runs found there."""
     sweep = Path(args.out) / args.run_name
     summary, md = {}, [f"# Stage 9 sweep `{args.run_name}`", ""]
     for grid in grids:
-        per_seed, extra = {}, {}
-        for label, overrides in grid_settings(grid, args).items():
-            for run in sorted((sweep / folder_key(grid, label, overrides, args)).glob("seed*/run.json")):
-                cfg = common.read_json(run.parent / "config.json")
-                rows = common.read_jsonl(run.parent / "log.jsonl")
-                m = compute_metrics(rows, cfg["recovery_threshold"], cfg["window"])
-                m["mean_accuracy_mixture"] = float(np.mean([r["acc_mixture"] for r in rows]))
-                m["mixture_log_loss"] = float(np.mean([r["mixture_loss"] for r in rows]))
-                m["merges"] = sum(1 for r in rows if "merged" in r)
-                m["mean_prompts"] = float(np.mean([r["num_prompts"] for r in rows]))
-                per_seed.setdefault(cfg["seed"], {})[label] = m
-        labels = [lab for lab in grid_settings(grid, args) if all(lab in s for s in per_seed.values())]
-        runs = [{lab: s[lab] for lab in labels} for s in per_seed.values()]
+        runs, labels, missing = grid_runs(sweep, grid, args)
+        note = [f"Still missing (setting: seeds without a complete run): {missing}", ""] if missing else []
         if not runs or not labels:
-            md += [f"## {grid}", "", "no complete runs yet", ""]
+            md += [f"## {grid}", "", "no complete runs yet", "", *note]
             continue
-        table, stats = summary_table(runs)
-        for lab in labels:
-            for key in ("mean_accuracy_mixture", "mixture_log_loss", "merges", "mean_prompts"):
-                vals = [r[lab][key] for r in runs]
-                stats[lab][key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
-            for kind in ("first", "recurring"):
-                got = [r[lab]["by_kind"][kind] for r in runs if kind in r[lab]["by_kind"]]
-                times = [
-                    d["recovery"]
-                    for r in runs
-                    for d in r[lab]["shift_details"]
-                    if d["kind"] == kind and d["recovery"] is not None
-                ]
-                stats[lab][f"recovery_{kind}"] = {
-                    "recovered": sum(g["recovered"] for g in got),
-                    "shifts": sum(g["shifts"] for g in got),
-                    "mean_steps": float(np.mean(times)) if times else None,
-                    "first50": float(np.mean([g["first50"] for g in got])) if got else None,
-                }
-            extra[lab] = stats[lab]
+        table, stats = grid_stats(runs, labels)
         summary[grid] = {"seeds": len(runs), "settings": stats}
-        md += [
-            f"## {grid} ({len(runs)} seed{'s' * (len(runs) > 1)})",
-            "",
-            table.replace("| method |", "| setting |"),
-            "",
-        ]
-        md += [
-            "| setting | mixture log loss | mixture acc | prompts (mean) | merges | first-time shifts: "
-            "recovered, "
-            "steps, first-50 acc | recurring shifts: recovered, steps, first-50 acc |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for lab, st in extra.items():
-            kinds = []
-            for kind in ("first", "recurring"):
-                k = st[f"recovery_{kind}"]
-                kinds.append(
-                    f"{k['recovered']}/{k['shifts']}, "
-                    + ("never" if k["mean_steps"] is None else f"{k['mean_steps']:.0f}")
-                    + ("" if k["first50"] is None else f", {k['first50']:.3f}")
-                )
-            md.append(
-                f"| {lab} | {st['mixture_log_loss']['mean']:.4f} | {st['mean_accuracy_mixture']['mean']:.3f} "
-                f"| {st['mean_prompts']['mean']:.1f} | {st['merges']['mean']:.1f} | {kinds[0]} | {kinds[1]} |"
-            )
-        md.append("")
-        fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
-        x = np.arange(len(labels))
-        for key, name, fmt in (
-            ("mean_accuracy", "mean acc", "o-"),
-            ("windowed_accuracy", "windowed acc", "s--"),
-            ("mean_accuracy_mixture", "mixture acc", "^:"),
-        ):
-            ax[0].errorbar(
-                x,
-                [stats[lab][key]["mean"] for lab in labels],
-                [stats[lab][key]["std"] for lab in labels],
-                fmt=fmt,
-                capsize=3,
-                label=name,
-            )
-        for j, (kind, color, name) in enumerate(
-            (("first", "tab:blue", "first-time regimes"), ("recurring", "tab:orange", "recurring regimes"))
-        ):
-            rec = [stats[lab][f"recovery_{kind}"] for lab in labels]
-            xs = x + (j - 0.5) * 0.38
-            ax[1].bar(xs, [r["mean_steps"] or 0 for r in rec], 0.36, color=color, label=name)
-            for xi, r in zip(xs, rec):  # a shift never recovered has no time: say so, draw no bar
-                text = (
-                    f"{r['recovered']}/{r['shifts']}"
-                    if r["mean_steps"] is not None
-                    else f"never\n0/{r['shifts']}"
-                )
-                ax[1].annotate(text, (xi, r["mean_steps"] or 0), ha="center", va="bottom", fontsize=7)
-        for a in ax:  # one thing varies: its value; several (tuning): the whole label
-            ticks = [
-                lab.split("=", 1)[1] if lab.count("=") == 1 else lab.replace(",", "\n") for lab in labels
-            ]
-            a.set_xticks(x, ticks, fontsize=8 if grid in TUNING else 10)
-            a.set_xlabel(grid)
-        ax[0].set_ylabel("prequential accuracy")
-        ax[0].legend(fontsize=8)
-        ax[1].set_ylim(0, max(10, ax[1].get_ylim()[1] * 1.15))
-        ax[1].set_ylabel("mean recovery time (steps)")
-        ax[1].legend(
-            fontsize=7,
-            loc="lower center",
-            bbox_to_anchor=(0.5, 1.0),
-            ncol=2,
-            frameon=False,
-            title="labels: shifts recovered, over seeds",
-            title_fontsize=8,
-        )
-        fig.suptitle(f"{grid}: mean ± std over {len(runs)} seed(s)")
-        fig.tight_layout()
-        fig.savefig(sweep / f"{grid}.png", dpi=110)
-        plt.close(fig)
+        md += grid_markdown(grid, runs, table, stats, labels) + note
+        plot_grid(grid, stats, labels, len(runs), sweep / f"{grid}.png")
     common.write_json(sweep / "summary.json", summary)
     (sweep / "summary.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
