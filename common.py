@@ -261,7 +261,7 @@ def unit_float(text):
     return value
 
 
-def add_common_args(parser, run_name):
+def add_common_args(parser, run_name, run_name_help=None):
     """--seed, --device, --out, --run-name, --test: the flags of every stage."""
     parser.add_argument(
         "--seed", type=seed_arg, default=0, help="random seed, 0 <= seed < 2**32 (default: 0)"
@@ -274,7 +274,9 @@ def add_common_args(parser, run_name):
     )
     parser.add_argument("--out", default="runs", help="folder for run outputs (default: runs)")
     parser.add_argument(
-        "--run-name", default=run_name, help=f"sub-folder of --out for this run (default: {run_name})"
+        "--run-name",
+        default=run_name,
+        help=run_name_help or f"sub-folder of --out for this run (default: {run_name})",
     )
     parser.add_argument("--test", action="store_true", help="run this stage's built-in checks and exit")
 

@@ -48,10 +48,17 @@ from torch import nn
 import common
 from stage3_backbone import FrozenBackbone, count_params, forward_with_prompt, forward_with_prompts
 from stage4_pool import FLHPromptPool
-from stage5_train import add_flh_args
-from stage6_baselines import METHODS, add_baseline_args, make_learner, test_args
+from stage6_baselines import METHODS, make_learner, test_args
 from stage7_metrics import analyse
-from stage8_run import PLAN_FLH, methods_to_run, run_method, summarise
+from stage8_run import (
+    PLAN_FLH,
+    add_method_args,
+    add_resume_arg,
+    methods_to_run,
+    run_method,
+    start_run,
+    summarise,
+)
 
 PRESETS = {
     "quick": dict(
@@ -477,35 +484,26 @@ def build_parser():
     p.add_argument(
         "--image-size", type=common.positive_int, help="images are resized to this many pixels square"
     )
-    p.add_argument("--steps", type=common.positive_int, help="batches in the stream")
     p.add_argument("--rotate-interval", type=common.positive_int, help="steps between label rotations")
     p.add_argument(
         "--num-rotations",
         type=common.positive_int,
         help="R: labels rotate by regime mod R, so regimes recur after R rotations",
     )
-    p.add_argument("--lr", type=common.positive_float, help="AdamW learning rate")
     p.add_argument("--batch-size", type=common.positive_int, help="images per batch")
     p.add_argument("--prompt-length", type=common.positive_int, help="soft tokens per prompt")
-    add_flh_args(p)
-    add_baseline_args(p)
-    p.add_argument(
-        "--recovery-threshold", type=common.accuracy_arg, help="accuracy that counts as recovered, in (0, 1]"
-    )
-    p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy")
-    p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints")
+    add_method_args(p)
+    add_resume_arg(p)
     p.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16"],
         default="auto",
         help="encoder arithmetic; auto = bf16 where the device has native bf16 (default: auto)",
     )
-    p.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
-    common.add_common_args(p, run_name=None)
+    common.add_common_args(
+        p, None, "sub-folder of --out (default: vision-<method>-<dataset>-<preset>-seed<seed>)"
+    )
     common.preset_help(p, PRESETS)
-    for action in p._actions:
-        if action.dest == "run_name":
-            action.help = "sub-folder of --out (default: vision-<method>-<dataset>-<preset>-seed<seed>)"
     return p
 
 
@@ -514,15 +512,12 @@ def main(args):
         return run_tests()
     common.fill_from_preset(args, PRESETS[args.preset])
     methods = methods_to_run(args.method, args)
-    args.run_name = args.run_name or f"vision-{args.method}-{args.dataset}-{args.preset}-seed{args.seed}"
+    folder = start_run(args, f"vision-{args.method}-{args.dataset}-{args.preset}-seed{args.seed}")
     common.seed_everything(args.seed)
     device = common.resolve_device(args.device)
     stream = build_stream(args)
     model = load_vision_backbone(args.backbone, args.image_size, device)
     model.precision = args.precision = common.resolve_precision(args.precision, device)
-    if args.resume and not (Path(args.out) / args.run_name / "config.json").exists():
-        raise common.UserError(f"--resume: there is no run {Path(args.out) / args.run_name} to continue")
-    folder = common.run_dir(args.out, args.run_name)
     trainable = args.prompt_length * model.embed_dim
     print(
         f"{', '.join(methods)} on {args.dataset} ({args.image_size} px) with {args.backbone} "

@@ -511,6 +511,14 @@ def add_experiment_args(p):
     )
     add_stream_args(p)
     add_model_args(p)
+    add_method_args(p)
+    p.set_defaults(**{k: None for k in PRESETS["quick"]})  # the stream's own defaults yield to the preset
+    common.preset_help(p, PRESETS)
+
+
+def add_method_args(p):
+    """The flags of a run that stages 8, 9 and 10 share (a preset fills them): steps, lr, FLH's and
+    the baselines' settings, the metrics' threshold and window, checkpoints."""
     p.add_argument("--steps", type=common.positive_int, help="batches in the stream")
     p.add_argument("--lr", type=common.positive_float, help="AdamW learning rate")
     add_flh_args(p)
@@ -520,17 +528,25 @@ def add_experiment_args(p):
     )
     p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy")
     p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints")
-    p.set_defaults(**{k: None for k in PRESETS["quick"]})
-    common.preset_help(p, PRESETS)
+
+
+def add_resume_arg(p):
+    p.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
+
+
+def start_run(args, default_name):
+    """The run folder: --run-name, or `default_name`; --resume needs a run that exists."""
+    args.run_name = args.run_name or default_name
+    if args.resume and not (Path(args.out) / args.run_name / "config.json").exists():
+        raise common.UserError(f"--resume: there is no run {Path(args.out) / args.run_name} to continue")
+    return common.run_dir(args.out, args.run_name)
 
 
 def apply_preset(args):
     """Fill every flag left unset from the chosen preset; explicit flags win."""
     preset = dict(PRESETS[args.preset])
     if (args.dataset not in (None, preset["dataset"]) and args.flip_interval is None) or args.no_flip:
-        preset["flip_interval"] = (
-            None  # another data set: stage 2's default (multi-domain data does not flip)
-        )
+        preset["flip_interval"] = None  # another data set: stage 2's default (multi-domain: no flips)
     return common.fill_from_preset(args, preset)
 
 
@@ -546,7 +562,7 @@ def build_parser():
         "(default: flh)",
     )
     add_experiment_args(p)
-    p.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
+    add_resume_arg(p)
     p.add_argument(
         "--analyse",
         metavar="RUN",
@@ -555,11 +571,7 @@ def build_parser():
         help="only recompute metrics, plots and criteria of existing run folders (no training); "
         "several folders (seeds) also get a table of the plan's criteria",
     )
-    common.add_common_args(p, run_name=None)
-    p.set_defaults(run_name=None)
-    for action in p._actions:
-        if action.dest == "run_name":
-            action.help = "sub-folder of --out (default: <method>-<dataset>-<preset>-seed<seed>)"
+    common.add_common_args(p, None, "sub-folder of --out (default: <method>-<dataset>-<preset>-seed<seed>)")
     return p
 
 
@@ -691,10 +703,7 @@ def main(args):
     apply_preset(args)
     check_args(args)
     methods = methods_to_run(args.method, args)
-    args.run_name = args.run_name or f"{args.method}-{args.dataset}-{args.preset}-seed{args.seed}"
-    if args.resume and not (Path(args.out) / args.run_name / "config.json").exists():
-        raise common.UserError(f"--resume: there is no run {Path(args.out) / args.run_name} to continue")
-    folder = common.run_dir(args.out, args.run_name)
+    folder = start_run(args, f"{args.method}-{args.dataset}-{args.preset}-seed{args.seed}")
     with common.locked(folder):
         run_all(args, methods, folder)
 
