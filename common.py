@@ -413,11 +413,17 @@ def from_pretrained(loader, source, what, **kw):
         raise UserError(f"cannot load {what} {source!r} from the hub ({str(e).splitlines()[0]})")
 
 
-def save_to_cache(name, save):
-    """CACHE/name, written once by save(folder) into a temporary folder and then renamed, so that
-    a crash mid-conversion leaves nothing that looks finished (used for converted models)."""
+def converted_once(name, what, convert):
+    """CACHE/name, a model converted from an embedded package: made once, by convert(folder) into
+    a temporary folder that is then renamed, so that a crash mid-conversion leaves nothing that
+    looks finished; later calls find it and return at once."""
     target = CACHE / name
+    if (target / "config.json").exists():
+        return target
+    print(f"[flh] converting {what} into {target} (once)", file=sys.stderr)
+    CACHE.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=f".{name}."))
+    save = convert
     save(tmp)
     try:
         tmp.rename(target)

