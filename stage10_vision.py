@@ -60,50 +60,18 @@ from stage8_run import (
     summarise,
 )
 
+# fmt: off
 PRESETS = {
-    "quick": dict(
-        backbone="dinov2-small",
-        dataset="fashion-mnist",
-        image_size=56,
-        steps=1000,
-        rotate_interval=250,
-        num_rotations=10,
-        birth_interval=125,
-        birth_offset=0,
-        prompt_length=10,
-        batch_size=16,
-        lr=1e-2,
-        **PLAN_FLH,
-        num_prompts=10,
-        leader_window=10,
-        prune="flh2",
-        loss_batch=0,
-        recovery_threshold=0.5,
-        window=250,
-        checkpoint_every=250,
-    ),
-    "paper": dict(
-        backbone="google/vit-base-patch16-224-in21k",
-        dataset="cifar10",
-        image_size=224,
-        steps=10000,
-        rotate_interval=1000,
-        num_rotations=10,
-        birth_interval=500,
-        birth_offset=0,
-        prompt_length=20,
-        batch_size=32,
-        lr=1e-3,
-        **PLAN_FLH,
-        num_prompts=10,
-        leader_window=10,
-        prune="none",
-        loss_batch=0,
-        recovery_threshold=0.8,
-        window=500,
-        checkpoint_every=1000,
-    ),
+    "quick": dict(backbone="dinov2-small", dataset="fashion-mnist", image_size=56, steps=1000,
+                  rotate_interval=250, num_rotations=10, birth_interval=125, birth_offset=0, prompt_length=10,
+                  batch_size=16, lr=1e-2, **PLAN_FLH, num_prompts=10, leader_window=10, prune="flh2",
+                  loss_batch=0, recovery_threshold=0.5, window=250, checkpoint_every=250),
+    "paper": dict(backbone="google/vit-base-patch16-224-in21k", dataset="cifar10", image_size=224,
+                  steps=10000, rotate_interval=1000, num_rotations=10, birth_interval=500, birth_offset=0,
+                  prompt_length=20, batch_size=32, lr=1e-3, **PLAN_FLH, num_prompts=10, leader_window=10,
+                  prune="none", loss_batch=0, recovery_threshold=0.8, window=500, checkpoint_every=1000),
 }
+# fmt: on
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TINY_VIT = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=7

@@ -50,48 +50,18 @@ from stage7_metrics import analyse
 PLAN_FLH = dict(
     train_mode="weighted_sum", alpha=0.1, share=0.0, birth_from="live", max_prompts=0, merge_window=10
 )
+# fmt: off
 PRESETS = {
-    "quick": dict(
-        backbone="minilm",
-        dataset="rt",
-        steps=1600,
-        flip_interval=400,
-        steps_per_domain=400,
-        birth_interval=100,
-        birth_offset="half",
-        prompt_length=10,
-        batch_size=16,
-        lr=1e-2,
-        **PLAN_FLH,
-        num_prompts=10,
-        leader_window=10,
-        prune="flh2",
-        loss_batch=8,
-        recovery_threshold=0.7,
-        window=400,
-        checkpoint_every=400,
-    ),
-    "paper": dict(
-        backbone="bert-base-uncased",
-        dataset="sst2",
-        steps=10000,
-        flip_interval=1000,
-        steps_per_domain=1000,
-        birth_interval=500,
-        birth_offset=0,
-        prompt_length=20,
-        batch_size=32,
-        lr=1e-3,
-        **PLAN_FLH,
-        num_prompts=10,
-        leader_window=10,
-        prune="none",
-        loss_batch=0,
-        recovery_threshold=0.8,
-        window=500,
-        checkpoint_every=1000,
-    ),
+    "quick": dict(backbone="minilm", dataset="rt", steps=1600, flip_interval=400, steps_per_domain=400,
+                  birth_interval=100, birth_offset="half", prompt_length=10, batch_size=16, lr=1e-2,
+                  **PLAN_FLH, num_prompts=10, leader_window=10, prune="flh2", loss_batch=8,
+                  recovery_threshold=0.7, window=400, checkpoint_every=400),
+    "paper": dict(backbone="bert-base-uncased", dataset="sst2", steps=10000, flip_interval=1000,
+                  steps_per_domain=1000, birth_interval=500, birth_offset=0, prompt_length=20, batch_size=32,
+                  lr=1e-3, **PLAN_FLH, num_prompts=10, leader_window=10, prune="none", loss_batch=0,
+                  recovery_threshold=0.8, window=500, checkpoint_every=1000),
 }
+# fmt: on
 
 
 PLAN_METHODS = ["flh", "single", "random", "similarity"]  # the plan's four
