@@ -281,6 +281,11 @@ def add_common_args(parser, run_name, run_name_help=None):
     parser.add_argument("--test", action="store_true", help="run this stage's built-in checks and exit")
 
 
+def default_help(what, defaults, key):
+    """A flag's help with its default appended, when it has one (flags a preset fills have none)."""
+    return what + (f" (default: {defaults[key]})" if defaults.get(key) is not None else "")
+
+
 def preset_help(parser, presets):
     """Append each preset's value to the help of every flag a preset fills: '(quick: 16, paper: 32)'."""
     for action in parser._actions:

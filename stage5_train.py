@@ -520,7 +520,7 @@ def add_flh_args(p, **defaults):
     """FLH's flags. Stage 5 gives its defaults; stages 8-10 leave them None for a preset to fill."""
 
     def text(key, what):
-        return what + (f" (default: {defaults[key]})" if defaults.get(key) is not None else "")
+        return common.default_help(what, defaults, key)
 
     p.add_argument(
         "--birth-interval",

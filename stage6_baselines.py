@@ -291,7 +291,7 @@ def add_baseline_args(p, **defaults):
     """The baselines' own flags (None defaults: a preset fills them)."""
 
     def text(key, what):
-        return what + (f" (default: {defaults[key]})" if defaults.get(key) is not None else "")
+        return common.default_help(what, defaults, key)
 
     p.add_argument(
         "--num-prompts",
