@@ -250,130 +250,64 @@ def summarise(folder, metrics):
 # ----------------------------------------------------------------------------------------------
 def run_tests():
     t0 = time.time()
-    tiny = [
-        "--backbone",
-        "random:tiny-bert",
-        "--batch-size",
-        "4",
-        "--flip-interval",
-        "10",
-        "--birth-interval",
-        "5",
-        "--num-prompts",
-        "3",
-        "--checkpoint-every",
-        "10",
-        "--train-mode",
-        "snapshot",
-        "--prune",
-        "diverse",
-        "--max-prompts",
-        "3",
-        "--share",
-        "0.01",
-        "--alpha",
-        "2",
-        "--leader-window",
-        "3",
-    ]
+    tiny = (
+        "--backbone random:tiny-bert --batch-size 4 --flip-interval 10 --birth-interval 5 --num-prompts 3 "
+        "--checkpoint-every 10 --train-mode snapshot --prune diverse --max-prompts 3 --share 0.01 --alpha 2 "
+        "--leader-window 3"
+    ).split()
     with tempfile.TemporaryDirectory() as tmp:
-        # A tiny run of all four methods writes every output.
-        main(
-            build_parser().parse_args(
-                [*tiny, "--method", "all", "--steps", "30", "--out", tmp, "--run-name", "all"]
-            )
-        )
-        run = Path(tmp) / "all"
-        metrics = common.read_json(run / "metrics.json")
+
+        def run(words):  # a tiny run in tmp: main(tiny flags + words)
+            return main(build_parser().parse_args([*tiny, *words.split(), "--out", tmp]))
+
+        # A tiny run of all methods writes every output.
+        run("--method all --steps 30 --run-name all")
+        run_folder = Path(tmp) / "all"
+        metrics = common.read_json(run_folder / "metrics.json")
         assert sorted(metrics) == sorted(METHODS), list(metrics)
         for m in METHODS:
-            rows = common.read_jsonl(run / m / "log.jsonl")
-            assert [r["step"] for r in rows] == list(range(30)) and (
-                run / m / "checkpoints" / "step_30.pt"
-            ).exists()
-        assert {p.name for p in run.glob("*.png")} >= {
-            "accuracy.png",
-            "recovery.png",
-            "prompts.png",
-            "weights_flh.png",
-            "first50.png",
-        }
-        assert (
-            metrics["oracle"]["by_kind"]["recurring"]["shifts"] == 1
-            and "switch" in metrics["flh"]["shift_details"][1]
-        )
-        criteria = common.read_json(run / "criteria.json")
+            rows = common.read_jsonl(run_folder / m / "log.jsonl")
+            assert [r["step"] for r in rows] == list(range(30))
+            assert (run_folder / m / "checkpoints" / "step_30.pt").exists()
+        pngs = {"accuracy.png", "recovery.png", "prompts.png", "weights_flh.png", "first50.png"}
+        assert {p.name for p in run_folder.glob("*.png")} >= pngs
+        assert metrics["oracle"]["by_kind"]["recurring"]["shifts"] == 1
+        assert "switch" in metrics["flh"]["shift_details"][1]
+        criteria = common.read_json(run_folder / "criteria.json")
         assert len(criteria) == 5 and criteria["1_all_methods_run"]["met"]
         table = criteria_table({"seed0": criteria, "seed1": criteria})
         assert table.count("\n") == 6 and "| all methods run | **met**: 30 steps each |" in table
         # Same batches for every method: the regimes (and the logged steps) line up.
-        assert (
-            len({tuple(r["regime"] for r in common.read_jsonl(run / m / "log.jsonl")) for m in METHODS}) == 1
-        )
+        regimes = {
+            tuple(r["regime"] for r in common.read_jsonl(run_folder / m / "log.jsonl")) for m in METHODS
+        }
+        assert len(regimes) == 1
         print(
             f"  ok: --method all writes metrics.json ({len(METHODS)} methods), {len(METHODS)} logs of "
-            "30 rows, "
-            "checkpoints and plots"
+            "30 rows, checkpoints and plots"
         )
 
         # A fresh run of a method may change a setting only that method reads; a shared one may not change.
-        main(
-            build_parser().parse_args(
-                [
-                    *tiny,
-                    "--method",
-                    "leader",
-                    "--leader-window",
-                    "2",
-                    "--steps",
-                    "30",
-                    "--out",
-                    tmp,
-                    "--run-name",
-                    "all",
-                ]
-            )
-        )
-        assert common.read_json(run / "config.json")["methods"] == METHODS
-        assert sorted(common.read_json(run / "metrics.json")) == sorted(METHODS)
-        for method, change, name in (
-            ("single", ["--lr", "0.5"], "lr"),
-            ("flh", ["--loss-batch", "2"], "loss_batch"),
-        ):
+        run("--method leader --leader-window 2 --steps 30 --run-name all")
+        assert common.read_json(run_folder / "config.json")["methods"] == METHODS
+        assert sorted(common.read_json(run_folder / "metrics.json")) == sorted(METHODS)
+        for method, change, name in (("single", "--lr 0.5", "lr"), ("flh", "--loss-batch 2", "loss_batch")):
             try:  # flh alone may not change its loss batch: flh_sum and leader read it too
-                main(
-                    build_parser().parse_args(
-                        [
-                            *tiny,
-                            "--method",
-                            method,
-                            *change,
-                            "--leader-window",
-                            "2",
-                            "--steps",
-                            "30",
-                            "--out",
-                            tmp,
-                            "--run-name",
-                            "all",
-                        ]
-                    )
-                )
+                run(f"--method {method} {change} --leader-window 2 --steps 30 --run-name all")
                 raise AssertionError(
                     f"a changed shared setting ({name}) was accepted in an existing run folder"
                 )
             except common.UserError as e:
                 assert f"({name})" in str(e), e
         print(
-            "  ok: a run folder takes a fresh leader run with another window, refuses another lr, and "
-            "refuses "
-            "another loss batch for flh alone"
+            "  ok: a run folder takes a fresh leader run with another window, refuses another lr, "
+            "and refuses another loss batch for flh alone"
         )
 
         # Resume: kill a run after a checkpoint, resume it, compare with an uninterrupted run.
         for method in ("flh", "leader", "oracle", "reset", "similarity"):
             args = [*tiny, "--method", method, "--steps", "300", "--out", tmp]
-            main(build_parser().parse_args([*args, "--run-name", "whole"]))
+            run(f"--method {method} --steps 300 --run-name whole")
             whole = (Path(tmp) / "whole" / method / "log.jsonl").read_text()
             cmd = [sys.executable, __file__, *args, "--run-name", "killed", "--checkpoint-every", "50"]
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -387,17 +321,11 @@ def run_tests():
             newest = max(
                 (Path(tmp) / "killed" / method / "checkpoints").glob("*.pt"), key=lambda p: int(p.stem[5:])
             )
-            if (
-                method == "flh"
-            ):  # a truncated newest checkpoint: resume falls back to the one before, and says so
+            if method == "flh":  # a truncated newest checkpoint: resume falls back to the one before, says so
                 newest.write_bytes(newest.read_bytes()[:100])
             err = io.StringIO()
             with contextlib.redirect_stderr(err):
-                main(
-                    build_parser().parse_args(
-                        [*args, "--run-name", "killed", "--checkpoint-every", "50", "--resume"]
-                    )
-                )
+                run(f"--method {method} --steps 300 --run-name killed --checkpoint-every 50 --resume")
             resumed = (Path(tmp) / "killed" / method / "log.jsonl").read_text()
             assert resumed == whole, f"{method}: the resumed log differs from the uninterrupted one"
             assert ("falling back to the previous checkpoint" in err.getvalue()) == (method == "flh"), (
@@ -413,17 +341,10 @@ def run_tests():
         log = Path(tmp) / "whole" / "flh" / "log.jsonl"
         lines = log.read_text().splitlines(keepends=True)
         log.write_text("".join(lines[:250]))
-        for bad, says in (
-            (["--run-name", "whole"], "rows were lost"),
-            (["--run-name", "never-ran"], "no run"),
-        ):
+        for name, says in (("whole", "rows were lost"), ("never-ran", "no run")):
             try:
-                main(
-                    build_parser().parse_args(
-                        [*tiny, "--method", "flh", "--steps", "300", "--out", tmp, "--resume", *bad]
-                    )
-                )
-                raise AssertionError(f"--resume accepted {bad}")
+                run(f"--method flh --steps 300 --resume --run-name {name}")
+                raise AssertionError(f"--resume accepted {name}")
             except common.UserError as e:
                 assert says in str(e), e
         assert log.read_text() == "".join(lines[:250])
@@ -446,23 +367,15 @@ def run_tests():
 
         # A run folder is locked: a second process with the same --run-name refuses in one line.
         with common.locked(Path(tmp) / "whole"):
-            r = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    *tiny,
-                    "--method",
-                    "single",
-                    "--steps",
-                    "5",
-                    "--out",
-                    tmp,
-                    "--run-name",
-                    "whole",
-                ],
-                capture_output=True,
-                text=True,
-            )
+            cmd = [
+                sys.executable,
+                __file__,
+                *tiny,
+                *"--method single --steps 5 --run-name whole".split(),
+                "--out",
+                tmp,
+            ]
+            r = subprocess.run(cmd, capture_output=True, text=True)
         lines = [x for x in r.stderr.splitlines() if x.strip()]
         assert r.returncode == 2 and len(lines) == 1 and "in use by another process" in lines[0], r.stderr
         print(
