@@ -376,32 +376,11 @@ def run_tests():
         main(
             build_parser().parse_args(
                 [
-                    "--method",
-                    "all",
-                    "--backbone",
-                    "random:tiny-vit",
-                    "--dataset",
-                    "synthetic",
-                    "--image-size",
-                    "28",
-                    "--steps",
-                    "12",
-                    "--rotate-interval",
-                    "4",
-                    "--num-rotations",
-                    "2",
-                    "--birth-interval",
-                    "2",
-                    "--batch-size",
-                    "4",
-                    "--num-prompts",
-                    "3",
-                    "--train-mode",
-                    "snapshot",
+                    *"--method all --backbone random:tiny-vit --dataset synthetic --image-size 28 --steps 12 "
+                    "--rotate-interval 4 --num-rotations 2 --birth-interval 2 --batch-size 4 --num-prompts 3 "
+                    "--train-mode snapshot --run-name v".split(),
                     "--out",
                     tmp,
-                    "--run-name",
-                    "v",
                 ]
             )
         )

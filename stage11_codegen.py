@@ -1189,18 +1189,8 @@ def run_tests():
                 [
                     "train",
                     *common_args,
-                    "--epochs",
-                    "2",
-                    "--max-train",
-                    "4",
-                    "--max-length",
-                    "1500",
-                    "--batch-size",
-                    "2",
-                    "--grad-accum",
-                    "1",
-                    "--warmup-steps",
-                    "1",
+                    *"--epochs 2 --max-train 4 --max-length 1500 --batch-size 2 --grad-accum 1 "
+                    "--warmup-steps 1".split(),
                 ]
             )
         )

@@ -588,28 +588,10 @@ def run_tests():
 
     # A tiny sweep: runs, skips finished runs when restarted, and summarises them correctly.
     with tempfile.TemporaryDirectory() as tmp:
-        argv = [
-            "--grid",
-            "alpha",
-            "--backbone",
-            "random:tiny-bert",
-            "--steps",
-            "12",
-            "--flip-interval",
-            "4",
-            "--birth-interval",
-            "3",
-            "--batch-size",
-            "2",
-            "--max-length",
-            "16",
-            "--prompt-length",
-            "2",
-            "--out",
-            tmp,
-            "--run-name",
-            "sw",
-        ]
+        tiny = (
+            "--backbone random:tiny-bert --flip-interval 4 --batch-size 2 --max-length 16 --prompt-length 2"
+        )
+        argv = [*f"--grid alpha {tiny} --steps 12 --birth-interval 3 --run-name sw".split(), "--out", tmp]
         a = apply_preset(build_parser().parse_args(argv))
         main(a)
         logs = sorted(Path(tmp, "sw").glob("*/seed0/log.jsonl"))
@@ -656,31 +638,11 @@ def run_tests():
 
     # Tuning: five snapshot settings; tuning2 adds FLH2 and leader births at the one of lowest mixture loss.
     with tempfile.TemporaryDirectory() as tmp:
+        seeds = "--first-seed 100 --seeds 2"
         argv = [
-            "--grid",
-            "tuning",
-            "--backbone",
-            "random:tiny-bert",
-            "--steps",
-            "8",
-            "--flip-interval",
-            "4",
-            "--birth-interval",
-            "2",
-            "--batch-size",
-            "2",
-            "--max-length",
-            "16",
-            "--prompt-length",
-            "2",
-            "--first-seed",
-            "100",
-            "--seeds",
-            "2",
+            *f"--grid tuning {tiny} --steps 8 --birth-interval 2 {seeds} --run-name tu".split(),
             "--out",
             tmp,
-            "--run-name",
-            "tu",
         ]
         a = apply_preset(build_parser().parse_args(argv))
         try:
