@@ -261,8 +261,9 @@ def unit_float(text):
     return value
 
 
-def add_common_args(parser, run_name, run_name_help=None):
-    """--seed, --device, --out, --run-name, --test: the flags of every stage."""
+def add_common_args(parser, run_name, run_name_help=None, test=True):
+    """--seed, --device, --out, --run-name, --test: the flags of every stage (stage 11's sub-commands
+    take --test on the main parser instead)."""
     parser.add_argument(
         "--seed", type=seed_arg, default=0, help="random seed, 0 <= seed < 2**32 (default: 0)"
     )
@@ -278,7 +279,8 @@ def add_common_args(parser, run_name, run_name_help=None):
         default=run_name,
         help=run_name_help or f"sub-folder of --out for this run (default: {run_name})",
     )
-    parser.add_argument("--test", action="store_true", help="run this stage's built-in checks and exit")
+    if test:
+        parser.add_argument("--test", action="store_true", help="run this stage's built-in checks and exit")
 
 
 def default_help(what, defaults, key):

@@ -1291,22 +1291,7 @@ def build_parser():
             help="smollm2-135m (embedded), a hub id or folder, or random:tiny-qwen2 "
             + ("(default: smollm2-135m)" if name == "train" else "(default: the run's)"),
         )
-        c.add_argument("--out", default="runs", help="folder for run outputs (default: runs)")
-        c.add_argument(
-            "--run-name", default="stage11", help="sub-folder of --out for this run (default: stage11)"
-        )
-        c.add_argument(
-            "--seed",
-            type=common.seed_arg,
-            default=0,
-            help="seed of the prompt's init and the batch order (default: 0)",
-        )
-        c.add_argument(
-            "--device",
-            default="auto",
-            choices=["auto", "cpu", "cuda"],
-            help="auto = cuda if available (default: auto)",
-        )
+        common.add_common_args(c, "stage11", test=False)
         c.add_argument(
             "--precision",
             default="auto",
