@@ -317,13 +317,9 @@ def plot_losses(log, path):
     plt.close(fig)
 
 
-def train(args):
-    """The train sub-command: see the module docstring."""
-    common.seed_everything(args.seed)
-    device = common.resolve_device(args.device)
-    precision = common.resolve_precision(args.precision, device)
-    model, tok = load_lm(args.model)
-    model.to(device)
+def training_data(tok, args):
+    """{"train": examples, "val": examples} of the fixed split (--max-train of the training problems);
+    problems longer than --max-length are skipped, and said so."""
     problems = load_problems()
     split = split_ids(problems)
     train_ids = split["train"][: args.max_train] if args.max_train else split["train"]
@@ -332,12 +328,52 @@ def train(args):
         encoded = [encode_example(tok, problems[t], args.max_length, args.num_virtual_tokens) for t in ids]
         data[part] = [e for e in encoded if e is not None]
         if len(data[part]) < len(ids):
-            print(
-                f"{len(ids) - len(data[part])} {part} problems skipped: longer than --max-length",
-                file=sys.stderr,
-            )
+            skipped = len(ids) - len(data[part])
+            print(f"{skipped} {part} problems skipped: longer than --max-length", file=sys.stderr)
     if not data["train"]:
         raise common.UserError("no training example fits in --max-length; raise it")
+    return data
+
+
+def train_epoch(model, prompt, batches, optimizer, schedule, log, step, epoch, precision, args):
+    """One pass over the batches: the mean solution-token loss of --grad-accum batches per optimiser
+    step (clipped, scheduled), one log row per step. Returns the optimiser step count."""
+    bar = common.progress(range(len(batches)), desc=f"epoch {epoch}/{args.epochs}")
+    sums = [0.0, 0]
+    for b in bar:
+        nll, n = solution_loss(model, batches[b], prompt, precision)
+        (nll / max(n, 1) / args.grad_accum).backward()
+        sums = [sums[0] + float(nll.detach()), sums[1] + n]
+        if (b + 1) % args.grad_accum == 0 or b + 1 == len(batches):
+            norm = torch.nn.utils.clip_grad_norm_([prompt], args.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss, lr = sums[0] / max(sums[1], 1), optimizer.param_groups[0]["lr"]
+            epoch_float = round(epoch - 1 + (b + 1) / len(batches), 4)
+            log.write(
+                {
+                    "step": step,
+                    "epoch_float": epoch_float,
+                    "loss": round(loss, 6),
+                    "lr": lr,
+                    "grad_norm": round(float(norm), 6),
+                }
+            )
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}")
+            sums = [0.0, 0]
+    return step
+
+
+def train(args):
+    """The train sub-command: see the module docstring."""
+    common.seed_everything(args.seed)
+    device = common.resolve_device(args.device)
+    precision = common.resolve_precision(args.precision, device)
+    model, tok = load_lm(args.model)
+    model.to(device)
+    data = training_data(tok, args)
     generator = torch.Generator().manual_seed(args.seed)
     prompt = torch.nn.Parameter(init_prompt(model, args.num_virtual_tokens, args.init, generator).to(device))
     trainable, frozen = prompt.numel(), count_params(model)[1]
@@ -367,33 +403,10 @@ def train(args):
     for epoch in range(1, args.epochs + 1):
         order = torch.randperm(len(data["train"]), generator=generator).tolist()
         batches = [
-            [data["train"][i] for i in order[k : k + args.batch_size]]
+            collate([data["train"][i] for i in order[k : k + args.batch_size]], tok.pad_token_id, device)
             for k in range(0, len(order), args.batch_size)
         ]
-        bar = common.progress(range(len(batches)), desc=f"epoch {epoch}/{args.epochs}")
-        sums = [0.0, 0]
-        for b in bar:
-            nll, n = solution_loss(model, collate(batches[b], tok.pad_token_id, device), prompt, precision)
-            (nll / max(n, 1) / args.grad_accum).backward()
-            sums = [sums[0] + float(nll.detach()), sums[1] + n]
-            if (b + 1) % args.grad_accum == 0 or b + 1 == len(batches):
-                norm = torch.nn.utils.clip_grad_norm_([prompt], args.max_grad_norm)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                loss = sums[0] / max(sums[1], 1)
-                log.write(
-                    {
-                        "step": step,
-                        "epoch_float": round(epoch - 1 + (b + 1) / len(batches), 4),
-                        "loss": round(loss, 6),
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "grad_norm": round(float(norm), 6),
-                    }
-                )
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
-                sums = [0.0, 0]
+        step = train_epoch(model, prompt, batches, optimizer, schedule, log, step, epoch, precision, args)
         val = evaluate_loss(model, data["val"], prompt, precision, tok.pad_token_id, device, args.batch_size)
         row = {
             "epoch": epoch,
