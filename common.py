@@ -203,7 +203,17 @@ def read_jsonl(path, report=None):
 # Command line: one-line errors, checked numbers, the flags every stage shares
 # ----------------------------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad value in one line (exit 2) instead of usage + error."""
+    """argparse that reports a bad value in one line (exit 2) instead of usage + error, and keeps
+    the flags it declares in `declared` (for preset_help)."""
+
+    def __init__(self, *args, **kwargs):
+        self.declared = []
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.declared.append(action)
+        return action
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -290,7 +300,7 @@ def default_help(what, defaults, key):
 
 def preset_help(parser, presets):
     """Append each preset's value to the help of every flag a preset fills: '(quick: 16, paper: 32)'."""
-    for action in parser._actions:
+    for action in parser.declared:
         if all(action.dest in p for p in presets.values()):
             base = re.sub(r"\s*\(default[^)]*\)$", "", action.help)
             action.help = f"{base} (" + ", ".join(f"{k}: {p[action.dest]}" for k, p in presets.items()) + ")"
