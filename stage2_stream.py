@@ -139,35 +139,49 @@ class TextStream:
 # ----------------------------------------------------------------------------------------------
 # Flags shared by every text stage
 # ----------------------------------------------------------------------------------------------
-def add_stream_args(parser):
+STREAM_DEFAULTS = dict(dataset="rt", batch_size=16, max_length=128, steps_per_domain=1000)
+
+
+def add_stream_args(parser, **defaults):
+    """The stream's flags, with `defaults` (STREAM_DEFAULTS for a stage run on its own; stage 8
+    leaves out what its presets fill)."""
+
+    def text(key, what):
+        return common.default_help(what, defaults, key)
+
     parser.add_argument(
         "--dataset",
-        default="rt",
-        help="rt (embedded Rotten Tomatoes sentences, default) | imdb | multidomain "
-        "(VADER: amazon, movies, nyt, tweets) | sst2 (hub) | a save_to_disk folder",
+        default=defaults.get("dataset"),
+        help=text(
+            "dataset",
+            "rt (embedded Rotten Tomatoes sentences) | imdb | multidomain "
+            "(VADER: amazon, movies, nyt, tweets) | sst2 (hub) | a save_to_disk folder",
+        ),
     )
     parser.add_argument(
-        "--batch-size", type=common.positive_int, default=16, help="examples per batch (default: 16)"
+        "--batch-size",
+        type=common.positive_int,
+        default=defaults.get("batch_size"),
+        help=text("batch_size", "examples per batch"),
     )
     parser.add_argument(
         "--max-length",
         type=common.positive_int,
-        default=128,
-        help="max text tokens per example incl. [CLS]/[SEP] (default: 128)",
+        default=defaults.get("max_length"),
+        help=text("max_length", "max text tokens per example incl. [CLS]/[SEP]"),
     )
     parser.add_argument(
         "--flip-interval",
         type=common.positive_int,
         default=None,
-        help="steps between label flips (default: 1000 for single-domain data, "
-        "no flips for multi-domain data)",
+        help="steps between label flips (default: 1000 for single-domain data, none for multi-domain data)",
     )
     parser.add_argument("--no-flip", action="store_true", help="never flip labels")
     parser.add_argument(
         "--steps-per-domain",
         type=common.positive_int,
-        default=1000,
-        help="steps per domain when the data has several (default: 1000)",
+        default=defaults.get("steps_per_domain"),
+        help=text("steps_per_domain", "steps per domain when the data has several"),
     )
 
 
@@ -270,7 +284,7 @@ def run_tests():
 
 def build_parser():
     p = common.Parser(description="Stage 2: print a few batches of the changing stream.")
-    add_stream_args(p)
+    add_stream_args(p, **STREAM_DEFAULTS)
     p.add_argument("--backbone", default="minilm", help="whose tokenizer to use (default: minilm)")
     p.add_argument(
         "--show", type=common.positive_int, default=3, help="how many batches to print (default: 3)"

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from stage2_stream import TextStream, add_stream_args, build_stream
+from stage2_stream import STREAM_DEFAULTS, TextStream, add_stream_args, build_stream
 from stage3_backbone import forward_with_prompt, forward_with_prompts, load_backbone, text_budget
 from stage4_pool import PRUNING, FLHPromptPool, per_prompt_losses
 
@@ -459,11 +459,19 @@ def run_tests():
     print(f"stage 5 checks passed in {time.time() - t0:.1f}s")
 
 
-def add_model_args(parser, prompt_length=10):
+MODEL_DEFAULTS = dict(backbone="minilm", prompt_length=10, precision="auto")
+
+
+def add_model_args(parser, **defaults):
+    """The backbone's flags, with `defaults` (MODEL_DEFAULTS for a stage run on its own)."""
+
+    def text(key, what):
+        return common.default_help(what, defaults, key)
+
     parser.add_argument(
         "--backbone",
-        default="minilm",
-        help="minilm (embedded, default) | random:tiny-bert | random:bert-base | hub id | folder",
+        default=defaults.get("backbone"),
+        help=text("backbone", "minilm (embedded) | random:tiny-bert | random:bert-base | hub id | folder"),
     )
     parser.add_argument(
         "--pooling",
@@ -474,15 +482,18 @@ def add_model_args(parser, prompt_length=10):
     parser.add_argument(
         "--prompt-length",
         type=common.positive_int,
-        default=prompt_length,
-        help=f"soft tokens per prompt (default: {prompt_length})",
+        default=defaults.get("prompt_length"),
+        help=text("prompt_length", "soft tokens per prompt"),
     )
     parser.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="encoder arithmetic: bf16 autocast or fp32; auto = bf16 where the device has "
-        "native bf16 (recent CPUs and GPUs), else fp32 (default: auto)",
+        default=defaults.get("precision"),
+        help=text(
+            "precision",
+            "encoder arithmetic: bf16 autocast or fp32; auto = bf16 where the "
+            "device has native bf16 (recent CPUs and GPUs), else fp32",
+        ),
     )
 
 
@@ -628,8 +639,8 @@ def flh_kwargs(args):
 
 def build_parser():
     p = common.Parser(description="Stage 5: run FLH on the changing stream and write one log row per step.")
-    add_stream_args(p)
-    add_model_args(p)
+    add_stream_args(p, **STREAM_DEFAULTS)
+    add_model_args(p, **MODEL_DEFAULTS)
     p.add_argument(
         "--steps", type=common.positive_int, default=300, help="batches to train on (default: 300)"
     )

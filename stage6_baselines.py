@@ -41,10 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
-from stage2_stream import TextStream, add_stream_args
+from stage2_stream import STREAM_DEFAULTS, TextStream, add_stream_args
 from stage3_backbone import forward_with_example_prompts, load_backbone
 from stage5_train import (
     FLH_DEFAULTS,
+    MODEL_DEFAULTS,
     FLHLearner,
     accuracy,
     add_flh_args,
@@ -434,8 +435,8 @@ def run_tests():
 def build_parser():
     p = common.Parser(description="Stage 6: run one baseline on the changing stream (stage 8 runs them all).")
     p.add_argument("--method", choices=METHODS, default="single", help="which learner (default: single)")
-    add_stream_args(p)
-    add_model_args(p)
+    add_stream_args(p, **STREAM_DEFAULTS)
+    add_model_args(p, **MODEL_DEFAULTS)
     p.add_argument("--steps", type=common.positive_int, default=300, help="batches (default: 300)")
     p.add_argument(
         "--lr", type=common.positive_float, default=1e-2, help="AdamW learning rate (default: 1e-2)"

@@ -392,10 +392,9 @@ def add_experiment_args(p):
         choices=list(PRESETS),
         help="quick: CPU-sized, embedded MiniLM + rt (default); paper: the plan's BERT/SST-2 setting",
     )
-    add_stream_args(p)
-    add_model_args(p)
+    add_stream_args(p, max_length=128)  # the presets fill the others
+    add_model_args(p, precision="auto")
     add_method_args(p)
-    p.set_defaults(**{k: None for k in PRESETS["quick"]})  # the stream's own defaults yield to the preset
     common.preset_help(p, PRESETS)
 
 
