@@ -34,7 +34,7 @@ GGUF file, dequantised once into a cached transformers folder; needs `pip instal
 id or folder (`Qwen/Qwen2.5-Coder-0.5B`, the document's model) and `random:tiny-qwen2` for tests
 (random weights, a byte-level tokenizer built in memory).
 
-    python stage11_codegen.py train --warmup-steps 10        # 16 minutes on 2 CPU cores (README)
+    python stage11_codegen.py train --warmup-steps 10        # wall times: the README
     python stage11_codegen.py generate --split val
     python stage11_codegen.py generate --split val --no-prompt
     python stage11_codegen.py evaluate

@@ -187,25 +187,28 @@ class FLHPromptPool(nn.Module):
         if self.prune != "diverse" and self.max_prompts and len(self) >= self.max_prompts:
             order = sorted(range(len(self)), key=lambda i: -self.log_w[i].item())
             removed += self.remove(sorted(order[: self.max_prompts - 1]))
-        if init is None:
+        if init is None:  # a random start, at the scale of the backbone's word embeddings
             init = torch.randn(self.prompt_length, self.embed_dim) * self.init_std
         prompt = nn.Parameter(init.detach().clone().to(self.device))
         self.prompts.append(prompt)
-        # The survivors sum to 1 (pruning renormalises), so after mixing the weights sum to 1 again.
-        shrink = math.log1p(-1 / t) if t > 1 else 0.0
-        self.log_w = torch.cat([self.log_w + shrink, torch.tensor([-math.log(t)], dtype=torch.float64)])
-        self.birth_ids.append(t)
+        # FLH's birth in log space. The survivors sum to 1 (pruning renormalises), so after
+        # w_i <- (1 - 1/t) w_i  and  w_new = 1/t  they sum to 1 again.
+        shrink = math.log1p(-1 / t) if t > 1 else 0.0  # log(1 - 1/t); the first expert gets all
+        newcomer = torch.tensor([-math.log(t)], dtype=torch.float64)  # log(1/t): a fixed share
+        self.log_w = torch.cat([self.log_w + shrink, newcomer])
+        self.birth_ids.append(t)  # the birth index j, which FLH2's lifetime and the logs use
         self.num_births = t
         return prompt, removed
 
     def update_weights(self, losses):
         """w_i <- w_i exp(-alpha l_i), renormalised; then the floor w_i <- (1 - share) w_i + share / K.
         Both in log space: log((1 - s) w + s / K) = logaddexp(log(1 - s) + log w, log(s / K))."""
-        losses = torch.as_tensor(losses, dtype=torch.float64).cpu()
-        self.log_w = self.log_w - self.alpha * losses
-        self.log_w = self.log_w - self.log_w.logsumexp(0)
+        losses = torch.as_tensor(losses, dtype=torch.float64).cpu()  # fp64: weights of 1e-300 stay exact
+        self.log_w = self.log_w - self.alpha * losses  # log w_i - alpha l_i: the exponential update
+        self.log_w = self.log_w - self.log_w.logsumexp(0)  # divide by sum_j w_j exp(-alpha l_j)
         if self.share > 0:  # share = 0 leaves the plan's FLH bit for bit
-            floor = torch.full_like(self.log_w, math.log(self.share / len(self)))
+            floor = torch.full_like(self.log_w, math.log(self.share / len(self)))  # log(share / K)
+            # log((1 - share) w_i + share / K): no weight falls below share / K, so any can come back
             self.log_w = torch.logaddexp(self.log_w + math.log1p(-self.share), floor)
 
     def stacked(self):

@@ -168,9 +168,13 @@ class FLHLearner:
         prompt, no longer trained, stays in the pool as a frozen expert: a memory."""
         pool, init, moments = self.pool, None, None
         if self.train_mode == "snapshot" and len(pool) and self.birth_from != "random":
+            # the snapshot birth: the newcomer continues from the live prompt (or the leader) ...
             source = pool.prompts[-1 if self.birth_from == "live" else int(pool.log_w.argmax())]
             init = source.detach().clone()
+            # ... with its Adam moments, so learning goes on at full speed, without a restart
             moments = {k: v.clone() for k, v in self.optimizer.state.get(source, {}).items()}
+        # FLH's birth (stage 4): prune, then w_new = 1/t. The newcomer is the newest prompt, the
+        # only one trained in snapshot mode; the old live prompt stays in the pool, frozen.
         added, removed = pool.birth_prompt(init)
         follow_pool(self.optimizer, added, removed + [self._placeholder])
         if moments:
@@ -203,10 +207,12 @@ class FLHLearner:
             y_sub, live = sub["labels"], logits[: len(sub["labels"])]
             expert_logits = torch.cat([frozen_logits, live[None]])
             expert_losses = torch.cat([frozen_losses, per_prompt_losses(live[None], y_sub)])
-        mixture = pool.mixture_probs(expert_logits)  # FLH's own prediction
+        # Prequential order: everything above predicted batch s with the weights of step s - 1
+        # (the logits came before any update); only now do batch s's losses move the weights.
+        mixture = pool.mixture_probs(expert_logits)  # FLH's own prediction: sum_i w_i softmax(f(x; p_i))
         mixture_loss = F.nll_loss(mixture.clamp_min(1e-12).log(), y_sub)
-        pool.update_weights(expert_losses)
-        pool.record(batch["step"], expert_logits)
+        pool.update_weights(expert_losses)  # w_i <- w_i exp(-alpha l_i), normalised, floored (stage 4)
+        pool.record(batch["step"], expert_logits)  # the predictions diverse pruning compares
         self.last_mixture, self.last_expert_logits = mixture, expert_logits  # for subclasses (stages 6, 9)
         if self.train_mode == "weighted_sum":
             row = base_row(batch, loss, logits)  # acc: the weighted-sum prompt's
@@ -254,6 +260,8 @@ def run_stream(learner, stream, steps, log, start=0, every=None, callback=None, 
     device = learner.model.device
     bar = common.progress(range(start, steps), desc=desc or learner.name, initial=start, total=steps)
     for s in bar:
+        # test-then-train: the learner predicts batch s, then learns from it; the row holds the
+        # prediction's accuracy, so every logged accuracy is on data not yet learned from
         row = learner.step(to_device(stream.batch(s), device))
         numbers = [row["loss"], *row.get("weights", ()), *row.get("expert_losses", ())]
         if not all(math.isfinite(x) for x in numbers):  # never log NaN: stop and say what to change

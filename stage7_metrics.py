@@ -314,6 +314,19 @@ def _shift_lines(ax, cuts):
         ax.axvline(c, color="0.6", ls=":", lw=1)
 
 
+def _finish_accuracy_plot(fig, ax, path, rows, smooth, threshold, title):
+    """Rule changes (dotted, from one log's rows), the threshold, chance, labels; then save."""
+    _shift_lines(ax, shifts(rows))
+    if threshold:
+        ax.axhline(threshold, color="k", lw=0.6, ls="--")
+    ax.axhline(0.5, color="0.8", lw=0.6)
+    ax.set(xlabel="step", ylabel=f"prequential accuracy ({smooth}-step mean)", ylim=(0, 1), title=title)
+    ax.legend(loc="lower right", fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_accuracy(logs, path, smooth=50, threshold=None, title=None):
     """Prequential accuracy (trailing mean over `smooth` steps) of every method."""
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -331,20 +344,8 @@ def plot_accuracy(logs, path, smooth=50, threshold=None, title=None):
                 lw=1,
                 ls="--",
             )
-    _shift_lines(ax, shifts(next(iter(logs.values()))))
-    if threshold:
-        ax.axhline(threshold, color="k", lw=0.6, ls="--")
-    ax.axhline(0.5, color="0.8", lw=0.6)
-    ax.set(
-        xlabel="step",
-        ylabel=f"prequential accuracy ({smooth}-step mean)",
-        ylim=(0, 1),
-        title=title or "accuracy over time (dotted: rule changes)",
-    )
-    ax.legend(loc="lower right", fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = title or "accuracy over time (dotted: rule changes)"
+    _finish_accuracy_plot(fig, ax, path, next(iter(logs.values())), smooth, threshold, title)
 
 
 def plot_accuracy_seeds(runs, path, smooth=50, threshold=None, title=None):
@@ -357,20 +358,8 @@ def plot_accuracy_seeds(runs, path, smooth=50, threshold=None, title=None):
         steps = [r["step"] for r in next(logs for logs in runs if name in logs)[name]]
         ax.plot(steps, curves.mean(0), label=f"{name}", color=COLORS.get(name), lw=1.4)
         ax.fill_between(steps, curves.min(0), curves.max(0), color=COLORS.get(name), alpha=0.15, lw=0)
-    _shift_lines(ax, shifts(next(iter(runs[0].values()))))
-    if threshold:
-        ax.axhline(threshold, color="k", lw=0.6, ls="--")
-    ax.axhline(0.5, color="0.8", lw=0.6)
-    ax.set(
-        xlabel="step",
-        ylabel=f"prequential accuracy ({smooth}-step mean)",
-        ylim=(0, 1),
-        title=title or f"mean over {len(runs)} seeds (band: min-max); dotted: rule changes",
-    )
-    ax.legend(loc="lower right", fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = title or f"mean over {len(runs)} seeds (band: min-max); dotted: rule changes"
+    _finish_accuracy_plot(fig, ax, path, next(iter(runs[0].values())), smooth, threshold, title)
 
 
 def plot_weights(rows, path, title="FLH weights"):
