@@ -11,9 +11,10 @@ falls on all of them alike. Ratios, not seconds, are the result. Rows per backbo
   FLH steps            20 births without pruning, with FLH2, with FLH2 + a loss batch, and the
                        snapshot pool under the diverse cap of 8 (stage 5), each against one prompt;
   loss pass            K prompts' losses three ways: the reference's loop padded to 128 tokens, a
-                       loop of forwards, one batched pass (stage 3), and batched in bf16 on a loss batch.
+                       loop of forwards, one batched pass (stage 3), and batched on a loss batch.
 bf16 rows are timed only where the device multiplies bf16 natively (AVX512-BF16/AMX CPUs, recent
-GPUs); elsewhere bf16 is emulated and slow, so they are skipped, and the table says so.
+GPUs); elsewhere bf16 is emulated and slow, so they are skipped, and the table says so. The rows
+with a loss batch (the settings a real run uses) are timed in the fastest precision there is.
 Run `--test` for the checks (the alternation; every row on a tiny model, where peft is installed).
 """
 
@@ -114,6 +115,7 @@ def bench_backbone(name, device, quick, loss_batch, P=10, B=16, K=20, bf16=None)
     batches = [to_device(stream.batch(s), device) for s in range(1, 4 if quick else 11)]
     tokens = sum(b["attention_mask"].shape[1] + P for b in batches) / len(batches) * B
     bf16 = common.fast_bf16(device) if bf16 is None else bf16
+    fastest = "bf16" if bf16 else "fp32"
     rows, t = [], {}
 
     def add(key, what, seconds, versus=None, **extra):
@@ -165,7 +167,7 @@ def bench_backbone(name, device, quick, loss_batch, P=10, B=16, K=20, bf16=None)
                 ("flh_none", "FLH step, 20 births, no pruning", dict(prune="none")),
                 ("flh_flh2", "FLH step, 20 births, FLH2", dict(prune="flh2")),
             ]
-            if prec == "bf16":
+            if prec == fastest:  # the settings a real run uses, in the fastest precision here
                 setups += [
                     (
                         "flh_fast",
@@ -219,19 +221,19 @@ def loss_pass_rows(model, batches, device, P, K, loss_batch, bf16, add):
             timed(lambda b: forward_with_prompts(model, b, prompts), batches, device),
             "pass_reference",
         )
-        if bf16:
-            sub = [{k: v[:loss_batch] for k, v in b.items() if torch.is_tensor(v)} for b in batches]
-            with precision(model, "bf16"):
-                add(
-                    "pass_fast",
-                    f"loss pass, {K} prompts: batched, bf16, loss batch {loss_batch}",
-                    timed(lambda b: forward_with_prompts(model, b, prompts), sub, device),
-                    "pass_reference",
-                )
+        sub = [{k: v[:loss_batch] for k, v in b.items() if torch.is_tensor(v)} for b in batches]
+        fastest = "bf16" if bf16 else "fp32"
+        with precision(model, fastest):
+            add(
+                "pass_fast",
+                f"loss pass, {K} prompts: batched, {fastest}, loss batch {loss_batch}",
+                timed(lambda b: forward_with_prompts(model, b, prompts), sub, device),
+                "pass_reference",
+            )
 
 
 def bench(args):
-    """The README's performance table, printed and written to <out>/bench/bench.json."""
+    """The README's performance table, printed and written to <out>/<run-name>/bench.json."""
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     torch.manual_seed(args.seed)
     rows = [
@@ -257,7 +259,7 @@ def bench(args):
             "this CPU has no native bf16 (AVX512-BF16 or AMX): its bf16 rows were skipped (emulated "
             "bf16 is slow)"
         )
-    out = common.run_dir(args.out, "bench")
+    out = common.run_dir(args.out, args.run_name)
     common.write_json(out / "bench.json", {"machine": meta, "rows": rows})
     print(f"-> {out / 'bench.json'}" + ("" if meta["gpu"] else "; no GPU here, so no GPU rows"))
 
@@ -281,15 +283,13 @@ def run_tests():
             keys = {r["key"] for r in rows}
             precs = ("fp32", "bf16") if bf16 else ("fp32",)
             want = {f"{k}_{p}" for k in ("single", "peft", "gflops", "flh_none", "flh_flh2") for p in precs}
-            want |= {"pass_reference", "pass_loop", "pass_batched"} | (
-                {"flh_fast_bf16", "flh_snapshot_bf16", "pass_fast"} if bf16 else set()
-            )
+            want |= {"pass_reference", "pass_loop", "pass_batched", "pass_fast"}
+            want |= {f"flh_fast_{precs[-1]}", f"flh_snapshot_{precs[-1]}"}  # in the fastest precision
             assert keys == want, keys ^ want
             assert all(r["seconds"] > 0 and (r["ratio"] is None or r["ratio"] > 0) for r in rows)
         print(
             "  ok: every row on random:tiny-bert with a positive time and ratio; without native bf16 "
-            "only the "
-            f"{len(keys)} fp32 rows"
+            f"only the {len(keys)} fp32 rows"
         )
     print(f"bench checks passed in {time.time() - t0:.1f}s")
 
