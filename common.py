@@ -201,6 +201,96 @@ def read_jsonl(path, report=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# State files: what a run learned, with no pickle in it
+# ----------------------------------------------------------------------------------------------
+STATE_FORMAT = "flh-prompts-state/1"
+
+
+def save_state(path, obj):
+    """Write `obj` (nested dicts, lists and tuples of tensors, numpy arrays, numbers, strings, None:
+    a learner's state_dict, RNG states) to one safetensors file, atomically. The tensors are stored
+    as tensors; the structure around them is JSON in the file's metadata. Loading such a file runs
+    no code, unlike a pickle (`torch.save`), which runs whatever its author put in it."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+
+    def tensor(t):
+        key = f"t{len(tensors)}"
+        tensors[key] = t.detach().cpu().contiguous().clone()
+        return key
+
+    def pack(x):
+        if isinstance(x, torch.Tensor):
+            return {"__tensor__": tensor(x)}
+        if isinstance(x, np.ndarray):  # unsigned ints travel as int64 (safetensors' common ground)
+            as_torch = torch.from_numpy(x.astype(np.int64) if x.dtype.kind == "u" else x.copy())
+            return {"__ndarray__": tensor(as_torch), "dtype": str(x.dtype)}
+        if isinstance(x, np.generic):
+            return x.item()
+        if isinstance(x, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in x):
+                return {k: pack(v) for k, v in x.items()}
+            return {"__items__": [[pack(k), pack(v)] for k, v in x.items()]}  # int keys stay ints
+        if isinstance(x, tuple):
+            return {"__tuple__": [pack(v) for v in x]}
+        if isinstance(x, list):
+            return [pack(v) for v in x]
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"save_state cannot store a {type(x).__name__}")
+
+    skeleton = json.dumps(pack(obj))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, tmp, metadata={"format": STATE_FORMAT, "skeleton": skeleton})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_state(path):
+    """Read a file written by save_state. Anything else (a pickle, a damaged or edited file, a
+    format of another version) is refused with one line; nothing in the file is ever executed."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != STATE_FORMAT:
+                raise UserError(
+                    f"{path} is not a state file of this version (format {meta.get('format')!r}, "
+                    f"want {STATE_FORMAT!r})"
+                )
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            skeleton = json.loads(meta["skeleton"])
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 (safetensors raises several kinds for a bad header)
+        raise UserError(f"{path} is not a readable state file ({type(e).__name__}: {str(e)[:100]})")
+
+    def unpack(x):
+        if isinstance(x, list):
+            return [unpack(v) for v in x]
+        if not isinstance(x, dict):
+            return x
+        if "__tensor__" in x or "__ndarray__" in x:
+            key = x.get("__tensor__", x.get("__ndarray__"))
+            if key not in tensors:
+                raise UserError(f"{path} names a tensor {key!r} it does not hold: damaged or edited")
+            t = tensors[key]
+            return t if "__tensor__" in x else t.numpy().astype(x["dtype"])
+        if "__tuple__" in x:
+            return tuple(unpack(v) for v in x["__tuple__"])
+        if "__items__" in x:
+            return {unpack(k): unpack(v) for k, v in x["__items__"]}
+        return {k: unpack(v) for k, v in x.items()}
+
+    return unpack(skeleton)
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line: one-line errors, checked numbers, the flags every stage shares
 # ----------------------------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):

@@ -49,8 +49,10 @@ Run `python stage4_pool.py` for a small simulation, `--test` for the arithmetic 
 """
 
 import math
+import tempfile
 import time
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -112,6 +114,7 @@ class FLHPromptPool(nn.Module):
         self.num_births = 0
         self.window = window  # batches of predictions kept per expert for `diverse`
         self.recent = {}  # birth id -> deque of (step, probabilities [B, C] as float32 numpy)
+        self.born_at = {}  # birth id -> the step it first predicted at
 
     def __len__(self):
         return len(self.prompts)
@@ -130,15 +133,18 @@ class FLHPromptPool(nn.Module):
         for i, j in enumerate(self.birth_ids):
             if i not in keep:
                 self.recent.pop(j, None)
+                self.born_at.pop(j, None)
         self.prompts = nn.ParameterList([self.prompts[i] for i in keep])
         self.birth_ids = [self.birth_ids[i] for i in keep]
         self.log_w = self.log_w[keep] - self.log_w[keep].logsumexp(0)
         return removed
 
     def record(self, step, logits):
-        """Remember each expert's predictive distribution on this batch (logits [K, B, C]), for `diverse`."""
+        """Remember each expert's predictive distribution on this batch (logits [K, B, C]), for `diverse`,
+        and the step each expert first predicted at: its birth step."""
         probs = logits.detach().float().softmax(-1).cpu().numpy()
         for j, p in zip(self.birth_ids, probs):
+            self.born_at.setdefault(j, step)
             self.recent.setdefault(j, deque(maxlen=self.window)).append((step, p))
 
     def most_alike(self, candidates):
@@ -251,13 +257,44 @@ class FLHPromptPool(nn.Module):
             "birth_ids": list(self.birth_ids),
             "num_births": self.num_births,
             "recent": {j: list(d) for j, d in self.recent.items()},
+            "born_at": dict(self.born_at),
         }
+
+    def save(self, folder):
+        """The pool in `folder`: pool.safetensors (its whole state; common.save_state, no pickle) and
+        pool.json (readable: the settings, and each expert's birth index, birth step and weight)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        common.save_state(folder / "pool.safetensors", self.state())
+        settings = dict(
+            prompt_length=self.prompt_length,
+            embed_dim=self.embed_dim,
+            alpha=self.alpha,
+            share=self.share,
+            prune=self.prune,
+            max_prompts=self.max_prompts,
+            window=self.window,
+        )
+        common.write_json(folder / "pool.json", {"settings": settings, "experts": self.experts()})
+
+    def load(self, folder):
+        """Load what `save` wrote (the settings come from the constructor; the state from the file)."""
+        self.load_state(common.load_state(Path(folder) / "pool.safetensors"))
+        return self
 
     def load_state(self, state):
         self.prompts = nn.ParameterList([nn.Parameter(p.clone().to(self.device)) for p in state["prompts"]])
         self.log_w = state["log_w"].clone()
         self.birth_ids, self.num_births = list(state["birth_ids"]), state["num_births"]
         self.recent = {j: deque(d, maxlen=self.window) for j, d in state.get("recent", {}).items()}
+        self.born_at = dict(state.get("born_at", {}))
+
+    def experts(self):
+        """Who is in the pool: birth index, birth step (None if it never predicted) and weight of each."""
+        return [
+            {"expert": j, "born_at": self.born_at.get(j), "weight": w}
+            for j, w in zip(self.birth_ids, self.weights)
+        ]
 
 
 def per_prompt_losses(logits, labels):
@@ -429,12 +466,22 @@ def run_tests():
     assert torch.allclose(mix.sum(-1), torch.ones(3), atol=1e-6)
     print("  ok: get_all_losses (one batched pass) equals per-prompt cross-entropy; mixture rows sum to 1")
 
-    # Checkpoint round trip.
-    clone = FLHPromptPool(5, model.embed_dim)
-    clone.load_state(pool.state())
-    assert torch.equal(clone.stacked(), pool.stacked()) and clone.weights == pool.weights
-    assert clone.birth_ids == pool.birth_ids and clone.num_births == pool.num_births
-    print("  ok: a checkpoint round trip keeps prompts, weights and birth indices")
+    # Save to a folder (safetensors + JSON) and load: everything comes back exactly.
+    pool.record(7, logits)
+    pool.update_weights(losses)
+    pool.birth_prompt()
+    with tempfile.TemporaryDirectory() as tmp:
+        pool.save(tmp)
+        clone = FLHPromptPool(5, model.embed_dim).load(tmp)
+        saved = common.read_json(Path(tmp) / "pool.json")
+    assert torch.equal(clone.stacked(), pool.stacked()) and torch.equal(clone.log_w, pool.log_w)
+    assert clone.birth_ids == pool.birth_ids == [1, 2, 3, 4, 5] and clone.num_births == pool.num_births
+    assert clone.born_at == pool.born_at == {1: 7, 2: 7, 3: 7, 4: 7}  # the newest has not predicted yet
+    assert all(
+        np.array_equal(a[1], b[1]) for j in pool.recent for a, b in zip(clone.recent[j], pool.recent[j])
+    )
+    assert saved["experts"] == pool.experts() and saved["settings"]["embed_dim"] == model.embed_dim
+    print("  ok: save/load through a folder keeps prompts, log-weights, births (index, step), predictions")
     print(f"stage 4 checks passed in {time.time() - t0:.1f}s")
 
 

@@ -20,7 +20,7 @@ Presets (explicit flags override them; `--help` shows both presets' value of eve
                    read-out; the plan's weighted-sum FLH. For a GPU.
 
 Outputs in runs/<run-name>/: config.json, one folder per method (log.jsonl, run.json with the wall
-time, checkpoints/step_N.pt every --checkpoint-every steps and at the end), metrics.json (one
+time, checkpoints/step_N.safetensors every --checkpoint-every steps and at the end), metrics.json (one
 entry per method) and the plots of stage 7. `--resume` continues a killed run from each method's
 latest checkpoint; the continued log equals an uninterrupted one (same seed).
 
@@ -92,28 +92,36 @@ def set_rng_state(state):
 
 
 def save_checkpoint(folder, step, learner):
-    """checkpoints/step_N.pt, written atomically: learner state, RNG states, stream position."""
-    path = folder / "checkpoints" / f"step_{step}.pt"
+    """checkpoints/step_N.safetensors, written atomically: learner state, RNG states, stream position
+    (common.save_state: tensors and JSON, no pickle)."""
+    path = folder / "checkpoints" / f"step_{step}.safetensors"
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "learner": learner.state_dict(), "rng": rng_state()}, tmp)
-    os.replace(tmp, path)
+    common.save_state(path, {"step": step, "learner": learner.state_dict(), "rng": rng_state()})
 
 
 def load_latest_checkpoint(folder):
     """The newest readable checkpoint's contents, or None if there is none. An unreadable one (a
-    truncated file, say) is skipped with a message, and the one before it is used."""
+    truncated or edited file, say) is skipped with a message, and the one before it is used; if
+    none can be read, the run is not touched. Pickle checkpoints of older versions are refused:
+    unpickling a file can run any code its author put in it."""
+    old = sorted((folder / "checkpoints").glob("step_*.pt"))
+    if old:
+        raise common.UserError(
+            f"{old[0]} is a pickle checkpoint of an older version; it is not loaded (a pickle can run "
+            "code): start the run again without --resume"
+        )
     found = sorted(
-        (folder / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]), reverse=True
+        (folder / "checkpoints").glob("step_*.safetensors"),
+        key=lambda p: int(p.stem.split("_")[1]),
+        reverse=True,
     )
     for path in found:
         try:
-            return torch.load(path, weights_only=False)
-        except Exception as e:  # noqa: BLE001 (any failure to read means: try the previous one)
-            print(
-                f"[flh] {path} is unreadable ({type(e).__name__}); falling back to the previous checkpoint",
-                file=sys.stderr,
-            )
+            return common.load_state(path)
+        except common.UserError as e:
+            print(f"[flh] {e}; falling back to the previous checkpoint", file=sys.stderr)
+    if found:
+        raise common.UserError(f"--resume: no checkpoint of {folder} can be read; the run is left as it is")
     return None
 
 
@@ -128,7 +136,7 @@ def run_method(method, args, model, stream, folder):
         set_rng_state(state["rng"])
         start = state["step"]
     else:
-        for old in [folder / "log.jsonl", *(folder / "checkpoints").glob("*.pt")]:
+        for old in [folder / "log.jsonl", *(folder / "checkpoints").glob("step_*")]:
             old.unlink(missing_ok=True)
     log = common.JsonlLog(folder / "log.jsonl")
     log.truncate_to(start)  # rows after the checkpoint are redone; fewer rows than its step is an error
@@ -268,7 +276,7 @@ def run_tests():
         for m in METHODS:
             rows = common.read_jsonl(run_folder / m / "log.jsonl")
             assert [r["step"] for r in rows] == list(range(30))
-            assert (run_folder / m / "checkpoints" / "step_30.pt").exists()
+            assert (run_folder / m / "checkpoints" / "step_30.safetensors").exists()
         pngs = {"accuracy.png", "recovery.png", "prompts.png", "weights_flh.png", "first50.png"}
         assert {p.name for p in run_folder.glob("*.png")} >= pngs
         assert metrics["oracle"]["by_kind"]["recurring"]["shifts"] == 1
@@ -311,7 +319,7 @@ def run_tests():
             whole = (Path(tmp) / "whole" / method / "log.jsonl").read_text()
             cmd = [sys.executable, __file__, *args, "--run-name", "killed", "--checkpoint-every", "50"]
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            ckpt = Path(tmp) / "killed" / method / "checkpoints" / "step_100.pt"
+            ckpt = Path(tmp) / "killed" / method / "checkpoints" / "step_100.safetensors"
             while not ckpt.exists() and proc.poll() is None:
                 time.sleep(0.02)
             proc.send_signal(signal.SIGKILL)
@@ -319,7 +327,8 @@ def run_tests():
             cut = len(common.read_jsonl(Path(tmp) / "killed" / method / "log.jsonl"))
             assert cut < 300
             newest = max(
-                (Path(tmp) / "killed" / method / "checkpoints").glob("*.pt"), key=lambda p: int(p.stem[5:])
+                (Path(tmp) / "killed" / method / "checkpoints").glob("*.safetensors"),
+                key=lambda p: int(p.stem[5:]),
             )
             if method == "flh":  # a truncated newest checkpoint: resume falls back to the one before, says so
                 newest.write_bytes(newest.read_bytes()[:100])
@@ -336,6 +345,8 @@ def run_tests():
                 + (" (the newest one truncated: fell back to the one before)" if method == "flh" else "")
                 + "; log identical to an uninterrupted run"
             )
+
+        check_hostile_checkpoints(Path(tmp) / "whole" / "flh", run)
 
         # Log and checkpoint must agree: a log shorter than the checkpoint's step is refused, untouched.
         log = Path(tmp) / "whole" / "flh" / "log.jsonl"
@@ -382,6 +393,60 @@ def run_tests():
             "  ok: a second run with the same --run-name refuses in one line while the first holds the folder"
         )
     print(f"stage 8 checks passed in {time.time() - t0:.1f}s")
+
+
+class _Planted:
+    """Unpickling this object runs code: it creates a file (what an attacker's checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def check_hostile_checkpoints(folder, run):
+    """A checkpoint that carries a pickle is never unpickled: as an old step_N.pt it is refused in one
+    line; renamed to .safetensors, or with its structure edited, it cannot be read either."""
+    marker = folder.parent / "pwned"
+    ckpts = folder / "checkpoints"
+    saved = {p.name: p.read_bytes() for p in ckpts.iterdir()}
+    newest = max(saved, key=lambda n: int(n[5:].split(".")[0]))
+    step = int(newest[5:].split(".")[0])
+    torch.save({"step": step, "learner": _Planted(marker)}, ckpts / f"step_{step + 1}.pt")
+    for attack in ("old .pt", "renamed", "edited"):
+        if attack == "renamed":
+            (ckpts / f"step_{step + 1}.pt").rename(ckpts / f"step_{step + 1}.safetensors")
+            for name in saved:  # the pickle is then the only checkpoint there is
+                (ckpts / name).unlink()
+        if attack == "edited":  # a real checkpoint whose JSON names a tensor the file does not hold
+            (ckpts / f"step_{step + 1}.safetensors").unlink()
+            state = saved[newest]
+            head = int.from_bytes(state[:8], "little")
+            header = state[8 : 8 + head].replace(b'"t0"', b'"x0"', 1)  # rename one tensor's key
+            (ckpts / newest).write_bytes(len(header).to_bytes(8, "little") + header + state[8 + head :])
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                run(f"--method flh --steps {step} --resume --run-name {folder.parent.name}")
+            raise AssertionError(f"a hostile checkpoint ({attack}) was accepted")
+        except common.UserError as e:
+            said = str(e)
+        assert not marker.exists(), f"the pickle ran ({attack})"
+        want = {
+            "old .pt": "pickle checkpoint of an older version",
+            "renamed": "no checkpoint",
+            "edited": "no checkpoint",
+        }
+        assert want[attack] in said and "\n" not in said, (attack, said)
+    for p in ckpts.iterdir():
+        p.unlink()
+    for name, data in saved.items():
+        (ckpts / name).write_bytes(data)
+    print(
+        "  ok: a checkpoint carrying a pickle is never unpickled: refused as an old .pt, unreadable when "
+        "renamed to .safetensors; an edited checkpoint is refused too; each in one line"
+    )
 
 
 def add_experiment_args(p):
