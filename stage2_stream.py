@@ -46,6 +46,24 @@ def load_tokenizer(backbone):
     return common.from_pretrained(AutoTokenizer, tokenizer_source, "backbone")
 
 
+def pad_rows(rows, pad_id):
+    """Token id lists -> (input_ids, attention_mask) [B, longest row], padded on the right."""
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attention_mask[r, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def encode_texts(tokenizer, texts, max_length):
+    """New texts as a batch, tokenised and padded exactly as the stream does it (no labels)."""
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    input_ids, attention_mask = pad_rows(ids, tokenizer.pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 class TextStream:
     """Endless batches {input_ids, attention_mask, labels, index, step, regime, concept, domain, flipped}.
 
@@ -106,13 +124,7 @@ class TextStream:
         n = len(self.ids[d])
         positions = range(k * self.batch_size, (k + 1) * self.batch_size)
         index = torch.tensor([int(self._perm(d, p // n)[p % n]) for p in positions])
-        rows = [self.ids[d][i] for i in index]
-        width = max(map(len, rows))
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, ids in enumerate(rows):
-            input_ids[r, : len(ids)] = torch.tensor(ids)
-            attention_mask[r, : len(ids)] = 1
+        input_ids, attention_mask = pad_rows([self.ids[d][i] for i in index], self.pad_id)
         flipped = bool(self.flip_every_n) and (step // self.flip_every_n) % 2 == 1
         labels = self.labels[d][index]
         concept = 2 * d + flipped if self.flip_every_n else d

@@ -233,6 +233,19 @@ class FLHLearner:
             "entropy": r6(entropy),
         }
 
+    @torch.no_grad()
+    def predict(self, batch):
+        """Class probabilities [B, C] for a batch without labels, by the pool as it stands (nothing
+        learns): FLH's mixture in snapshot and independent mode, the weighted-sum prompt in
+        weighted_sum mode, as `step` predicts. Also, per example, the experts that produced it, with
+        their weights (birth index, birth step, weight)."""
+        pool = self.pool
+        if self.train_mode == "weighted_sum":
+            probs = forward_with_prompt(self.model, batch, pool.get_prompt("weighted_sum")).softmax(-1)
+        else:
+            probs = pool.mixture_probs(forward_with_prompts(self.model, batch, pool.stacked()))
+        return probs, [pool.experts()] * len(probs)
+
     def sub_batch(self, batch):
         """The batch's first loss_batch examples (all of it when loss_batch is 0)."""
         if not self.loss_batch:

@@ -42,7 +42,7 @@ from torch import nn
 
 import common
 from stage2_stream import STREAM_DEFAULTS, TextStream, add_stream_args
-from stage3_backbone import forward_with_example_prompts, load_backbone
+from stage3_backbone import forward_with_example_prompts, forward_with_prompt, load_backbone, text_budget
 from stage5_train import (
     FLH_DEFAULTS,
     MODEL_DEFAULTS,
@@ -81,6 +81,13 @@ class PromptLearner:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
+@torch.no_grad()
+def prompt_predicts(model, batch, prompt, who):
+    """One prompt's class probabilities [B, C], and who produced them (`who`, weight 1) per example."""
+    probs = forward_with_prompt(model, batch, prompt).softmax(-1)
+    return probs, [[{**who, "weight": 1.0}]] * len(probs)
+
+
 def new_prompt(model, prompt_length, std=0.02):
     return nn.Parameter(torch.randn(prompt_length, model.embed_dim).to(model.device) * std)
 
@@ -106,6 +113,10 @@ class SingleLearner(PromptLearner):
     def step(self, batch):
         loss, logits = train_step(self.model, self.prompt, self.optimizer, batch)
         return {**base_row(batch, loss, logits), "num_prompts": 1}
+
+    def predict(self, batch):
+        """The prompt's class probabilities [B, C] for unlabelled texts (see FLHLearner.predict)."""
+        return prompt_predicts(self.model, batch, self.prompt, {"expert": "prompt"})
 
 
 class ResetLearner(SingleLearner):
@@ -156,6 +167,11 @@ class OracleLearner(PromptLearner):
         loss, logits = train_step(self.model, self.prompt_for(batch["concept"]), self.optimizer, batch)
         return {**base_row(batch, loss, logits), "num_prompts": len(self.params)}
 
+    def predict(self, batch):
+        raise common.UserError(
+            "the oracle is told each batch's concept; new texts have none: predict with another method"
+        )
+
     def state_dict(self):
         return {**super().state_dict(), "concepts": list(self.concepts)}
 
@@ -177,15 +193,18 @@ class LeaderLearner(FLHLearner):
         super().__init__(model, prompt_length, **{**kw, "train_mode": "snapshot"})
         self.window, self.history = leader_window, {}  # birth id -> deque of its recent losses
 
+    def leader(self):
+        """Index of the expert of lowest mean recent loss (the live prompt while none has a loss yet)."""
+        ids = self.pool.birth_ids
+        scored = [k for k, j in enumerate(ids) if self.history.get(j)]
+        if not scored:
+            return len(ids) - 1
+        return min(scored, key=lambda k: sum(self.history[ids[k]]) / len(self.history[ids[k]]))
+
     def step(self, batch):
         row = super().step(batch)  # trains the pool exactly as FLH does and logs the mixture too
         ids, losses = self.pool.birth_ids, row["expert_losses"]
-        scored = [k for k, j in enumerate(ids) if self.history.get(j)]
-        k = (
-            min(scored, key=lambda k: sum(self.history[ids[k]]) / len(self.history[ids[k]]))
-            if scored
-            else len(ids) - 1
-        )
+        k = self.leader()
         logits, y = self.last_expert_logits[k], batch["labels"][: self.last_expert_logits.shape[1]]
         self.history = {j: self.history.get(j, deque(maxlen=self.window)) for j in ids}
         for j, loss in zip(ids, losses):
@@ -203,6 +222,12 @@ class LeaderLearner(FLHLearner):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.history = {j: deque(h, maxlen=self.window) for j, h in state["history"].items()}
+
+    def predict(self, batch):
+        """The next batch's leader predicts alone (the one `step` would choose)."""
+        k = self.leader()
+        expert = {key: v for key, v in self.pool.experts()[k].items() if key != "weight"}
+        return prompt_predicts(self.model, batch, self.pool.prompts[k], expert)
 
 
 class RandomPoolLearner(PromptLearner):
@@ -222,6 +247,13 @@ class RandomPoolLearner(PromptLearner):
         # AdamW skips parameters whose grad is None, so only the drawn prompt moves.
         loss, logits = train_step(self.model, self.prompts[j], self.optimizer, batch)
         return {**base_row(batch, loss, logits), "num_prompts": len(self.prompts), "selected": j}
+
+    @torch.no_grad()
+    def predict(self, batch):
+        """What a random draw predicts on average: the mean of the K prompts' probabilities."""
+        probs = torch.stack([prompt_predicts(self.model, batch, p, {})[0] for p in self.prompts]).mean(0)
+        who = [{"expert": f"prompt {i}", "weight": 1 / len(self.prompts)} for i in range(len(self.prompts))]
+        return probs, [who] * len(probs)
 
 
 class SimilarityLearner(PromptLearner):
@@ -264,6 +296,13 @@ class SimilarityLearner(PromptLearner):
             "selected": counts,
         }
 
+    @torch.no_grad()
+    def predict(self, batch):
+        """Each text's nearest key picks its prompt, as in `step` (the keys must have been set)."""
+        idx, _ = self.select(self.model.query(batch))
+        probs = forward_with_example_prompts(self.model, batch, torch.stack(self.prompts)[idx]).softmax(-1)
+        return probs, [[{"expert": f"prompt {int(i)}", "weight": 1.0}] for i in idx]
+
 
 def make_learner(method, model, args):
     """Any method as a learner, from parsed flags (prompt_length, lr, num_prompts, leader_window and
@@ -286,6 +325,38 @@ def make_learner(method, model, args):
     if method == "similarity":
         return SimilarityLearner(model, P, args.num_prompts, lr)
     raise common.UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def save_learner(learner, folder, config, steps):
+    """What a run learned, in `folder` (stage 8 writes <method>/pool/ at the end of a run):
+    learner.safetensors, the learner's whole state (prompts, optimiser moments, FLH's weights:
+    common.save_state, no pickle), and learner.json, readable: the method, how many steps it learned
+    from, the run's settings, and for a pool its experts (birth index, birth step, weight).
+    `load_learner` rebuilds the learner from these two files alone."""
+    folder.mkdir(parents=True, exist_ok=True)
+    common.save_state(folder / "learner.safetensors", learner.state_dict())
+    about = {"method": learner.name, "steps": steps, "config": config}
+    if hasattr(learner, "pool"):
+        about["experts"] = learner.pool.experts()
+    common.write_json(folder / "learner.json", about)
+
+
+def load_learner(folder, device="auto"):
+    """(learner, tokenizer, max_length, about) from a folder written by save_learner: the frozen
+    backbone is loaded as the run had it, the learner made and its state loaded."""
+    import argparse
+
+    if not (folder / "learner.json").exists():
+        raise common.UserError(f"{folder} holds no saved learner (learner.json)")
+    about = common.read_json(folder / "learner.json")
+    args = argparse.Namespace(**about["config"])
+    if "image_size" in about["config"]:
+        raise common.UserError(f"{folder} is a vision run; only text runs predict from the command line")
+    model, tok = load_backbone(args.backbone, pooling=args.pooling, device=common.resolve_device(device))
+    model.precision = args.precision
+    learner = make_learner(about["method"], model, args)
+    learner.load_state_dict(common.load_state(folder / "learner.safetensors"))
+    return learner, tok, min(args.max_length, text_budget(model, args.prompt_length)), about
 
 
 def add_baseline_args(p, **defaults):

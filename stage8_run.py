@@ -27,6 +27,7 @@ latest checkpoint; the continued log equals an uninterrupted one (same seed).
 Run `--test` for the checks (a tiny run of all methods writes every output; resume is exact).
 """
 
+import argparse
 import contextlib
 import io
 import os
@@ -42,9 +43,9 @@ import numpy as np
 import torch
 
 import common
-from stage2_stream import add_stream_args
+from stage2_stream import add_stream_args, encode_texts
 from stage5_train import add_flh_args, add_model_args, prepare, run_stream
-from stage6_baselines import METHODS, add_baseline_args, make_learner
+from stage6_baselines import METHODS, add_baseline_args, load_learner, make_learner, save_learner
 from stage7_metrics import analyse
 
 PLAN_FLH = dict(
@@ -157,6 +158,7 @@ def run_method(method, args, model, stream, folder):
     log.close()
     if args.steps % args.checkpoint_every:
         save_checkpoint(folder, args.steps, learner)
+    save_learner(learner, folder / "pool", vars(args), args.steps)  # what --predict reads
     wall = time.time() - t0
     common.write_json(
         folder / "run.json",
@@ -295,6 +297,8 @@ def run_tests():
             "30 rows, checkpoints and plots"
         )
 
+        check_predict(tmp)
+
         # A fresh run of a method may change a setting only that method reads; a shared one may not change.
         run("--method leader --leader-window 2 --steps 30 --run-name all")
         assert common.read_json(run_folder / "config.json")["methods"] == METHODS
@@ -393,6 +397,59 @@ def run_tests():
             "  ok: a second run with the same --run-name refuses in one line while the first holds the folder"
         )
     print(f"stage 8 checks passed in {time.time() - t0:.1f}s")
+
+
+def check_predict(tmp):
+    """--predict on a finished 13-step run predicts batch 13 as the run itself does at step 13 (a
+    14-step run of the same seed logs that loss; step 13 has no birth and no change of rules); the
+    CLI prints what predict computes. On MiniLM in fp32: a random tiny model predicts about 0.5 for
+    anything, and then every prompt looks alike."""
+    import torch.nn.functional as F
+
+    from stage5_train import prepare
+
+    flags = (
+        "--batch-size 4 --flip-interval 10 --birth-interval 5 --num-prompts 3 --train-mode snapshot "
+        f"--prune diverse --max-prompts 3 --share 0.01 --alpha 2 --precision fp32 --out {tmp}"
+    )
+    for steps in (13, 14):
+        main(build_parser().parse_args(f"{flags} --method all --steps {steps} --run-name p{steps}".split()))
+    run_folder = Path(tmp) / "p13"
+    for m in ("flh", "flh_sum", "single", "leader", "similarity"):  # reset, oracle: told the regime
+        learner, tok, max_length, about = load_learner(run_folder / m / "pool", "cpu")
+        _, stream = prepare(argparse.Namespace(**about["config"]))
+        batch = stream.batch(13)
+        texts = [stream.texts[0][i] for i in batch["index"]]
+        probs, who = learner.predict(encode_texts(tok, texts, max_length))
+        ce = F.nll_loss(probs.log(), batch["labels"]).item()
+        logged = common.read_jsonl(Path(tmp) / "p14" / m / "log.jsonl")[13]["loss"]
+        assert abs(ce - logged) <= 2e-6 * abs(logged), (m, ce, logged)  # the log keeps 6 digits
+        assert len(who) == 4 and abs(sum(e["weight"] for e in who[0]) - 1) < 1e-9, (m, who)
+    out = io.StringIO()
+    texts = ["a gripping, beautiful film", "dull"]
+    with contextlib.redirect_stdout(out):
+        probs, _ = main(
+            build_parser().parse_args(["--predict", str(run_folder), "--text", texts[0], "--text", texts[1]])
+        )
+    lines = out.getvalue().splitlines()
+    for text, p, line in zip(texts, probs.tolist(), lines[1::2]):
+        label = int(p[1] > p[0])
+        assert line.startswith(f"label {label}  p={p[label]:.3f}  {text!r}"), line
+    assert lines[2].startswith("    by expert ") and "born at step" in lines[2], lines[2]
+    for words, says in (
+        (["--predict", str(run_folder), "--method", "oracle", "--text", "x"], "the oracle is told"),
+        (["--predict", str(run_folder / "nope"), "--text", "x"], "holds no saved learner"),
+        (["--predict", str(run_folder)], "needs texts"),
+    ):
+        try:
+            main(build_parser().parse_args(words))
+            raise AssertionError(f"accepted {words}")
+        except common.UserError as e:
+            assert says in str(e), e
+    print(
+        "  ok: a saved pool (safetensors + JSON) predicts batch 13 with the loss the run logs at step 13 "
+        "(flh, flh_sum, single, leader, similarity); --predict prints each label, probability, experts"
+    )
 
 
 class _Planted:
@@ -510,6 +567,14 @@ def build_parser():
     )
     add_experiment_args(p)
     add_resume_arg(p)
+    p.add_argument(
+        "--predict",
+        metavar="FOLDER",
+        help="classify new texts (--text, --file) with what a run learned: a run folder (with --method, "
+        "default flh), a method's folder or its pool/ folder; no training",
+    )
+    p.add_argument("--text", action="append", help="with --predict: a text to classify (repeat for more)")
+    p.add_argument("--file", help="with --predict: a file of texts to classify, one per line")
     p.add_argument(
         "--analyse",
         metavar="RUN",
@@ -641,9 +706,55 @@ def criteria_table(per_run):
     return "\n".join(lines)
 
 
+def predict(args):
+    """--predict: classify new texts with what a run learned, and say which experts answered."""
+    folder = Path(args.predict)
+    if not (folder / "learner.json").exists() and (folder / "pool").is_dir():
+        folder = folder / "pool"  # a method's folder
+    elif not (folder / "learner.json").exists() and (folder / args.method / "pool").is_dir():
+        folder = folder / args.method / "pool"  # a run's folder: --method picks (default flh)
+    texts = list(args.text or [])
+    if args.file:
+        try:
+            texts += [line.rstrip("\n") for line in open(args.file, encoding="utf-8") if line.strip()]
+        except OSError as e:
+            raise common.UserError(f"--file: cannot read {args.file} ({e.strerror})")
+    if not texts:
+        raise common.UserError("--predict needs texts: give --text (several times if you like) or --file")
+    learner, tok, max_length, about = load_learner(folder, args.device)
+    cfg = about["config"]
+    last = about["steps"] - 1
+    flipped = bool(cfg.get("flip_interval")) and not cfg.get("no_flip") and (last // cfg["flip_interval"]) % 2
+    print(
+        f"{about['method']} from {folder}, after {about['steps']} steps"
+        + (": its last regime flips the labels, so label 1 here is the data's label 0" if flipped else "")
+    )
+    device = learner.model.device
+    probs, who = learner.predict({k: v.to(device) for k, v in encode_texts(tok, texts, max_length).items()})
+    for text, p, experts in zip(texts, probs.tolist(), who):
+        label = max(range(len(p)), key=p.__getitem__)
+        print(f"label {label}  p={p[label]:.3f}  {text[:70]!r}")
+        top = sorted(experts, key=lambda e: -e["weight"])
+        shown = [
+            (f"expert {e['expert']}" if isinstance(e["expert"], int) else e["expert"])
+            + (f" (born at step {e['born_at']})" if e.get("born_at") is not None else "")
+            + f" w={e['weight']:.3f}"
+            for e in top[:4]
+        ]
+        rest = len(top) - len(shown)
+        print(
+            "    by "
+            + ", ".join(shown)
+            + (f" and {rest} more of weight {sum(e['weight'] for e in top[4:]):.3f}" if rest else "")
+        )
+    return probs, who
+
+
 def main(args):
     if args.test:
         return run_tests()
+    if args.predict:
+        return predict(args)
     if args.analyse:
         criteria = {Path(run).name: report(Path(run)) for run in args.analyse}
         return print(criteria_table(criteria)) if len(criteria) > 1 else None
