@@ -250,6 +250,17 @@ def save_state(path, obj):
         tmp.unlink(missing_ok=True)
 
 
+class Planted:
+    """For the checks: unpickling this object runs code (it creates the file `marker`), as an
+    attacker's checkpoint would. A safe loader must refuse it without creating the file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
 def load_state(path):
     """Read a file written by save_state. Anything else (a pickle, a damaged or edited file, a
     format of another version) is refused with one line; nothing in the file is ever executed."""

@@ -260,9 +260,32 @@ def save_prompt(path, prompt, meta):
     tmp.replace(path)
 
 
-def export_peft(folder, prompt, model, base_name):
+def load_prompt(path):
+    """A soft prompt file written by `save_prompt`: {soft_prompts, model, init, ...}. Read with
+    weights_only=True: tensors and plain values only, so a file that carries code is refused."""
+    try:
+        state = torch.load(path, weights_only=True)
+        assert isinstance(state, dict) and torch.is_tensor(state["soft_prompts"])
+    except Exception as e:  # noqa: BLE001 (an unpickling error, a foreign file: all mean "not ours")
+        raise common.UserError(f"{path} is not a soft prompt file ({type(e).__name__}: {str(e)[:100]})")
+    return state
+
+
+def peft_base(name):
+    """What the adapter names as its base: the weights the prompt was trained on. For the embedded
+    smollm2-135m that is the converted local folder (the GGUF's 4-bit weights, dequantised), not the
+    hub's HuggingFaceTB/SmolLM2-135M-Instruct, whose bf16 weights differ; a folder by its absolute
+    path; a hub id as given; nothing for random models, which no folder holds."""
+    if name == "smollm2-135m":
+        return str(smollm2_path().resolve())
+    if name.startswith("random:"):
+        return None
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+def export_peft(folder, prompt, model, model_name, init):
     """The prompt as a PEFT prompt-tuning adapter (adapter_config.json + adapter_model.safetensors),
-    written without peft: PeftModel.from_pretrained(base_model, folder) loads it."""
+    written without peft: AutoPeftModelForCausalLM.from_pretrained(folder) loads it with its base."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -275,8 +298,8 @@ def export_peft(folder, prompt, model, base_name):
         "num_transformer_submodules": 1,
         "num_attention_heads": cfg.num_attention_heads,
         "num_layers": cfg.num_hidden_layers,
-        "prompt_tuning_init": "RANDOM",
-        "base_model_name_or_path": base_name,
+        "prompt_tuning_init": {"vocab": "SAMPLE_VOCAB", "random": "RANDOM"}[init],
+        "base_model_name_or_path": peft_base(model_name),
         "inference_mode": True,
     }
     common.write_json(folder / "adapter_config.json", config)
@@ -433,8 +456,8 @@ def train(args):
                 print(f"early stop: no better validation loss for {args.patience} epochs")
                 break
     log.close()
-    best_prompt = torch.load(folder / "best_soft_prompts.pt")["soft_prompts"]
-    export_peft(folder / "peft_adapter", best_prompt, model, args.model)
+    best_prompt = load_prompt(folder / "best_soft_prompts.pt")["soft_prompts"]
+    export_peft(folder / "peft_adapter", best_prompt, model, args.model, args.init)
     common.write_json(
         folder / "train.json",
         {
@@ -512,7 +535,7 @@ def generate(args):
             raise common.UserError(
                 f"no soft prompt at {ckpt}: run `train` first, pass --checkpoint, or use --no-prompt"
             )
-        state = torch.load(ckpt)
+        state = load_prompt(ckpt)
         if state["model"] != name:
             raise common.UserError(f"{ckpt} was trained on {state['model']}, not {name}")
         soft = state["soft_prompts"]
@@ -1107,6 +1130,43 @@ def _cmdline(p):
         return ""
 
 
+def check_peft_export(folder, model, context):
+    """The adapter names its base and real init, and AutoPeftModelForCausalLM loads it from the folder
+    alone and decodes what we decode; a soft prompt file that carries code is refused."""
+    config = common.read_json(folder / "peft_adapter" / "adapter_config.json")
+    train = common.read_json(folder / "train.json")
+    assert config["base_model_name_or_path"] == str(Path(train["model"]).resolve())
+    assert config["prompt_tuning_init"] == "SAMPLE_VOCAB" and train["init"] == "vocab"
+    planted = folder / "planted.pt"
+    torch.save({"soft_prompts": torch.zeros(1), "model": common.Planted(folder / "pwned")}, planted)
+    try:
+        load_prompt(planted)
+        raise AssertionError("a soft prompt file carrying code was loaded")
+    except common.UserError as e:
+        assert "is not a soft prompt file" in str(e) and not (folder / "pwned").exists(), e
+    try:
+        import peft
+    except ImportError:
+        return print("  skipped: the PEFT round trip (peft is not installed)")
+    soft = load_prompt(folder / "best_soft_prompts.pt")["soft_prompts"]
+    peft_model = peft.AutoPeftModelForCausalLM.from_pretrained(str(folder / "peft_adapter"))
+    ours = greedy(model, context, soft, 10)
+    theirs = peft_model.generate(
+        input_ids=torch.tensor([context]),
+        attention_mask=torch.ones(1, len(context), dtype=torch.long),
+        max_new_tokens=10,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    assert ours == theirs[0, -10:].tolist(), (ours, theirs)
+    print(
+        f"  ok: the PEFT export names its base folder and SAMPLE_VOCAB init; AutoPeftModelForCausalLM "
+        f"(peft {peft.__version__}) loads it from the adapter folder alone and generates our tokens; "
+        "a prompt file carrying code is refused"
+    )
+
+
 def run_tests():
     t0 = time.time()
     torch.manual_seed(0)
@@ -1196,7 +1256,10 @@ def run_tests():
 
     # A tiny end-to-end run of the three sub-commands, and the PEFT export.
     with tempfile.TemporaryDirectory() as tmp:
-        common_args = ["--model", "random:tiny-qwen2", "--out", tmp, "--run-name", "tiny"]
+        base = Path(tmp) / "tiny-qwen2"  # the tiny model as a folder, so that an adapter can name it
+        model.save_pretrained(base)
+        tok.save_pretrained(base)
+        common_args = ["--model", str(base), "--out", tmp, "--run-name", "tiny"]
         main(
             build_parser().parse_args(
                 [
@@ -1253,29 +1316,7 @@ def run_tests():
                 else ""
             )
         )
-        try:
-            import peft
-        except ImportError:
-            peft = None
-        if peft is None:
-            print("  skipped: the PEFT round trip (peft is not installed)")
-        else:
-            soft = torch.load(folder / "best_soft_prompts.pt")["soft_prompts"]
-            peft_model = peft.PeftModel.from_pretrained(
-                load_lm("random:tiny-qwen2")[0], str(folder / "peft_adapter")
-            )
-            ours = greedy(model, context, soft, 10)
-            theirs = peft_model.generate(
-                input_ids=torch.tensor([context]),
-                attention_mask=torch.ones(1, len(context), dtype=torch.long),
-                max_new_tokens=10,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-            theirs = theirs[0, -10:].tolist()
-            assert ours == theirs, (ours, theirs)
-            print(f"  ok: the PEFT export loads with peft {peft.__version__} and generates the same tokens")
+        check_peft_export(folder, model, context)
     print(f"stage 11 checks passed in {time.time() - t0:.1f}s")
 
 
@@ -1294,7 +1335,7 @@ def build_parser():
         description="Stage 11: soft-prompt tuning of a causal code model on HumanEval; pass@1 by execution."
     )
     p.add_argument("--test", action="store_true", help="run this stage's built-in checks and exit")
-    sub = p.add_subparsers(dest="command", metavar="{train,generate,evaluate}")
+    sub = p.add_subparsers(dest="command", metavar="{train,generate,evaluate,export}")
 
     def command(name, help_text):
         c = sub.add_parser(name, help=help_text, description=help_text)
@@ -1407,16 +1448,35 @@ def build_parser():
         default=0,
         help="only the first N completions per file; 0 = all (default: 0)",
     )
+    what = "a soft prompt file as a PEFT adapter (<run>/peft_adapter) whose base loads on this machine"
+    x = sub.add_parser("export", help=what, description=what)
+    common.add_common_args(x, "stage11", test=False)
+    x.add_argument("--checkpoint", help="soft prompt file (default: <run>/best_soft_prompts.pt)")
     return p
+
+
+def export(args):
+    """The export sub-command: a soft prompt file as a PEFT adapter in <run>/peft_adapter, naming the
+    base as this machine has it (train does this too; export redoes it, e.g. for a committed prompt)."""
+    folder = Path(args.out) / args.run_name
+    ckpt = Path(args.checkpoint) if args.checkpoint else folder / "best_soft_prompts.pt"
+    if not ckpt.exists():
+        raise common.UserError(f"no soft prompt at {ckpt}: run `train` first or pass --checkpoint")
+    state = load_prompt(ckpt)
+    model, _ = load_lm(state["model"])
+    export_peft(
+        folder / "peft_adapter", state["soft_prompts"], model, state["model"], state.get("init", "vocab")
+    )
+    print(f"{ckpt} -> {folder / 'peft_adapter'} (base: {peft_base(state['model'])})")
 
 
 def main(args):
     if args.test:
         return run_tests()
     if args.command is None:
-        raise common.UserError("choose a sub-command: train, generate or evaluate (or --test)")
-    run = {"train": train, "generate": generate, "evaluate": evaluate}[args.command]
-    if args.command == "train":
+        raise common.UserError("choose a sub-command: train, generate, evaluate or export (or --test)")
+    run = {"train": train, "generate": generate, "evaluate": evaluate, "export": export}[args.command]
+    if args.command == "train" or (args.command == "export" and args.checkpoint):
         common.run_dir(args.out, args.run_name)
     elif not (Path(args.out) / args.run_name).is_dir():
         raise common.UserError(

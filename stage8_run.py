@@ -452,16 +452,6 @@ def check_predict(tmp):
     )
 
 
-class _Planted:
-    """Unpickling this object runs code: it creates a file (what an attacker's checkpoint would do)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
 def check_hostile_checkpoints(folder, run):
     """A checkpoint that carries a pickle is never unpickled: as an old step_N.pt it is refused in one
     line; renamed to .safetensors, or with its structure edited, it cannot be read either."""
@@ -470,7 +460,7 @@ def check_hostile_checkpoints(folder, run):
     saved = {p.name: p.read_bytes() for p in ckpts.iterdir()}
     newest = max(saved, key=lambda n: int(n[5:].split(".")[0]))
     step = int(newest[5:].split(".")[0])
-    torch.save({"step": step, "learner": _Planted(marker)}, ckpts / f"step_{step + 1}.pt")
+    torch.save({"step": step, "learner": common.Planted(marker)}, ckpts / f"step_{step + 1}.pt")
     for attack in ("old .pt", "renamed", "edited"):
         if attack == "renamed":
             (ckpts / f"step_{step + 1}.pt").rename(ckpts / f"step_{step + 1}.safetensors")
