@@ -28,10 +28,10 @@ The sweep: every (setting, seed) is one run folder, runs/<run-name>/<setting>/se
 log.jsonl and run.json (written last: a run with run.json is complete and is skipped, so a sweep
 can be restarted). Settings equal to the base run (alpha 0.1, length 10, ...) are run once and
 shared by the grids. --workers N runs N runs at a time (each with cores/N threads); --shard i/n
-runs the i-th (1 <= i <= n) of n disjoint slices, for one job per machine:
-
-    sbatch --array=1-4 --wrap "python stage9_ablate.py --grid all --seeds 3 --shard \\$SLURM_ARRAY_TASK_ID/4"
-    python stage9_ablate.py --grid all --seeds 3 --summarize     # once all shards are done
+runs the i-th (1 <= i <= n) of n disjoint slices, for one job per machine (the README has a SLURM
+recipe). The first shard records the sweep's settings in sweep.json; a later start with other flags
+is refused, and `--summarize --run-name NAME` needs no other flag: it reads sweep.json and each
+run's config.json, and names the settings and seeds still missing.
 
 Outputs in the sweep folder: summary.json, summary.md and one plot per grid (<grid>.png).
 Run `--test` for the checks.
@@ -40,9 +40,10 @@ Run `--test` for the checks.
 import argparse
 import json
 import os
+import sys
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,45 @@ def expand(grids, args):
 def shard(jobs, i, n):
     """The i-th of n disjoint slices (1 <= i <= n); their union is all jobs."""
     return jobs[i - 1 :: n]
+
+
+NOT_PLANNED = ("grid", "workers", "shard", "summarize", "out", "run_name", "test", "device")
+
+
+def sweep_plan(args, grids):
+    """What a sweep runs, as sweep.json keeps it: each grid's settings (label, run folder, the
+    overrides), the seeds, the steps, and the flags every shard must share."""
+    return {
+        "grids": {
+            g: {
+                label: {"folder": folder_key(g, label, o, args), "overrides": o}
+                for label, o in grid_settings(g, args).items()
+            }
+            for g in grids
+        },
+        "seeds": list(seed_range(args)),
+        "steps": args.steps,
+        "flags": {k: v for k, v in vars(args).items() if k not in NOT_PLANNED},
+    }
+
+
+def record_plan(sweep, plan):
+    """Write sweep.json, or add grids to it. A later start (another shard, a restart, a second grid)
+    must use the same flags: a sweep whose runs disagree would be summarised under wrong labels."""
+    path = sweep / "sweep.json"
+    with common.locked(sweep, ".lock-plan"):
+        if path.exists():
+            old = common.read_json(path)
+            changed = sorted(
+                k for k in {*old["flags"], *plan["flags"]} if old["flags"].get(k) != plan["flags"].get(k)
+            )
+            if changed:
+                raise common.UserError(
+                    f"{sweep} was started with other flags ({', '.join(changed)}): give the same flags "
+                    "(its sweep.json has them), or another --run-name"
+                )
+            plan = {**plan, "grids": {**old["grids"], **plan["grids"]}}
+        common.write_json(path, plan)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,52 +345,59 @@ def _worker(payload):
 
 
 def run_sweep(jobs, args):
-    """Run the jobs, `args.workers` at a time, each worker with cores/workers threads."""
+    """Run the jobs, `args.workers` at a time, each worker with cores/workers threads; one line per
+    finished run, flushed at once (a cluster job's log shows progress while it runs)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, cores // args.workers)
     payloads = [(job, args, threads) for job in jobs]
     bar = common.progress(total=len(jobs), desc="runs")
+
+    def done(result):
+        key, seed, what = result
+        bar.write(f"  {key} seed{seed}: {what}")
+        sys.stdout.flush()
+        bar.update()
+
     if args.workers == 1:
-        results = []
         for p in payloads:
-            results.append(_worker(p))
-            bar.update()
+            done(_worker(p))
     else:
         import multiprocessing
 
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = []
-            for r in pool.map(_worker, payloads):
-                results.append(r)
-                bar.update()
+            for future in as_completed([pool.submit(_worker, p) for p in payloads]):
+                done(future.result())
     bar.close()
-    for key, seed, what in results:
-        print(f"  {key} seed{seed}: {what}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Summary: tables and plots from whatever runs exist
 # ----------------------------------------------------------------------------------------------
-def grid_runs(sweep, grid, args):
+def grid_runs(sweep, plan, grid):
     """The complete runs of one grid as [{label: metrics}], one dict per seed, keeping only the
-    settings that every seed found has; and {setting: the sweep's seeds it still misses}."""
-    per_seed = {}
-    for label, overrides in grid_settings(grid, args).items():
-        for run in sorted((sweep / folder_key(grid, label, overrides, args)).glob("seed*/run.json")):
-            cfg = common.read_json(run.parent / "config.json")
-            rows = common.read_jsonl(run.parent / "log.jsonl")
+    settings that every seed found has; and {setting: the sweep's seeds it still misses}. Each
+    run's own config.json must agree with the setting it is filed under."""
+    per_seed, missing = {}, {}
+    for label, setting in plan["grids"][grid].items():
+        for seed in plan["seeds"]:
+            folder = sweep / setting["folder"] / f"seed{seed}"
+            if not complete(folder, plan["steps"]):
+                missing.setdefault(label, []).append(seed)
+                continue
+            cfg = common.read_json(folder / "config.json")
+            wrong = {
+                k: cfg.get(k) for k, v in {**setting["overrides"], "seed": seed}.items() if cfg.get(k) != v
+            }
+            if wrong:
+                raise common.UserError(f"{folder} was run with {wrong}, not as its setting {label!r} says")
+            rows = common.read_jsonl(folder / "log.jsonl")
             m = compute_metrics(rows, cfg["recovery_threshold"], cfg["window"])
             m["mean_accuracy_mixture"] = float(np.mean([r["acc_mixture"] for r in rows]))
             m["mixture_log_loss"] = float(np.mean([r["mixture_loss"] for r in rows]))
             m["merges"] = sum(1 for r in rows if "merged" in r)
             m["mean_prompts"] = float(np.mean([r["num_prompts"] for r in rows]))
-            per_seed.setdefault(cfg["seed"], {})[label] = m
-    labels = [lab for lab in grid_settings(grid, args) if all(lab in s for s in per_seed.values())]
-    missing = {
-        lab: [sd for sd in seed_range(args) if lab not in per_seed.get(sd, {})]
-        for lab in grid_settings(grid, args)
-    }
-    missing = {lab: seeds for lab, seeds in missing.items() if seeds}
+            per_seed.setdefault(seed, {})[label] = m
+    labels = [lab for lab in plan["grids"][grid] if all(lab in s for s in per_seed.values())]
     return [{lab: s[lab] for lab in labels} for s in per_seed.values()], labels, missing
 
 
@@ -464,12 +511,29 @@ def plot_grid(grid, stats, labels, seeds, path):
     plt.close(fig)
 
 
-def summarize(args, grids):
-    """summary.json, summary.md and <grid>.png in the sweep folder, from the runs found there."""
+def summarize(args, grids=None):
+    """summary.json, summary.md and <grid>.png in the sweep folder, from the runs found there and
+    the settings its sweep.json recorded (no flags to repeat; `grids`: all it holds unless named).
+    A sweep from before sweep.json existed is read with the settings the flags give."""
     sweep = Path(args.out) / args.run_name
+    if not sweep.is_dir():
+        raise common.UserError(f"no sweep {sweep}")
+    if (sweep / "sweep.json").exists():
+        plan = common.read_json(sweep / "sweep.json")
+    else:
+        print(
+            f"[flh] {sweep} has no sweep.json: its settings are taken from the flags given", file=sys.stderr
+        )
+        plan = sweep_plan(args, grids or GRIDS)
+    grids = grids or list(plan["grids"])
+    unknown = [g for g in grids if g not in plan["grids"]]
+    if unknown:
+        raise common.UserError(
+            f"{sweep} has no grid {', '.join(unknown)}; it holds {', '.join(plan['grids'])}"
+        )
     summary, md = {}, [f"# Stage 9 sweep `{args.run_name}`", ""]
     for grid in grids:
-        runs, labels, missing = grid_runs(sweep, grid, args)
+        runs, labels, missing = grid_runs(sweep, plan, grid)
         note = [f"Still missing (setting: seeds without a complete run): {missing}", ""] if missing else []
         if not runs or not labels:
             md += [f"## {grid}", "", "no complete runs yet", "", *note]
@@ -615,6 +679,28 @@ def run_tests():
         ]
         assert s["alpha=0.5"]["mean_accuracy_mixture"]["mean"] == 0.375
         assert Path(tmp, "sw", "alpha.png").stat().st_size > 0
+        # --summarize needs no flags but the sweep's name: sweep.json has its settings; a start with
+        # other flags is refused; a run whose config.json disagrees with its label is refused.
+        bare = build_parser().parse_args(["--summarize", "--run-name", "sw", "--out", tmp])
+        assert main(bare)["alpha"]["settings"] == summarize(a, ["alpha"])["alpha"]["settings"]
+        for argv_, says in (
+            ([*argv, "--steps", "10"], "was started with other flags (steps)"),
+            (["--summarize", "--grid", "birth", "--run-name", "sw", "--out", tmp], "has no grid birth"),
+        ):
+            try:
+                main(build_parser().parse_args(argv_))
+                raise AssertionError(f"accepted {argv_}")
+            except common.UserError as e:
+                assert says in str(e), e
+        cfg_path = Path(tmp, "sw", run_key(grid_settings("alpha", a)["alpha=0.5"], a), "seed0", "config.json")
+        good = cfg_path.read_text()
+        cfg_path.write_text(json.dumps({**json.loads(good), "alpha": 0.7}))
+        try:
+            main(bare)
+            raise AssertionError("a run filed under the wrong setting was summarised")
+        except common.UserError as e:
+            assert "was run with {'alpha': 0.7}, not as its setting 'alpha=0.5' says" in str(e), e
+        cfg_path.write_text(good)
         # A run whose log lost rows is not complete: a restart redoes it. A second copy of a shard refuses.
         folder = Path(tmp, "sw", run_key(grid_settings("alpha", a)["alpha=0.5"], a), "seed0")
         (folder / "log.jsonl").write_text(
@@ -632,8 +718,8 @@ def run_tests():
         assert r.returncode == 2 and len(lines) == 1 and "in use by another process" in lines[0], r.stderr
     print(
         "  ok: a tiny sweep runs 4 settings, a restart skips them and redoes one whose log lost rows, "
-        "a second "
-        "copy of a running shard refuses in one line, and the summary of known logs is right"
+        "a second copy of a running shard refuses in one line, the summary of known logs is right, "
+        "--summarize needs only the sweep's name, other flags and misfiled runs are refused"
     )
 
     # Tuning: five snapshot settings; tuning2 adds FLH2 and leader births at the one of lowest mixture loss.
@@ -714,10 +800,9 @@ def build_parser():
     )
     p.add_argument(
         "--grid",
-        default="all",
         choices=[*GRIDS, "all", *TUNING],
         help="which grid, or all five ablations; tuning: snapshot FLH's alpha x share; tuning2: FLH2 and "
-        "leader births at the best of tuning (default: all)",
+        "leader births at the best of tuning (default: all; with --summarize: every grid the sweep ran)",
     )
     p.add_argument("--seeds", type=common.positive_int, default=1, help="seeds per setting (default: 1)")
     p.add_argument(
@@ -738,7 +823,12 @@ def build_parser():
         default=(1, 1),
         help="run only the i-th of n disjoint slices of the sweep, 1 <= i <= n, e.g. 2/4 (default: 1/1, all)",
     )
-    p.add_argument("--summarize", action="store_true", help="only build the summary from the runs that exist")
+    p.add_argument(
+        "--summarize",
+        action="store_true",
+        help="only build the summary from the runs that exist, with the settings the sweep recorded "
+        "(sweep.json): only --run-name and --out are needed",
+    )
     add_experiment_args(p)
     p.add_argument(
         "--entropy-threshold",
@@ -779,18 +869,20 @@ def main(args):
     if args.test:
         return run_tests()
     apply_preset(args)
-    grids = GRIDS if args.grid == "all" else [args.grid]
-    if not args.summarize:
-        jobs = shard(expand(grids, args), *args.shard)
-        sweep = common.run_dir(args.out, args.run_name)
-        print(
-            f"{len(jobs)} runs (shard {args.shard[0]}/{args.shard[1]}) with {args.workers} worker(s) "
-            f"-> {sweep}"
-        )
-        with common.locked(sweep, f".lock-shard-{args.shard[0]}-of-{args.shard[1]}"):
-            run_sweep(jobs, args)
-        if args.shard[1] > 1:
-            return print("this shard is done; run with --summarize once every shard has finished")
+    grids = GRIDS if args.grid == "all" else [args.grid] if args.grid else None
+    if args.summarize:
+        return summarize(args, grids)
+    grids = grids or GRIDS
+    jobs = shard(expand(grids, args), *args.shard)
+    sweep = common.run_dir(args.out, args.run_name)
+    record_plan(sweep, sweep_plan(args, grids))
+    print(
+        f"{len(jobs)} runs (shard {args.shard[0]}/{args.shard[1]}) with {args.workers} worker(s) -> {sweep}"
+    )
+    with common.locked(sweep, f".lock-shard-{args.shard[0]}-of-{args.shard[1]}"):
+        run_sweep(jobs, args)
+    if args.shard[1] > 1:
+        return print("this shard is done; run with --summarize once every shard has finished")
     summarize(args, grids)
 
 
