@@ -488,32 +488,72 @@ def truncate(text):
     return text[:cut]
 
 
-@torch.no_grad()
 def greedy(model, prompt_ids, soft, max_new_tokens, end_ids=(), precision="fp32", stop=None):
     """Greedy tokens after [soft tokens; prompt]: one pass over the context, then one token at a
     time through the KV cache. An end token (not kept) or `stop(tokens)` -> True ends early."""
-    device = model.get_input_embeddings().weight.device
-    batch = {
-        "input_ids": torch.tensor([prompt_ids], device=device),
-        "attention_mask": torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
-    }
-    inputs = with_prompt(model, batch, soft) if soft is not None else batch
-    tokens = []
+    return greedy_batch(model, [prompt_ids], soft, max_new_tokens, end_ids, precision, stop)[0]
+
+
+@torch.no_grad()
+def greedy_batch(model, prompts, soft, max_new_tokens, end_ids=(), precision="fp32", stop=None):
+    """`greedy` for several prompts at once. Each row is [soft tokens; prompt], left-padded to the
+    longest; the padding is masked out and each row's positions count from its own first token, so
+    a row's tokens do not depend on its neighbours (up to the last bits of the arithmetic). A row
+    stops at an end token or when stop(its tokens) says so; the batch runs until all have."""
+    device, B = model.get_input_embeddings().weight.device, len(prompts)
+    first = left_padded(model, prompts, soft)
+    mask, position = first["attention_mask"], first["position_ids"]
+    tokens, done = [[] for _ in range(B)], [False] * B
     with autocast(device, precision):
-        out = model(**inputs, use_cache=True)
+        out = model(**first, use_cache=True)
         for _ in range(max_new_tokens):
-            nxt = int(out.logits[0, -1].argmax())
-            if nxt in end_ids:
+            nxt = out.logits[:, -1].argmax(-1)
+            for b, t in enumerate(nxt.tolist()):
+                if done[b]:
+                    continue
+                if t in end_ids:
+                    done[b] = True
+                    continue
+                tokens[b].append(t)
+                done[b] = stop is not None and stop(tokens[b])
+            if all(done):
                 break
-            tokens.append(nxt)
-            if stop is not None and stop(tokens):
-                break
+            mask = F.pad(mask, (0, 1), value=1)
+            position = position[:, -1:] + 1
             out = model(
-                input_ids=torch.tensor([[nxt]], device=device),
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=position,
                 past_key_values=out.past_key_values,
                 use_cache=True,
             )
     return tokens
+
+
+def left_padded(model, prompts, soft):
+    """The first forward's inputs for a batch of prompts: rows [soft tokens; prompt] padded on the
+    left to the longest, the padding masked out, each row's positions counted from its first token."""
+    embed = model.get_input_embeddings()
+    device = embed.weight.device
+    rows = [embed(torch.tensor(p, device=device)) for p in prompts]
+    if soft is not None:
+        rows = [torch.cat([soft.to(r.dtype), r]) for r in rows]
+    width = max(len(r) for r in rows)
+    mask = torch.stack(
+        [F.pad(torch.ones(len(r), dtype=torch.long, device=device), (width - len(r), 0)) for r in rows]
+    )
+    return {
+        "inputs_embeds": torch.stack([F.pad(r, (0, 0, width - len(r), 0)) for r in rows]),
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp_min(0),
+    }
+
+
+def stops_at(tok, window=16):
+    """stop(tokens): has HumanEval's stop sequence appeared? Decodes only the last `window` tokens:
+    the stop sequences are a few ASCII characters, so the first time one appears in the whole text it
+    lies in that tail (decoding all the text at every token made generation quadratic)."""
+    return lambda t: any(s in tok.decode(t[-window:]) for s in STOP_SEQUENCES)
 
 
 def end_ids(tok):
@@ -558,18 +598,18 @@ def generate(args):
     t0, rows = time.time(), []
     path.unlink(missing_ok=True)
     log = common.JsonlLog(path)
-    for task in common.progress(ids, desc="generate"):
-        tokens = greedy(
-            model,
-            encode_prompt(tok, problems[task]["prompt"]),
-            soft,
-            args.max_new_tokens,
-            end_ids(tok),
-            precision,
-            stop=lambda t: any(s in tok.decode(t) for s in STOP_SEQUENCES),
-        )
-        rows.append({"task_id": task, "completion": truncate(tok.decode(tokens)), "new_tokens": len(tokens)})
-        log.write(rows[-1])
+    bar = common.progress(total=len(ids), desc="generate")
+    for k in range(0, len(ids), args.batch_size):  # batches in task order; each row as if alone
+        tasks = ids[k : k + args.batch_size]
+        prompts = [encode_prompt(tok, problems[t]["prompt"]) for t in tasks]
+        outs = greedy_batch(model, prompts, soft, args.max_new_tokens, end_ids(tok), precision, stops_at(tok))
+        for task, tokens in zip(tasks, outs):
+            rows.append(
+                {"task_id": task, "completion": truncate(tok.decode(tokens)), "new_tokens": len(tokens)}
+            )
+            log.write(rows[-1])
+        bar.update(len(tasks))
+    bar.close()
     log.close()
     seconds = time.time() - t0
     meta = folder / "generate.json"
@@ -580,6 +620,7 @@ def generate(args):
         "problems": len(ids),
         "precision": precision,
         "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
         "wall_seconds": round(seconds, 1),
         "checkpoint": None if soft is None else str(args.checkpoint or "best_soft_prompts.pt"),
         "new_tokens": sum(r["new_tokens"] for r in rows),
@@ -1214,9 +1255,39 @@ def run_tests():
             seq.append(int(model(inputs_embeds=emb).logits[0, -1].argmax()))
     assert cached == seq[len(context) :], (cached, seq[len(context) :])
     assert truncate("    return 1\n\ndef f():\n    pass") == "    return 1\n"
+    # Batched decoding: rows of different lengths (left-padded), one ending early, give the tokens
+    # each gives alone; the stop check on the last tokens fires where the check on all text fires.
+    prompts = [
+        encode_prompt(tok, problems[t]["prompt"])[:n] for t, n in (("HumanEval/0", 40), ("HumanEval/1", 25))
+    ]
+    prompts.append(encode_prompt(tok, problems["HumanEval/2"]["prompt"])[:33])
+    soft = prompt.detach()
+    with torch.no_grad():  # the logits of every row, padded or not, and one step on through the cache
+        batch = model(**left_padded(model, prompts, soft), use_cache=True)
+        nxt = torch.tensor([[7], [8], [9]])
+        mask = F.pad(left_padded(model, prompts, soft)["attention_mask"], (0, 1), value=1)
+        pos = left_padded(model, prompts, soft)["position_ids"][:, -1:] + 1
+        step = model(
+            input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=batch.past_key_values
+        )
+        for b, p in enumerate(prompts):
+            one = model(
+                inputs_embeds=torch.cat([soft, model.get_input_embeddings()(torch.tensor(p + [7 + b]))])[None]
+            )
+            assert torch.allclose(batch.logits[b, -1], one.logits[0, -2], atol=1e-5), b
+            assert torch.allclose(step.logits[b, -1], one.logits[0, -1], atol=1e-5), b
+    ends = {greedy(model, prompts[1], soft, 1)[0]}  # row 1 ends at once; the others go on
+    alone = [greedy(model, p, soft, 12, ends) for p in prompts]
+    assert greedy_batch(model, prompts, soft, 12, ends) == alone and len(alone[1]) < 12, alone
+    stop, full = stops_at(tok), lambda t: any(s in tok.decode(t) for s in STOP_SEQUENCES)
+    for task in list(problems)[:40]:
+        ids = tok(problems[task]["canonical_solution"] + "\n\ndef g():\n", add_special_tokens=False).input_ids
+        fires = [next(k for k in range(1, len(ids) + 1) if check(ids[:k])) for check in (stop, full)]
+        assert fires[0] == fires[1], (task, fires)
     print(
         "  ok: greedy generation with the KV cache equals a full-sequence greedy loop over the same "
-        "embeddings"
+        "embeddings; a left-padded batch gives each row's own tokens; the tail stop check fires where "
+        "the whole-text one does (40 solutions)"
     )
 
     # The evaluator, through the real sandbox: every reference solution passes, no empty one does,
@@ -1411,6 +1482,12 @@ def build_parser():
         type=common.positive_int,
         default=512,
         help="tokens per completion at most (default: 512)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=lambda t: common.positive_int(t, most=256),
+        default=8,
+        help="problems decoded together (left-padded; each row as if alone), at most 256 (default: 8)",
     )
     g.add_argument(
         "--split", default="all", choices=["all", "val", "train"], help="which problems (default: all 164)"
