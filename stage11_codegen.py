@@ -714,6 +714,16 @@ class ProgramFailed(Exception):
     """The program crashed, ran out of time or memory, or returned something that is not plain data."""
 
 
+def base_python():
+    """The interpreter the sandbox runs: this Python's own, outside any virtual environment (the
+    harness needs the standard library alone, and a venv's folder, in the home folder or /tmp,
+    is not visible in the sandbox)."""
+    exe = Path(getattr(sys, "_base_executable", None) or sys.executable)
+    if exe.is_relative_to(sys.base_prefix) or exe.is_relative_to("/usr"):
+        return str(exe)
+    return f"{sys.base_prefix}/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+
+
 def sandbox_command(python):
     """bubblewrap around `python -I -c HARNESS`: the system and this Python's standard library read-only
     (its site-packages, HumanEval's solutions among them, hidden), a private empty /tmp, no network,
@@ -809,7 +819,7 @@ class Program:
             ):
                 resource.setrlimit(what, (value, value))
 
-        cmd = sandbox_command(sys.executable) if sandbox else [sys.executable, "-I", "-c", HARNESS]
+        cmd = sandbox_command(base_python()) if sandbox else [sys.executable, "-I", "-c", HARNESS]
         self.deadline = time.monotonic() + timeout
         self.proc = subprocess.Popen(
             cmd,
@@ -1312,6 +1322,16 @@ def run_tests():
             "  ok: in the sandbox all 164 reference solutions pass and no empty completion does "
             f"({time.time() - t1:.1f}s)"
         )
+        with tempfile.TemporaryDirectory() as tmp:  # from a virtual environment too (here under /tmp)
+            subprocess.run(
+                [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", f"{tmp}/venv"],
+                check=True,
+            )
+            line = "from stage11_codegen import *; p = load_problems()['HumanEval/0']; "
+            line += "print(check_program(p, p['canonical_solution'], 5.0)['result'])"
+            out = subprocess.run([f"{tmp}/venv/bin/python", "-c", line], capture_output=True, text=True)
+            assert out.stdout.strip() == "passed", (out.stdout, out.stderr[-500:])
+        print("  ok: a program checked from a virtual environment runs in the sandbox (its base Python)")
         verdicts, took = check_sandbox()
         print(
             f"  ok: {len(verdicts) - 1} hostile programs (file writes and deletes, process tricks, "
