@@ -725,6 +725,13 @@ def _read_table(path):
 def _from_hub(name, **columns):
     """A hub dataset's train split: 'rotten_tomatoes', or 'glue/sst2' (dataset glue, config sst2)
     when no repository has that full name. Needs the network once (datasets caches it)."""
+    offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
+    if not offline and not hub_reachable():  # at once, not after a minute of retries
+        raise UserError(
+            f"cannot load {name!r}: not a known name or file, and the hub cannot be reached (a copy "
+            f"cached earlier loads with HF_HUB_OFFLINE=1); offline, give a CSV or JSONL file, a "
+            f"save_to_disk folder, or one of {', '.join(TEXT_DATASETS)}"
+        )
     import datasets
 
     tries = [(name,)] + ([tuple(name.split("/"))] if name.count("/") == 1 else [])
@@ -734,8 +741,9 @@ def _from_hub(name, **columns):
             break
         except Exception as e:  # noqa: BLE001 (offline, unknown name, missing config: all say the same)
             if n == len(tries) - 1:
+                why = " ".join(str(e).split())[:120]  # one line, however the library words it
                 raise UserError(
-                    f"could not load {name!r} from the hub ({type(e).__name__}: {str(e)[:120]}); "
+                    f"could not load {name!r} from the hub ({type(e).__name__}: {why}); "
                     "offline, give a CSV or JSONL file, a save_to_disk folder, or one of "
                     f"{', '.join(TEXT_DATASETS)}"
                 )

@@ -309,6 +309,7 @@ def check_own_data(tok, rt, md):
     hub names take the same path; bad files end in one clear line."""
     import csv
     import json
+    import os
     import tempfile
     from pathlib import Path
     from unittest import mock
@@ -373,12 +374,24 @@ def check_own_data(tok, rt, md):
                 return hub
             raise FileNotFoundError(f"no dataset {a}")
 
-        with mock.patch.object(datasets, "load_dataset", fake_load):
+        with (
+            mock.patch.object(datasets, "load_dataset", fake_load),
+            mock.patch.object(common, "hub_reachable", lambda: True),
+        ):
             assert common.load_text_data("glue/sst2") == {"sst2": (texts[:20], labels[:20])}
             assert calls == [("glue/sst2",), ("glue", "sst2")], calls
             err = _user_error(lambda: common.load_text_data("rotten_tomatoes"))
             assert err.startswith("could not load 'rotten_tomatoes' from the hub"), err
-        print("  ok: two label names map to 0/1 in sorted order; 'glue/sst2' loads dataset glue, config sst2")
+        with (
+            mock.patch.object(common, "hub_reachable", lambda: False),
+            mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": ""}),
+        ):
+            err = _user_error(lambda: common.load_text_data("rotten_tomatoes"))
+            assert "the hub cannot be reached" in err, err
+        print(
+            "  ok: two label names map to 0/1 in sorted order; 'glue/sst2' loads dataset glue, config sst2; "
+            "an unreachable hub is one line at once"
+        )
 
         # what a user gets wrong ends in one line that says what to do
         (tmp / "empty.csv").write_text("")
