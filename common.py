@@ -250,6 +250,16 @@ def save_state(path, obj):
         tmp.unlink(missing_ok=True)
 
 
+def user_error(call):
+    """For the checks: the one-line message of the UserError that call() raises (and an
+    AssertionError if it raises none)."""
+    try:
+        call()
+    except UserError as e:
+        return str(e)
+    raise AssertionError("no UserError was raised")
+
+
 class Planted:
     """For the checks: unpickling this object runs code (it creates the file `marker`), as an
     attacker's checkpoint would. A safe loader must refuse it without creating the file."""

@@ -380,13 +380,13 @@ def check_own_data(tok, rt, md):
         ):
             assert common.load_text_data("glue/sst2") == {"sst2": (texts[:20], labels[:20])}
             assert calls == [("glue/sst2",), ("glue", "sst2")], calls
-            err = _user_error(lambda: common.load_text_data("rotten_tomatoes"))
+            err = common.user_error(lambda: common.load_text_data("rotten_tomatoes"))
             assert err.startswith("could not load 'rotten_tomatoes' from the hub"), err
         with (
             mock.patch.object(common, "hub_reachable", lambda: False),
             mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": ""}),
         ):
-            err = _user_error(lambda: common.load_text_data("rotten_tomatoes"))
+            err = common.user_error(lambda: common.load_text_data("rotten_tomatoes"))
             assert "the hub cannot be reached" in err, err
         print(
             "  ok: two label names map to 0/1 in sorted order; 'glue/sst2' loads dataset glue, config sst2; "
@@ -413,19 +413,11 @@ def check_own_data(tok, rt, md):
             (tmp / "missing.csv", {}, "no file"),
             (tmp / "mine.tsv", {}, "unknown dataset"),
         ]:
-            err = _user_error(lambda: common.load_text_data(str(args), **kw))
+            err = common.user_error(lambda: common.load_text_data(str(args), **kw))
             assert start in err and "\n" not in err, (args, err)
     print(
         "  ok: a missing column, an empty file, a bad JSON line, three labels, a missing file: one line each"
     )
-
-
-def _user_error(call):
-    try:
-        call()
-    except common.UserError as e:
-        return str(e)
-    raise AssertionError("no UserError")
 
 
 def build_parser():
