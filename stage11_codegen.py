@@ -1276,10 +1276,11 @@ def run_tests():
     prompts.append(encode_prompt(tok, problems["HumanEval/2"]["prompt"])[:33])
     soft = prompt.detach()
     with torch.no_grad():  # the logits of every row, padded or not, and one step on through the cache
-        batch = model(**left_padded(model, prompts, soft), use_cache=True)
+        first = left_padded(model, prompts, soft)
+        batch = model(**first, use_cache=True)
         nxt = torch.tensor([[7], [8], [9]])
-        mask = F.pad(left_padded(model, prompts, soft)["attention_mask"], (0, 1), value=1)
-        pos = left_padded(model, prompts, soft)["position_ids"][:, -1:] + 1
+        mask = F.pad(first["attention_mask"], (0, 1), value=1)
+        pos = first["position_ids"][:, -1:] + 1
         step = model(
             input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=batch.past_key_values
         )
