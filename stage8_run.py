@@ -304,6 +304,14 @@ def run_tests():
 
         check_predict(tmp)
 
+        # A setting may change when no method the folder keeps reads it: baselines first, FLH later.
+        run("--method single --steps 30 --run-name later")
+        run("--method oracle --steps 30 --run-name later")
+        run("--method flh --alpha 4 --share 0 --steps 30 --run-name later")
+        cfg = common.read_json(Path(tmp) / "later" / "config.json")
+        assert cfg["methods"] == ["flh", "single", "oracle"] and cfg["alpha"] == 4, cfg
+        whole = common.read_jsonl(Path(tmp) / "later" / "single" / "log.jsonl")
+        assert whole == common.read_jsonl(run_folder / "single" / "log.jsonl")  # same as with --method all
         # A fresh run of a method may change a setting only that method reads; a shared one may not change.
         run("--method leader --leader-window 2 --steps 30 --run-name all")
         assert common.read_json(run_folder / "config.json")["methods"] == METHODS
@@ -625,12 +633,14 @@ READ_BY = {
 
 def check_folder(folder, args, methods):
     """An existing run folder may be resumed with its own settings, or get more methods (or fresh
-    runs of some) under settings its other methods' logs still agree with. Returns the methods
-    the folder will then hold."""
+    runs of some) under settings its other methods' logs still agree with: a setting may change
+    when no method the folder keeps (holds and does not run afresh) reads it. So the baselines of
+    a seed can run first and FLH join later with settings chosen since. Returns the methods the
+    folder will then hold."""
     if not (folder / "config.json").exists():
         return methods
     old = common.read_json(folder / "config.json")
-    rerun = set() if args.resume else set(methods)
+    kept = set(old.get("methods", [])) - (set() if args.resume else set(methods))
     now = {
         **vars(args),
         "precision": common.resolve_precision(args.precision, common.resolve_device(args.device)),
@@ -640,7 +650,7 @@ def check_folder(folder, args, methods):
         for k in (*PRESETS["quick"], "seed", "max_length", "pooling", "precision", "no_flip")
         if k not in ("checkpoint_every", "recovery_threshold", "window")
         and old.get(k) != now[k]
-        and not READ_BY.get(k, set(METHODS)) <= rerun
+        and READ_BY.get(k, set(METHODS)) & kept
     ]
     if changed:
         raise common.UserError(
