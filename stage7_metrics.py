@@ -28,8 +28,8 @@ active before, *recurring* if it has: only at a recurring shift can a memory of 
                        concept (an expert's birth step and concept: the first row it appears in).
                        Censored (null) if it never happens within the regime.
   paired differences   over several runs (seeds) of the same stream: per shift, a method's first50
-                       minus the single prompt's on the same shift, with a 95% bootstrap interval
-                       over the shifts (10,000 resamples).
+                       minus the single prompt's (and the leader's) on the same shift, with a 95%
+                       bootstrap interval over the shifts (10,000 resamples).
 
 Plots: accuracy vs step for every method with the shifts marked; FLH's weight heat-map (prompt,
 by birth, x step); recovery-time bars per method; live prompts vs step; first-50 accuracy after
@@ -197,10 +197,10 @@ def methods_of(per_run):
     return list(dict.fromkeys(m for run in per_run for m in run))
 
 
-def first50_summary(per_run, baseline="single"):
+def first50_summary(per_run, baselines=("single", "leader")):
     """Over runs of the same stream ({method: metrics} each): per method and kind, the first50 mean over
-    all (run, shift) pairs with a bootstrap interval, and the paired difference to `baseline` on the
-    runs that hold both."""
+    all (run, shift) pairs with a bootstrap interval, and the paired difference to each baseline on
+    the runs that hold both (against `leader`: what FLH's weighting adds to keeping snapshots)."""
     out = {}
     for m in methods_of(per_run):
         out[m] = {}
@@ -210,11 +210,11 @@ def first50_summary(per_run, baseline="single"):
                 continue
             x = [d["first50"] for d in mine]
             out[m][kind] = {"n": len(x), "mean": float(np.mean(x)), "ci": bootstrap_interval(x)}
-            if m != baseline:
+            for baseline in baselines:
                 diff = [
                     d["first50"] - b["first50"]
                     for run in per_run
-                    if m in run and baseline in run
+                    if m != baseline and m in run and baseline in run
                     for d, b in zip(run[m]["shift_details"], run[baseline]["shift_details"])
                     if d["kind"] == kind
                 ]
@@ -234,8 +234,9 @@ def first50_summary(per_run, baseline="single"):
     return out
 
 
-def first50_table(summary, baseline="single"):
-    """Markdown: first-50 accuracy after first-time and recurring shifts, per method, with intervals."""
+def first50_table(summary, baselines=("single", "leader")):
+    """Markdown: first-50 accuracy after recurring and first-time shifts per method, with intervals,
+    and the paired differences to each baseline present."""
 
     def cell(v):
         if v is None:
@@ -243,10 +244,13 @@ def first50_table(summary, baseline="single"):
         ci = f" [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v.get("ci") else ""
         return f"{v['mean']:.3f}{ci}"
 
+    baselines = [b for b in baselines if b in summary]
+    head = ["method"]
+    for kind, name in (("recurring", "recurring"), ("first", "first-time")):
+        head += [f"first-50 acc, {name}", *(f"minus {b}, {name}" for b in baselines)]
     lines = [
-        f"| method | first-50 acc, recurring | minus {baseline}, recurring | first-50 acc, first-time "
-        f"| minus {baseline}, first-time | shifts (recurring / first) | switch time (recurring) |",
-        "|---|---|---|---|---|---|---|",
+        "| " + " | ".join([*head, "shifts (recurring / first)", "switch time (recurring)"]) + " |",
+        "|---" * (len(head) + 2) + "|",
     ]
     for m, k in summary.items():
         rec, fst = k.get("recurring", {}), k.get("first", {})
@@ -260,10 +264,11 @@ def first50_table(summary, baseline="single"):
                 else f"never (0/{sw['shifts']})"
             )
         )
-        lines.append(
-            f"| {m} | {cell(rec or None)} | {cell(rec.get('minus_' + baseline))} | {cell(fst or None)} "
-            f"| {cell(fst.get('minus_' + baseline))} | {rec.get('n', 0)} / {fst.get('n', 0)} | {sw} |"
-        )
+        cells = [m]
+        for v in (rec, fst):
+            cells += [cell(v or None), *(cell(v.get("minus_" + b)) for b in baselines)]
+        cells += [f"{rec.get('n', 0)} / {fst.get('n', 0)}", sw]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -678,6 +683,9 @@ def run_tests():
         and abs(f50["m"]["first"]["mean"] - 0.5) < 1e-12
     )
     assert "minus_single" not in f50["single"]["first"] and first50_table(f50).count("\n") == 3
+    f50 = first50_summary([{"single": base, "m": better, "leader": better}])  # and against leader: 0
+    assert f50["m"]["recurring"]["minus_leader"]["mean"] == 0 and "minus_leader" not in f50["leader"]["first"]
+    assert "| m | 0.500 [0.400, 0.600] | 0.100 [0.100, 0.100] | 0.000 [0.000, 0.000] |" in first50_table(f50)
     print(
         "  ok: paired first-50 differences against single (+0.1 on every shift -> 0.1 [0.1, 0.1]); "
         "the bootstrap interval brackets the mean"
