@@ -54,6 +54,7 @@ from stage8_run import (
     PLAN_FLH,
     add_method_args,
     add_resume_arg,
+    check_folder,
     methods_to_run,
     run_method,
     start_run,
@@ -385,9 +386,23 @@ def run_tests():
         pngs = sorted(p.name for p in run.glob("*.png"))
         assert len(pngs) >= 5 and all((run / p).stat().st_size > 0 for p in pngs), pngs
         assert all(len(common.read_jsonl(run / m / "log.jsonl")) == 12 for m in METHODS)
+        # Methods may join a folder one at a time (stage 8's rule): config.json names them all.
+        tiny = "--backbone random:tiny-vit --dataset synthetic --image-size 28 --steps 12 --rotate-interval 4"
+        for words in ("--method single", "--method oracle", "--method flh --alpha 2"):
+            main(build_parser().parse_args([*f"{tiny} {words} --run-name w --out {tmp}".split()]))
+        assert common.read_json(Path(tmp) / "w" / "config.json")["methods"] == ["flh", "single", "oracle"]
+        assert sorted(common.read_json(Path(tmp) / "w" / "metrics.json")) == ["flh", "oracle", "single"]
+        message = common.user_error(
+            lambda: main(
+                build_parser().parse_args(
+                    [*f"{tiny} --method single --alpha 2 --lr 0.5 --run-name w --out {tmp}".split()]
+                )
+            )
+        )
+        assert message and "(lr)" in message, message
     print(
         f"  ok: a tiny run of all {len(METHODS)} methods writes their logs, metrics.json and "
-        f"{len(pngs)} plots"
+        f"{len(pngs)} plots; methods join a run folder one at a time, a changed lr is refused"
     )
 
     if (FASHION_DEB / "train-images-idx3-ubyte.gz").exists():  # real images, when the package is installed
@@ -469,7 +484,8 @@ def main(args):
         file=sys.stderr,
     )
     with common.locked(folder):
-        common.write_json(folder / "config.json", {**vars(args), "methods": methods})
+        ran = check_folder(folder, args, methods, PRESETS)  # methods may join a run folder later
+        common.write_json(folder / "config.json", {**vars(args), "methods": ran})
         for method in methods:
             run_method(method, args, model, stream, folder / method)
     metrics = analyse(folder, args.recovery_threshold, args.window)

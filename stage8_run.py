@@ -631,7 +631,7 @@ READ_BY = {
 }
 
 
-def check_folder(folder, args, methods):
+def check_folder(folder, args, methods, presets=PRESETS):
     """An existing run folder may be resumed with its own settings, or get more methods (or fresh
     runs of some) under settings its other methods' logs still agree with: a setting may change
     when no method the folder keeps (holds and does not run afresh) reads it. So the baselines of
@@ -647,9 +647,9 @@ def check_folder(folder, args, methods):
     }
     changed = [
         k
-        for k in (*PRESETS["quick"], "seed", "max_length", "pooling", "precision", "no_flip")
+        for k in (*presets["quick"], "seed", "max_length", "pooling", "precision", "no_flip")
         if k not in ("checkpoint_every", "recovery_threshold", "window")
-        and old.get(k) != now[k]
+        and old.get(k) != now.get(k)
         and READ_BY.get(k, set(METHODS)) & kept
     ]
     if changed:
