@@ -325,6 +325,10 @@ def run_tests():
         assert cfg["methods"] == ["flh", "single", "oracle"] and cfg["alpha"] == 4, cfg
         whole = common.read_jsonl(Path(tmp) / "later" / "single" / "log.jsonl")
         assert whole == common.read_jsonl(run_folder / "single" / "log.jsonl")  # same as with --method all
+        print(
+            "  ok: single and oracle first, then flh with another alpha: one run folder; single's log "
+            "equals its log from --method all"
+        )
         # A fresh run of a method may change a setting only that method reads; a shared one may not change.
         run("--method leader --leader-window 2 --steps 30 --run-name all")
         assert common.read_json(run_folder / "config.json")["methods"] == METHODS
