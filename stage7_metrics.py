@@ -29,7 +29,9 @@ active before, *recurring* if it has: only at a recurring shift can a memory of 
                        Censored (null) if it never happens within the regime.
   paired differences   over several runs (seeds) of the same stream: per shift, a method's first50
                        minus the single prompt's (and the leader's) on the same shift, with a 95%
-                       bootstrap interval over the shifts (10,000 resamples).
+                       bootstrap interval over the shifts (10,000 resamples), and run by run (the
+                       mean over one run's shifts): the pooled interval treats shifts as independent,
+                       the per-run column shows whether every seed agrees.
 
 Plots: accuracy vs step for every method with the shifts marked; FLH's weight heat-map (prompt,
 by birth, x step); recovery-time bars per method; live prompts vs step; first-50 accuracy after
@@ -41,6 +43,7 @@ together), `--test` for the checks on synthetic logs with known answers.
 
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -211,18 +214,23 @@ def first50_summary(per_run, baselines=("single", "leader")):
             x = [d["first50"] for d in mine]
             out[m][kind] = {"n": len(x), "mean": float(np.mean(x)), "ci": bootstrap_interval(x)}
             for baseline in baselines:
-                diff = [
-                    d["first50"] - b["first50"]
-                    for run in per_run
+                runs = [  # one list of paired differences per run (None where it lacks either method)
+                    [
+                        d["first50"] - b["first50"]
+                        for d, b in zip(run[m]["shift_details"], run[baseline]["shift_details"])
+                        if d["kind"] == kind
+                    ]
                     if m != baseline and m in run and baseline in run
-                    for d, b in zip(run[m]["shift_details"], run[baseline]["shift_details"])
-                    if d["kind"] == kind
+                    else None
+                    for run in per_run
                 ]
+                diff = [x for r in runs if r for x in r]
                 if diff:
                     out[m][kind]["minus_" + baseline] = {
                         "n": len(diff),
                         "mean": float(np.mean(diff)),
                         "ci": bootstrap_interval(diff),
+                        "per_run": [float(np.mean(r)) if r else None for r in runs],
                     }
             if kind == "recurring" and "switch" in mine[0]:
                 done = [d["switch"] for d in mine if d["switch"] is not None]
@@ -269,6 +277,23 @@ def first50_table(summary, baselines=("single", "leader")):
             cells += [cell(v or None), *(cell(v.get("minus_" + b)) for b in baselines)]
         cells += [f"{rec.get('n', 0)} / {fst.get('n', 0)}", sw]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_run_table(summary, names, baseline="single"):
+    """Markdown: each method's paired first-50 difference to `baseline` run by run (the mean over that
+    run's shifts of each kind), so a reader sees whether every seed agrees with the pooled interval."""
+    kinds = (("recurring", "recurring"), ("first", "first-time"))
+    head = [f"minus {baseline}", *(f"{n}, {name}" for _, name in kinds for n in names)]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for m, k in summary.items():
+        cells = [
+            "-" if v is None else f"{v:+.3f}"
+            for kind, _ in kinds
+            for v in k.get(kind, {}).get("minus_" + baseline, {}).get("per_run", [None] * len(names))
+        ]
+        if set(cells) != {"-"}:
+            lines.append("| " + " | ".join([m, *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -686,9 +711,14 @@ def run_tests():
     f50 = first50_summary([{"single": base, "m": better, "leader": better}])  # and against leader: 0
     assert f50["m"]["recurring"]["minus_leader"]["mean"] == 0 and "minus_leader" not in f50["leader"]["first"]
     assert "| m | 0.500 [0.400, 0.600] | 0.100 [0.100, 0.100] | 0.000 [0.000, 0.000] |" in first50_table(f50)
+    worse = {"shift_details": [{**e, "first50": e["first50"] - 0.2} for e in base["shift_details"]]}
+    f50 = first50_summary([{"single": base, "m": better}, {"single": base}, {"single": base, "m": worse}])
+    a, b, c = f50["m"]["recurring"]["minus_single"]["per_run"]
+    assert b is None and np.allclose([a, c], [0.1, -0.2]), (a, b, c)
+    assert "| m | +0.100 | - | -0.200 | +0.100 | - | -0.200 |" in per_run_table(f50, ["a", "b", "c"])
     print(
-        "  ok: paired first-50 differences against single (+0.1 on every shift -> 0.1 [0.1, 0.1]); "
-        "the bootstrap interval brackets the mean"
+        "  ok: paired first-50 differences against single (+0.1 on every shift -> 0.1 [0.1, 0.1]), "
+        "and run by run (+0.1, missing, -0.2); the bootstrap interval brackets the mean"
     )
 
     K = 5
@@ -804,7 +834,10 @@ def main(args):
         print(f"over {len(per_run)} runs:\n{table}")
         if all("shift_details" in m for run in per_run for m in run.values()):
             f50 = first50_summary(per_run)
-            md = first50_table(f50)
+            names = [Path(r).name for r in args.runs]
+            cut = os.path.commonprefix(names).rfind("-") + 1  # remember-rt-seed0, ... -> seed0, ...
+            names = [n[cut:] for n in names] if len(names) > 1 else names
+            md = first50_table(f50) + "\n\nPaired difference per run:\n\n" + per_run_table(f50, names)
             common.write_json(out / "first50.json", {"runs": args.runs, "methods": f50})
             (out / "summary.md").write_text(table + "\n\n" + md + "\n")
             plot_first50(f50, out / "first50.png", title=f"first 50 steps after a shift, {len(per_run)} runs")
