@@ -26,6 +26,7 @@ active before, *recurring* if it has: only at a recurring shift can a memory of 
   switch_time          (FLH logs) per recurring shift c: steps n until more than half of the weight
                        that predicts step c+n sits on experts born during an earlier visit of c's
                        concept (an expert's birth step and concept: the first row it appears in).
+                       For `leader` all the weight sits on the expert it chose.
                        Censored (null) if it never happens within the regime.
   paired differences   over several runs (seeds) of the same stream: per shift, a method's first50
                        minus the single prompt's (and the leader's) on the same shift, with a 95%
@@ -130,6 +131,14 @@ def true_adaptive_regret(rows, window, loss_key="mixture_loss"):
     return float((method[valid] - best[valid]).max()) if valid.any() else None
 
 
+def predicting_weights(r):
+    """The weight each expert has in step r's prediction: FLH's weights, or for the `leader` baseline
+    (whose log also carries the pool's FLH weights) all of it on the expert it chose."""
+    if "leader" in r:
+        return [float(j == r["leader"]) for j in r["prompt_ids"]]
+    return r["weights"]
+
+
 def shift_details(rows, recovery, first=50):
     """Per shift: its concept, kind (first-time or recurring), first-`first`-step accuracy, recovery
     (from `recovery`, one entry per shift) and, for FLH logs, the switch time."""
@@ -156,7 +165,7 @@ def shift_details(rows, recovery, first=50):
             for n, r in enumerate(rows[start:end]):
                 old = sum(
                     w
-                    for j, w in zip(r["prompt_ids"], r["weights"])
+                    for j, w in zip(r["prompt_ids"], predicting_weights(r))
                     if born[j][0] < rec["shift"] and born[j][1] == concept
                 )
                 if old > 0.5:
@@ -393,12 +402,12 @@ def plot_accuracy_seeds(runs, path, smooth=50, threshold=None, title=None):
 
 
 def plot_weights(rows, path, title="FLH weights"):
-    """Heat-map of each prompt's weight (rows: prompts by birth) over the steps."""
+    """Heat-map of each prompt's weight in the prediction (rows: prompts by birth) over the steps."""
     ids = sorted({i for r in rows for i in r["prompt_ids"]})
     pos = {i: k for k, i in enumerate(ids)}
     W = np.full((len(ids), len(rows)), np.nan)
     for s, r in enumerate(rows):
-        for i, w in zip(r["prompt_ids"], r["weights"]):
+        for i, w in zip(r["prompt_ids"], predicting_weights(r)):
             W[pos[i], s] = w
     fig, ax = plt.subplots(figsize=(9, 3.5))
     steps = [r["step"] for r in rows]
@@ -565,7 +574,8 @@ def analyse(folder, threshold=0.8, window=500, recovery_window=50, smooth=50):
     plot_prompts(logs, folder / "prompts.png")
     for name, rows in logs.items():
         if "weights" in rows[0]:
-            plot_weights(rows, folder / f"weights_{name}.png", title=f"{name} weights")
+            what = "the expert it chose" if "leader" in rows[0] else "weights"
+            plot_weights(rows, folder / f"weights_{name}.png", title=f"{name}: {what}")
     if all("shift_details" in m for m in metrics.values()) and any(
         m["shift_details"] for m in metrics.values()
     ):
@@ -674,6 +684,16 @@ def run_tests():
     ]
     assert np.allclose([x["first50"] for x in d], [0.2, 0.5, 0.9]) and "switch" not in d[0], d
     assert d[1]["switch"] == 7 and d[2]["switch"] is None, d
+    # The leader baseline logs the pool's FLH weights too, but predicts with one expert: its switch
+    # time follows its choice (expert 1 from step 420 on, expert 2 from 610 on), not those weights.
+    for r in rows:
+        s_ = r["step"]
+        r["leader"] = 1 if s_ < 200 or 420 <= s_ < 600 else 2 if s_ < 400 or s_ >= 610 else 3
+    dl = shift_details(rows, recovery_times(rows, 0.8, 50))
+    assert dl[1]["switch"] == 20 and dl[2]["switch"] == 10, dl
+    assert predicting_weights(rows[500]) == [1.0, 0.0, 0.0]
+    for r in rows:
+        del r["leader"]
     k = by_kind(d)
     assert (
         np.isclose(k["first"]["first50"], 0.2)
@@ -683,7 +703,8 @@ def run_tests():
     print(
         "  ok: shifts split into first-time (200) and recurring (400, 600); first-50 accuracy 0.2 / "
         "0.5 / 0.9; "
-        "switch time 7 steps, and censored where the old expert never gets half the weight"
+        "switch time 7 steps, and censored where the old expert never gets half the weight; the leader's "
+        "switch follows the expert it chose (20 and 10 steps)"
     )
     # Paired differences: a method exactly 0.1 better than single on every shift; bootstrap intervals.
     x = np.random.default_rng(1).normal(0.6, 0.1, 400)
