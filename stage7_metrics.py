@@ -858,7 +858,9 @@ def main(args):
             names = [Path(r).name for r in args.runs]
             cut = os.path.commonprefix(names).rfind("-") + 1  # remember-rt-seed0, ... -> seed0, ...
             names = [n[cut:] for n in names] if len(names) > 1 else names
-            md = first50_table(f50) + "\n\nPaired difference per run:\n\n" + per_run_table(f50, names)
+            tables = [per_run_table(f50, names, b) for b in ("single", "leader")]
+            tables = [t for t in tables if t.count("\n") > 1]  # a header only: no run had that baseline
+            md = first50_table(f50) + "\n\nPaired difference per run:\n\n" + "\n\n".join(tables)
             common.write_json(out / "first50.json", {"runs": args.runs, "methods": f50})
             (out / "summary.md").write_text(table + "\n\n" + md + "\n")
             plot_first50(f50, out / "first50.png", title=f"first 50 steps after a shift, {len(per_run)} runs")
