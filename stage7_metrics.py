@@ -221,7 +221,13 @@ def first50_summary(per_run, baselines=("single", "leader")):
             if not mine:
                 continue
             x = [d["first50"] for d in mine]
-            out[m][kind] = {"n": len(x), "mean": float(np.mean(x)), "ci": bootstrap_interval(x)}
+            rec = [d["recovery"] for d in mine if d["recovery"] is not None]
+            out[m][kind] = {
+                "n": len(x),
+                "mean": float(np.mean(x)),
+                "ci": bootstrap_interval(x),
+                "recovery": {"recovered": len(rec), "mean": float(np.mean(rec)) if rec else None},
+            }
             for baseline in baselines:
                 runs = [  # one list of paired differences per run (None where it lacks either method)
                     [
@@ -253,7 +259,8 @@ def first50_summary(per_run, baselines=("single", "leader")):
 
 def first50_table(summary, baselines=("single", "leader")):
     """Markdown: first-50 accuracy after recurring and first-time shifts per method, with intervals,
-    and the paired differences to each baseline present."""
+    and the paired differences to each baseline present; recovery (mean steps over the shifts that
+    recovered, recovered/shifts) and the switch time."""
 
     def cell(v):
         if v is None:
@@ -266,8 +273,10 @@ def first50_table(summary, baselines=("single", "leader")):
     for kind, name in (("recurring", "recurring"), ("first", "first-time")):
         head += [f"first-50 acc, {name}", *(f"minus {b}, {name}" for b in baselines)]
     lines = [
-        "| " + " | ".join([*head, "shifts (recurring / first)", "switch time (recurring)"]) + " |",
-        "|---" * (len(head) + 2) + "|",
+        "| "
+        + " | ".join([*head, "recovery, recurring", "recovery, first-time", "switch time (recurring)"])
+        + " |",
+        "|---" * (len(head) + 3) + "|",
     ]
     for m, k in summary.items():
         rec, fst = k.get("recurring", {}), k.get("first", {})
@@ -284,7 +293,16 @@ def first50_table(summary, baselines=("single", "leader")):
         cells = [m]
         for v in (rec, fst):
             cells += [cell(v or None), *(cell(v.get("minus_" + b)) for b in baselines)]
-        cells += [f"{rec.get('n', 0)} / {fst.get('n', 0)}", sw]
+        for v in (rec, fst):
+            r = v.get("recovery")
+            cells.append(
+                "-"
+                if not r
+                else f"{r['mean']:.0f} steps ({r['recovered']}/{v['n']})"
+                if r["mean"] is not None
+                else f"never (0/{v['n']})"
+            )
+        cells.append(sw)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -716,7 +734,8 @@ def run_tests():
     )
     base = {
         "shift_details": [
-            {"kind": kk, "first50": v} for kk, v in (("first", 0.4), ("recurring", 0.5), ("recurring", 0.3))
+            {"kind": kk, "first50": v, "recovery": r}
+            for kk, v, r in (("first", 0.4, None), ("recurring", 0.5, 60), ("recurring", 0.3, 90))
         ]
     }
     better = {"shift_details": [{**e, "first50": e["first50"] + 0.1} for e in base["shift_details"]]}
@@ -729,6 +748,8 @@ def run_tests():
         and abs(f50["m"]["first"]["mean"] - 0.5) < 1e-12
     )
     assert "minus_single" not in f50["single"]["first"] and first50_table(f50).count("\n") == 3
+    assert f50["m"]["recurring"]["recovery"] == {"recovered": 4, "mean": 75.0}
+    assert "| 75 steps (4/4) | never (0/2) |" in first50_table(f50)
     f50 = first50_summary([{"single": base, "m": better, "leader": better}])  # and against leader: 0
     assert f50["m"]["recurring"]["minus_leader"]["mean"] == 0 and "minus_leader" not in f50["leader"]["first"]
     assert "| m | 0.500 [0.400, 0.600] | 0.100 [0.100, 0.100] | 0.000 [0.000, 0.000] |" in first50_table(f50)
@@ -739,7 +760,8 @@ def run_tests():
     assert "| m | +0.100 | - | -0.200 | +0.100 | - | -0.200 |" in per_run_table(f50, ["a", "b", "c"])
     print(
         "  ok: paired first-50 differences against single (+0.1 on every shift -> 0.1 [0.1, 0.1]), "
-        "and run by run (+0.1, missing, -0.2); the bootstrap interval brackets the mean"
+        "and run by run (+0.1, missing, -0.2); the bootstrap interval brackets the mean; recovery "
+        "pooled by kind (75 steps, 4/4; never, 0/2)"
     )
 
     K = 5
