@@ -24,8 +24,12 @@ active before, *recurring* if it has: only at a recurring shift can a memory of 
                        right after the rules change, before it could relearn much. Reported for
                        first-time and recurring shifts apart (recovery time too).
   switch_time          (FLH logs) per recurring shift c: steps n until more than half of the weight
-                       that predicts step c+n sits on experts born during an earlier visit of c's
-                       concept (an expert's birth step and concept: the first row it appears in).
+                       that predicts step c+n sits on experts made during an earlier visit of c's
+                       concept. An expert belongs to the step before the next prompt's birth (the
+                       next birth id's first row): in snapshot mode that is the last step it learned
+                       from, when it was frozen. (Its own birth step would mislabel a prompt born
+                       just before a shift and frozen after it; in the other modes every prompt
+                       keeps learning, and the switch time only says where the weight goes.)
                        For `leader` all the weight sits on the expert it chose.
                        Censored (null) if it never happens within the regime.
   paired differences   over several runs (seeds) of the same stream: per shift, a method's first50
@@ -42,6 +46,8 @@ Run `python stage7_metrics.py RUN [RUN ...]` (several runs, e.g. seeds, are also
 together), `--test` for the checks on synthetic logs with known answers.
 """
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -143,10 +149,14 @@ def shift_details(rows, recovery, first=50):
     """Per shift: its concept, kind (first-time or recurring), first-`first`-step accuracy, recovery
     (from `recovery`, one entry per shift) and, for FLH logs, the switch time."""
     acc = np.array([r["acc"] for r in rows], float)
-    born = {}  # birth id -> (step, concept) of the first row it appears in
-    for r in rows:
+    first_row = {}  # birth id -> index of the first row it appears in
+    for k, r in enumerate(rows):
         for j in r.get("prompt_ids", ()):
-            born.setdefault(j, (r["step"], r["concept"]))
+            first_row.setdefault(j, k)
+    ids = sorted(first_row)  # an expert stopped learning alone when the next one was born: (step, concept)
+    frozen = {
+        j: (rows[first_row[n] - 1]["step"], rows[first_row[n] - 1]["concept"]) for j, n in zip(ids, ids[1:])
+    }
     seen, out = {rows[0]["concept"]}, []
     for rec in recovery:
         start = next(k for k, r in enumerate(rows) if r["step"] == rec["shift"])
@@ -166,7 +176,7 @@ def shift_details(rows, recovery, first=50):
                 old = sum(
                     w
                     for j, w in zip(r["prompt_ids"], predicting_weights(r))
-                    if born[j][0] < rec["shift"] and born[j][1] == concept
+                    if j in frozen and frozen[j][0] < rec["shift"] and frozen[j][1] == concept
                 )
                 if old > 0.5:
                     d["switch"] = n
@@ -575,6 +585,13 @@ def find_logs(folder):
     logs = {p.parent.name: read_log(p) for p in sorted(folder.glob("*/log.jsonl"))}
     if not logs:
         raise common.UserError(f"no log.jsonl in {folder} or its sub-folders")
+    steps = (
+        common.read_json(folder / "config.json").get("steps") if (folder / "config.json").exists() else None
+    )
+    for name, rows in list(logs.items()):
+        if steps and 0 < len(rows) < steps and len(logs) > 1:  # still running, or killed: not comparable
+            print(f"note: {folder}/{name} has {len(rows)} of {steps} steps (unfinished): left out")
+            del logs[name]
     order = {m: i for i, m in enumerate(COLORS)}
     return dict(sorted(logs.items(), key=lambda kv: order.get(kv[0], 99)))
 
@@ -712,6 +729,16 @@ def run_tests():
     assert predicting_weights(rows[500]) == [1.0, 0.0, 0.0]
     for r in rows:
         del r["leader"]
+    # An expert born just before a shift and frozen after it belongs to the concept it was frozen in:
+    # expert 2 born at 190 (concept 0) learns alone until expert 3's birth at 400, so holding 0.9 of
+    # the weight after the shift at 400 (concept 0 again) is not a switch back to a memory of concept 0.
+    straddle = [
+        {**r, "prompt_ids": [1, 2, 3][: 1 + (r["step"] >= 190) + (r["step"] >= 400)]} for r in rows[:600]
+    ]
+    for r in straddle:
+        r["weights"] = [[1.0], [0.5, 0.5], [0.05, 0.9, 0.05]][len(r["prompt_ids"]) - 1]
+    ds = shift_details(straddle, recovery_times(straddle, 0.8, 50))
+    assert ds[1]["shift"] == 400 and ds[1]["switch"] is None, ds
     k = by_kind(d)
     assert (
         np.isclose(k["first"]["first50"], 0.2)
@@ -722,7 +749,8 @@ def run_tests():
         "  ok: shifts split into first-time (200) and recurring (400, 600); first-50 accuracy 0.2 / "
         "0.5 / 0.9; "
         "switch time 7 steps, and censored where the old expert never gets half the weight; the leader's "
-        "switch follows the expert it chose (20 and 10 steps)"
+        "switch follows the expert it chose (20 and 10 steps); an expert frozen after a shift is no "
+        "memory of the concept it was born in"
     )
     # Paired differences: a method exactly 0.1 better than single on every shift; bootstrap intervals.
     x = np.random.default_rng(1).normal(0.6, 0.1, 400)
@@ -795,10 +823,17 @@ def run_tests():
             4,
             6,
         ]
+        # A method still running (fewer rows than the run's config says) is left out, and said to be.
+        common.write_json(Path(tmp) / "config.json", {"steps": len(acc)})
+        (Path(tmp) / "reset").mkdir()
+        (Path(tmp) / "reset" / "log.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in _fake_rows(acc, 200)[:300])
+        )
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert set(find_logs(tmp)) == {"flh", "single"}
+        assert "reset has 300 of 800 steps (unfinished): left out" in out.getvalue(), out.getvalue()
         # A torn last line and a gap are reported; an empty or foreign log is one clear error.
-        import contextlib
-        import io
-
         log = Path(tmp) / "single" / "log.jsonl"
         lines = log.read_text().splitlines(keepends=True)
         log.write_text("".join(lines[:10] + lines[40:]) + '{"step": 8')
@@ -818,8 +853,8 @@ def run_tests():
             except common.UserError as e:
                 assert says in str(e), e
     print(
-        "  ok: a torn last line and missing steps are reported; empty, foreign and garbage logs are "
-        "one clear error"
+        "  ok: an unfinished method is left out with a note; a torn last line and missing steps are "
+        "reported; empty, foreign and garbage logs are one clear error"
     )
     print("  ok: a run folder gives metrics.json and 4 non-empty PNGs; the seed summary averages right")
     print(f"stage 7 checks passed in {time.time() - t0:.1f}s")
