@@ -257,7 +257,7 @@ class RandomPoolLearner(PromptLearner):
 
 
 class SimilarityLearner(PromptLearner):
-    """mini-L2P: per-example prompt chosen by cosine similarity of the [CLS] query to learned keys."""
+    """mini-L2P: per-example prompt chosen by cosine similarity of the sentence query to learned keys."""
 
     name = "similarity"
 

@@ -295,7 +295,8 @@ def first50_table(summary, baselines=("single", "leader")):
             "-"
             if not sw
             else (
-                f"{sw['mean']:.0f} steps ({sw['switched']}/{sw['shifts']})"
+                f"{sw['mean']:.0f} {'step' if round(sw['mean']) == 1 else 'steps'} "
+                f"({sw['switched']}/{sw['shifts']})"
                 if sw["mean"] is not None
                 else f"never (0/{sw['shifts']})"
             )
