@@ -426,7 +426,9 @@ def plot_accuracy_seeds(runs, path, smooth=50, threshold=None, title=None):
         steps = [r["step"] for r in next(logs for logs in runs if name in logs)[name]]
         ax.plot(steps, curves.mean(0), label=f"{name}", color=COLORS.get(name), lw=1.4)
         ax.fill_between(steps, curves.min(0), curves.max(0), color=COLORS.get(name), alpha=0.15, lw=0)
-    title = title or f"mean over {len(runs)} seeds (band: min-max); dotted: rule changes"
+    counts = {sum(name in logs for logs in runs) for name in methods_of(runs)}
+    seeds = f"{len(runs)} seeds" if counts == {len(runs)} else f"{min(counts)}-{len(runs)} seeds per method"
+    title = title or f"mean over {seeds} (band: min-max); dotted: rule changes"
     _finish_accuracy_plot(fig, ax, path, next(iter(runs[0].values())), smooth, threshold, title)
 
 
