@@ -272,6 +272,11 @@ def first50_table(summary, baselines=("single", "leader")):
     and the paired differences to each baseline present; recovery (mean steps over the shifts that
     recovered, recovered/shifts) and the switch time."""
 
+    def steps(mean, done, shifts):  # "75 steps (4/5)", or "never (0/5)" when none got there
+        if mean is None:
+            return f"never (0/{shifts})"
+        return f"{mean:.0f} {'step' if round(mean) == 1 else 'steps'} ({done}/{shifts})"
+
     def cell(v):
         if v is None:
             return "-"
@@ -291,29 +296,13 @@ def first50_table(summary, baselines=("single", "leader")):
     for m, k in summary.items():
         rec, fst = k.get("recurring", {}), k.get("first", {})
         sw = rec.get("switch")
-        sw = (
-            "-"
-            if not sw
-            else (
-                f"{sw['mean']:.0f} {'step' if round(sw['mean']) == 1 else 'steps'} "
-                f"({sw['switched']}/{sw['shifts']})"
-                if sw["mean"] is not None
-                else f"never (0/{sw['shifts']})"
-            )
-        )
         cells = [m]
         for v in (rec, fst):
             cells += [cell(v or None), *(cell(v.get("minus_" + b)) for b in baselines)]
-        for v in (rec, fst):
-            r = v.get("recovery")
-            cells.append(
-                "-"
-                if not r
-                else f"{r['mean']:.0f} steps ({r['recovered']}/{v['n']})"
-                if r["mean"] is not None
-                else f"never (0/{v['n']})"
-            )
-        cells.append(sw)
+        cells += [
+            steps(v["recovery"]["mean"], v["recovery"]["recovered"], v["n"]) if v else "-" for v in (rec, fst)
+        ]
+        cells.append(steps(sw["mean"], sw["switched"], sw["shifts"]) if sw else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -332,7 +321,7 @@ def per_run_table(summary, names, baseline="single"):
         ]
         if set(cells) != {"-"}:
             lines.append("| " + " | ".join([m, *cells]) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) if len(lines) > 2 else ""  # nothing to show: no run had that baseline
 
 
 def compute_metrics(rows, threshold=0.8, window=500, recovery_window=50):
@@ -599,10 +588,11 @@ def find_logs(folder):
     return dict(sorted(logs.items(), key=lambda kv: order.get(kv[0], 99)))
 
 
-def analyse(folder, threshold=0.8, window=500, recovery_window=50, smooth=50):
-    """Write metrics.json and the plots into a run folder; returns the metrics."""
+def analyse(folder, threshold=0.8, window=500, recovery_window=50, smooth=50, logs=None):
+    """Write metrics.json and the plots into a run folder (from `logs` where the caller has read
+    them already); returns the metrics."""
     folder = Path(folder)
-    logs = {k: v for k, v in find_logs(folder).items() if v}
+    logs = {k: v for k, v in (logs or find_logs(folder)).items() if v}
     metrics = {name: compute_metrics(rows, threshold, window, recovery_window) for name, rows in logs.items()}
     common.write_json(folder / "metrics.json", metrics)
     plot_accuracy(
@@ -898,9 +888,9 @@ def main(args):
         return run_tests()
     if not args.runs:
         raise common.UserError("give at least one run folder")
-    per_run = []
-    for run in args.runs:
-        m = analyse(run, args.recovery_threshold, args.window, args.recovery_window)
+    per_run, run_logs = [], [find_logs(run) for run in args.runs]
+    for run, logs in zip(args.runs, run_logs):
+        m = analyse(run, args.recovery_threshold, args.window, args.recovery_window, logs=logs)
         per_run.append(m)
         print(f"{run}:\n{summary_table([m])[0]}\n")
     if args.summary:
@@ -909,17 +899,14 @@ def main(args):
         out.mkdir(parents=True, exist_ok=True)
         common.write_json(out / "summary.json", {"runs": args.runs, "methods": summary})
         (out / "summary.md").write_text(table + "\n")
-        plot_accuracy_seeds(
-            [find_logs(r) for r in args.runs], out / "accuracy_seeds.png", threshold=args.recovery_threshold
-        )
+        plot_accuracy_seeds(run_logs, out / "accuracy_seeds.png", threshold=args.recovery_threshold)
         print(f"over {len(per_run)} runs:\n{table}")
         if all("shift_details" in m for run in per_run for m in run.values()):
             f50 = first50_summary(per_run)
             names = [Path(r).name for r in args.runs]
             cut = os.path.commonprefix(names).rfind("-") + 1  # remember-rt-seed0, ... -> seed0, ...
             names = [n[cut:] for n in names] if len(names) > 1 else names
-            tables = [per_run_table(f50, names, b) for b in ("single", "leader")]
-            tables = [t for t in tables if t.count("\n") > 1]  # a header only: no run had that baseline
+            tables = filter(None, (per_run_table(f50, names, b) for b in ("single", "leader")))
             md = first50_table(f50) + "\n\nPaired difference per run:\n\n" + "\n\n".join(tables)
             common.write_json(out / "first50.json", {"runs": args.runs, "methods": f50})
             (out / "summary.md").write_text(table + "\n\n" + md + "\n")
