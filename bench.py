@@ -75,6 +75,39 @@ def grown_flh(model, prompt_length, births, **kw):
     return learner
 
 
+SNAPSHOT_WEIGHTS = {
+    "live": "weight on the live prompt",  # within a regime: the others at the floor share / K
+    "even": "weight spread evenly",  # right after a shift: every expert predicts every example
+}
+
+
+def snapshot_step(model, P, K, loss_batch, weight, share=0.01, epsilon=0.05):
+    """The step of FLH that remembers (snapshot experts, diverse cap K, Fixed Share floor, every
+    example predicted with epsilon 0.05) on a pool of K experts whose weights are reset before
+    every step to `weight`: 'live' (all but the floor on the live prompt) or 'even' (uniform)."""
+    learner = grown_flh(
+        model,
+        P,
+        K,
+        train_mode="snapshot",
+        prune="diverse",
+        max_prompts=max(K, 2),
+        loss_batch=loss_batch,
+        share=share,
+        alpha=8.0,
+        mixture_epsilon=epsilon,
+    )
+    w = torch.full((K,), 1 / K, dtype=torch.float64)
+    if weight == "live":
+        w = share / K + (1 - share) * torch.nn.functional.one_hot(torch.tensor(K - 1), K).double()
+
+    def step(batch):
+        learner.pool.log_w = w.log()
+        return learner.step(batch)
+
+    return step
+
+
 def peft_single_step(model, prompt_length, lr=1e-2):
     """HF PEFT prompt tuning on the same frozen encoder, read out like ours: a step function."""
     try:
@@ -173,12 +206,7 @@ def bench_backbone(name, device, quick, loss_batch, P=10, B=16, K=20, bf16=None)
                         "flh_fast",
                         f"FLH step, 20 births, FLH2 + loss batch {loss_batch}",
                         dict(prune="flh2", loss_batch=loss_batch),
-                    ),
-                    (
-                        "flh_snapshot",
-                        f"FLH step, snapshot, cap 8 + loss batch {loss_batch}",
-                        dict(train_mode="snapshot", prune="diverse", max_prompts=8, loss_batch=loss_batch),
-                    ),
+                    )
                 ]
             for key, what, kw in setups:
                 learner = grown_flh(model, P, 20, **kw)
@@ -188,6 +216,15 @@ def bench_backbone(name, device, quick, loss_batch, P=10, B=16, K=20, bf16=None)
                     timed(learner.step, batches, device),
                     f"single_{prec}",
                 )
+            if prec == fastest:
+                for weight in ("live", "even"):
+                    add(
+                        f"flh_snapshot_{weight}_{prec}",
+                        f"snapshot FLH step, every example predicted, cap 8 + loss batch {loss_batch}, "
+                        f"{SNAPSHOT_WEIGHTS[weight]} ({prec})",
+                        timed(snapshot_step(model, P, 8, loss_batch, weight), batches, device),
+                        f"single_{prec}",
+                    )
             if prec == "fp32":
                 loss_pass_rows(model, batches, device, P, K, loss_batch, bf16, add)
     return rows
@@ -264,6 +301,120 @@ def bench(args):
     print(f"-> {out / 'bench.json'}" + ("" if meta["gpu"] else "; no GPU here, so no GPU rows"))
 
 
+# How an FLH step's cost grows: one setting varied at a time around the quick preset's (K=8 experts,
+# batch 16, prompt 10), the loss batch fixed at 8.
+SCALING = {
+    "pool size K": ("K", (1, 2, 4, 8, 16)),
+    "batch size": ("B", (8, 16, 32)),
+    "prompt length": ("P", (5, 10, 20)),
+}
+BASE = dict(K=8, B=16, P=10)
+
+
+def text_batches(model, tok, B, n):
+    stream = TextStream(common.load_text_data("rt"), tok, batch_size=B, flip_every_n=None, seed=0)
+    return [to_device(stream.batch(s), model.device) for s in range(1, n + 1)]
+
+
+def image_batches(B, n):
+    import stage10_vision
+
+    args = stage10_vision.build_parser().parse_args(["--batch-size", str(B)])
+    stream = stage10_vision.build_stream(common.fill_from_preset(args, stage10_vision.PRESETS["quick"]))
+    return [stream.batch(s) for s in range(1, n + 1)]
+
+
+def scaling_rows(domain, model, make_batches, loss_batch, quick):
+    """Seconds per step of one prompt and of snapshot FLH (weight on the live prompt, and spread
+    evenly), side by side, for every setting of SCALING."""
+    rows = []
+    for axis, (key, values) in SCALING.items():
+        for value in common.progress(values, desc=f"{domain}: {axis}"):
+            c = {**BASE, key: value}
+            batches = make_batches(c["B"], 2 if quick else 4)
+            prompt = torch.nn.Parameter(torch.randn(c["P"], model.embed_dim, device=model.device) * 0.02)
+            optimizer = torch.optim.AdamW([prompt], lr=1e-2)
+            fns = [lambda b: train_step(model, prompt, optimizer, b)]
+            fns += [snapshot_step(model, c["P"], c["K"], loss_batch, w) for w in SNAPSHOT_WEIGHTS]
+            single, live, even = timed_side_by_side(fns, batches, model.device, rounds=3)
+            rows.append(
+                {
+                    "domain": domain,
+                    "axis": axis,
+                    "value": value,
+                    **c,
+                    "single": single,
+                    "flh_live": live,
+                    "flh_even": even,
+                    "precision": model.precision,
+                }
+            )
+    return rows
+
+
+def scaling(args):
+    """scaling.json and scaling.png: the FLH step's seconds against K, batch and prompt length,
+    beside the single prompt's, for text (minilm, rt) and images (dinov2-small, Fashion-MNIST)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import stage10_vision
+    from stage3_backbone import choose_precision
+
+    torch.manual_seed(args.seed)
+    model, tok = load_backbone("minilm")
+    choose_precision(model, text_batches(model, tok, 16, 1)[0], "auto")
+    rows = scaling_rows(
+        "text", model, lambda B, n: text_batches(model, tok, B, n), args.loss_batch, args.quick
+    )
+    preset = stage10_vision.PRESETS["quick"]
+    vit = stage10_vision.load_vision_backbone(preset["backbone"], preset["image_size"])
+    choose_precision(vit, image_batches(16, 1)[0], "auto")
+    rows += scaling_rows("images", vit, image_batches, args.loss_batch, args.quick)
+    out = common.run_dir(args.out, args.run_name)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": common.cpu_name()}
+    common.write_json(out / "scaling.json", {"machine": meta, "loss_batch": args.loss_batch, "rows": rows})
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), squeeze=False)
+    for i, domain in enumerate(("text", "images")):
+        for j, axis in enumerate(SCALING):
+            ax, sel = axes[i][j], [r for r in rows if r["domain"] == domain and r["axis"] == axis]
+            x = [r["value"] for r in sel]
+            for key, label, style in (
+                ("single", "one prompt", "k-o"),
+                ("flh_live", "FLH, weight on the live prompt", "C0-s"),
+                ("flh_even", "FLH, weight spread evenly", "C1-^"),
+            ):
+                ax.plot(x, [r[key] for r in sel], style, label=label)
+            for r in sel:
+                ax.annotate(
+                    f"{r['flh_live'] / r['single']:.1f}x",
+                    (r["value"], r["flh_live"]),
+                    textcoords="offset points",
+                    xytext=(4, -12),
+                    fontsize=8,
+                    color="C0",
+                )
+            ax.set(
+                xlabel=axis,
+                ylabel="seconds per step",
+                title=f"{domain} ({sel[0]['precision']})",
+                xticks=x,
+                ylim=(0, None),
+            )
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(
+        f"What a snapshot FLH step costs (loss batch {args.loss_batch}, epsilon 0.05; others at "
+        f"K={BASE['K']}, B={BASE['B']}, P={BASE['P']}); {meta['cpu']}, {meta['threads']} threads",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png", dpi=110)
+    print(f"-> {out / 'scaling.json'}, {out / 'scaling.png'}")
+
+
 def run_tests():
     t0 = time.time()
     calls = []
@@ -284,7 +435,7 @@ def run_tests():
             precs = ("fp32", "bf16") if bf16 else ("fp32",)
             want = {f"{k}_{p}" for k in ("single", "peft", "gflops", "flh_none", "flh_flh2") for p in precs}
             want |= {"pass_reference", "pass_loop", "pass_batched", "pass_fast"}
-            want |= {f"flh_fast_{precs[-1]}", f"flh_snapshot_{precs[-1]}"}  # in the fastest precision
+            want |= {f"flh_fast_{precs[-1]}"} | {f"flh_snapshot_{w}_{precs[-1]}" for w in SNAPSHOT_WEIGHTS}
             assert keys == want, keys ^ want
             assert all(r["seconds"] > 0 and (r["ratio"] is None or r["ratio"] > 0) for r in rows)
         print(
@@ -298,6 +449,12 @@ def build_parser():
     p = common.Parser(description="Time our steps side by side with HF PEFT's (the README's 'Performance').")
     p.add_argument("--quick", action="store_true", help="fewer repeats, FLH rows on minilm only")
     p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="instead of the table: how an FLH step's time grows with the pool size, the batch size and "
+        "the prompt length, against one prompt's, for text and images (scaling.json, scaling.png)",
+    )
+    p.add_argument(
         "--loss-batch",
         type=common.positive_int,
         default=8,
@@ -310,7 +467,7 @@ def build_parser():
 def main(args):
     if args.test:
         return run_tests()
-    bench(args)
+    scaling(args) if args.scaling else bench(args)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
-from stage3_backbone import FrozenBackbone, count_params, forward_with_prompt, forward_with_prompts
+from stage3_backbone import (
+    FrozenBackbone,
+    choose_precision,
+    count_params,
+    forward_with_prompt,
+    forward_with_prompts,
+    use_fast_attention,
+)
 from stage4_pool import FLHPromptPool
 from stage6_baselines import METHODS, make_learner, test_args
 from stage7_metrics import analyse
@@ -196,7 +203,7 @@ class FrozenViTClassifier(FrozenBackbone):
 
 
 def load_vision_backbone(name, image_size, device="cpu"):
-    return FrozenViTClassifier(load_vit(name, image_size)).to(device)
+    return FrozenViTClassifier(use_fast_attention(load_vit(name, image_size), device)).to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,7 +482,7 @@ def main(args):
     device = common.resolve_device(args.device)
     stream = build_stream(args)
     model = load_vision_backbone(args.backbone, args.image_size, device)
-    model.precision = args.precision = common.resolve_precision(args.precision, device)
+    args.precision = choose_precision(model, stream.batch(0), args.precision, args.prompt_length)
     trainable = args.prompt_length * model.embed_dim
     print(
         f"{', '.join(methods)} on {args.dataset} ({args.image_size} px) with {args.backbone} "

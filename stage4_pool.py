@@ -232,7 +232,7 @@ class FLHPromptPool(nn.Module):
             return self.prompts[int(w.argmax())]
         raise ValueError(f"unknown mode {mode!r}")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def get_all_losses(self, model, batch, prompts=None):
         """Every prompt's (or the given prompts') mean cross-entropy on the batch from one batched
         no-grad pass. Returns (losses [K], logits [K, B, C])."""
@@ -244,10 +244,22 @@ class FLHPromptPool(nn.Module):
         logits = forward_with_prompts(model, batch, prompts)
         return per_prompt_losses(logits, batch["labels"]), logits
 
-    def mixture_probs(self, logits):
-        """FLH's prediction sum_i w_i softmax(logits_i): [B, C] from logits [K, B, C]."""
-        w = self.log_w.exp().to(logits.device, logits.dtype)
-        return torch.einsum("k,kbc->bc", w, logits.softmax(-1))
+    def mixture_probs(self, logits, experts=None):
+        """FLH's prediction sum_i w_i softmax(logits_i): [B, C] from logits [K, B, C]; or, given the
+        indices of some `experts` (logits [len(experts), B, C]), their mixture renormalised."""
+        w = self.log_w.exp() if experts is None else self.log_w[experts].softmax(0)
+        return torch.einsum("k,kbc->bc", w.to(logits.device, logits.dtype), logits.softmax(-1))
+
+    def heaviest(self, epsilon):
+        """The fewest experts that hold at least 1 - epsilon of the weight, heaviest first (indices).
+        Their renormalised mixture p_S is the full mixture p to within epsilon in every class: with
+        W >= 1 - epsilon their weight and p_R the rest's mixture, p = W p_S + (1 - W) p_R, so
+        p - p_S = (1 - W)(p_R - p_S), each entry in [-(1 - W), 1 - W]. A pool whose weight sits on a
+        few experts then predicts at the cost of those few."""
+        w = self.log_w.exp()
+        order = w.argsort(descending=True, stable=True)
+        n = int((w[order].cumsum(0) < 1 - epsilon).sum()) + 1
+        return order[: min(n, len(w))].tolist()
 
     # -- checkpointing ------------------------------------------------------------------------
     def state(self):
@@ -482,6 +494,23 @@ def run_tests():
     )
     assert saved["experts"] == pool.experts() and saved["settings"]["embed_dim"] == model.embed_dim
     print("  ok: save/load through a folder keeps prompts, log-weights, births (index, step), predictions")
+    # The heaviest experts holding >= 1 - epsilon, and the bound on their mixture.
+    pool = FLHPromptPool(4, 8)
+    for _ in range(4):
+        pool.birth_prompt()
+    pool.log_w = torch.tensor([0.15, 0.5, 0.05, 0.3], dtype=torch.float64).log()
+    assert (
+        pool.heaviest(0.1) == [1, 3, 0] and pool.heaviest(0.25) == [1, 3] and pool.heaviest(0) == [1, 3, 0, 2]
+    )
+    logits = torch.randn(4, 64, 3) * 3
+    for eps in (0.0, 0.1, 0.25, 0.6):
+        keep = pool.heaviest(eps)
+        gap = (pool.mixture_probs(logits[keep], keep) - pool.mixture_probs(logits)).abs().max().item()
+        held = 1 - sum(pool.weights[k] for k in keep)
+        assert gap <= held + 1e-6 and held <= eps + 1e-12, (eps, gap, held)  # 1e-6: float32 sums
+    print(
+        "  ok: the heaviest experts holding >= 1 - epsilon; their mixture is within epsilon of the full one"
+    )
     print(f"stage 4 checks passed in {time.time() - t0:.1f}s")
 
 

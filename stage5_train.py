@@ -12,10 +12,10 @@ had just trained on, which overstates how fast anything recovers.
 
 What trains, and what predicts (`train_mode`):
   weighted_sum  the plan's: predict and train with one prompt  p = sum_i w_i p_i  (`acc`); FLH's
-                mixture  sum_i w_i softmax(f(x; p_i))  is logged beside it (`acc_mixture`). The
-                gradient reaching p_i is w_i times the shared one, but Adam divides by a running
-                gradient scale, which cancels most of w_i: every prompt moves with the sum, so no
-                expert keeps what an earlier regime taught it.
+                mixture  sum_i w_i softmax(f(x; p_i))  is logged beside it (`acc_mixture`, on the
+                loss batch). The gradient reaching p_i is w_i times the shared one, but Adam divides
+                by a running gradient scale, which cancels most of w_i: every prompt moves with the
+                sum, so no expert keeps what an earlier regime taught it.
   independent   FLH's original form: every expert learns from its own loss (one batched pass with
                 gradients; the backward of sum_j l_j gives each p_i exactly dl_i/dp_i). Every
                 expert is retrained on the current regime, so again none remembers an old one.
@@ -33,13 +33,18 @@ batches it), and the trained prompt's logits come from its training forward befo
 
 Two switches make the K-prompt pass cheaper (their accuracy cost is measured in the README's
 "Performance"): `--precision bf16` runs the encoder under bf16 autocast (prompts, head and losses
-stay fp32), and `--loss-batch m` scores the experts on the first m examples of the batch only
-(training still uses all of it; the mixture is then measured on those m examples). `bench.py`
+stay fp32; `auto` takes whichever of fp32 and bf16 is faster here, measured), and `--loss-batch m`
+scores the experts on the first m examples of the batch only: their losses, and so the weights,
+come from those m; training uses all of it. Every example is still predicted (snapshot and
+independent mode): beyond the first m, by the heaviest experts holding at least 1 - epsilon of the
+weight (`--mixture-epsilon`), whose renormalised mixture is within epsilon of the full one in every
+class probability (stage 4's `heaviest` proves it), at the cost of those few experts. `bench.py`
 times them.
 
 One JSONL row per step: step, regime, concept, domain, loss, acc, acc_mixture, mixture_loss,
 weights, prompt_ids (birth index of each live prompt; the row where an index first appears gives
-its birth step and concept), expert_losses, num_prompts, entropy (and acc_live, live_loss).
+its birth step and concept), expert_losses, num_prompts, entropy (and acc_live, live_loss, and
+mixture_experts: how many experts predicted beyond the loss batch).
 
 Run `python stage5_train.py` for a short FLH stream on the defaults (log under runs/<run-name>/),
 and `--test` for the checks (10 fixed batches are overfitted; logged accuracy is prequential;
@@ -55,7 +60,13 @@ import torch.nn.functional as F
 
 import common
 from stage2_stream import STREAM_DEFAULTS, TextStream, add_stream_args, build_stream
-from stage3_backbone import forward_with_prompt, forward_with_prompts, load_backbone, text_budget
+from stage3_backbone import (
+    choose_precision,
+    forward_with_prompt,
+    forward_with_prompts,
+    load_backbone,
+    text_budget,
+)
 from stage4_pool import PRUNING, FLHPromptPool, per_prompt_losses
 
 
@@ -131,6 +142,7 @@ class FLHLearner:
         birth_offset=0,
         birth_from="live",
         merge_window=10,
+        mixture_epsilon=0.05,
     ):
         if train_mode not in TRAIN_MODES:
             raise common.UserError(f"unknown train mode {train_mode!r}; choose from {', '.join(TRAIN_MODES)}")
@@ -139,7 +151,10 @@ class FLHLearner:
                 f"unknown --birth-from {birth_from!r}; choose from {', '.join(BIRTH_FROM)}"
             )
         self.model, self.birth_interval, self.loss_batch = model, birth_interval, loss_batch
+        if not 0 <= mixture_epsilon < 1:
+            raise common.UserError(f"--mixture-epsilon must be in [0, 1), got {mixture_epsilon}")
         self.train_mode, self.birth_offset, self.birth_from = train_mode, birth_offset, birth_from
+        self.mixture_epsilon = mixture_epsilon
         self.pool = FLHPromptPool(
             prompt_length,
             model.embed_dim,
@@ -209,22 +224,27 @@ class FLHLearner:
             expert_losses = torch.cat([frozen_losses, per_prompt_losses(live[None], y_sub)])
         # Prequential order: everything above predicted batch s with the weights of step s - 1
         # (the logits came before any update); only now do batch s's losses move the weights.
+        self.rest_logits = {}  # frozen experts' logits beyond the loss batch, computed this step
         mixture = pool.mixture_probs(expert_logits)  # FLH's own prediction: sum_i w_i softmax(f(x; p_i))
-        mixture_loss = F.nll_loss(mixture.clamp_min(1e-12).log(), y_sub)
+        if self.train_mode != "weighted_sum":  # ... on every example of the batch, not only the scored
+            mixture = torch.cat([mixture, self.mixture_beyond(batch, len(y_sub), logits)])
+        mixture_loss = F.nll_loss(mixture.clamp_min(1e-12).log(), y[: len(mixture)])
         pool.update_weights(expert_losses)  # w_i <- w_i exp(-alpha l_i), normalised, floored (stage 4)
         pool.record(batch["step"], expert_logits)  # the predictions diverse pruning compares
         self.last_mixture, self.last_expert_logits = mixture, expert_logits  # for subclasses (stages 6, 9)
+        self.last_live_logits = logits
         if self.train_mode == "weighted_sum":
             row = base_row(batch, loss, logits)  # acc: the weighted-sum prompt's
-        else:  # acc: the mixture's; live: the trained prompt's
+        else:  # acc: the mixture's, on every example; live: the trained prompt's
             row = {
-                **base_row({**batch, "labels": y_sub}, mixture_loss, mixture),
+                **base_row(batch, mixture_loss, mixture),
                 "acc_live": r6(accuracy(logits, y)),
                 "live_loss": r6(loss),
+                "mixture_experts": self.mixture_experts,
             }
         return {
             **row,
-            "acc_mixture": r6(accuracy(mixture, y_sub)),
+            "acc_mixture": r6(accuracy(mixture, y[: len(mixture)])),
             "mixture_loss": r6(mixture_loss),
             "weights": r6(weights),
             "prompt_ids": list(pool.birth_ids),
@@ -232,6 +252,41 @@ class FLHLearner:
             "num_prompts": len(pool),
             "entropy": r6(entropy),
         }
+
+    @torch.inference_mode()
+    def mixture_beyond(self, batch, m, live_logits):
+        """FLH's prediction [B - m, C] on the examples after the loss batch's m, where the frozen
+        experts were not scored: the mixture of the heaviest experts holding >= 1 - epsilon of the
+        weight (stage 4's `heaviest`: every class probability within epsilon of the full mixture's).
+        The live prompt's logits exist for every example (its training forward); only the frozen
+        experts among the heaviest need a forward, and within a regime that is often none."""
+        pool, rest = self.pool, {k: v[m:] if torch.is_tensor(v) else v for k, v in batch.items()}
+        if m == len(live_logits):
+            self.mixture_experts = len(pool)
+            return live_logits[:0].softmax(-1)
+        keep = pool.heaviest(self.mixture_epsilon)
+        self.mixture_experts = len(keep)
+        frozen = [k for k in keep if k < len(pool) - 1]  # the last expert is the live prompt
+        if frozen:
+            self.rest_logits.update(
+                zip(frozen, forward_with_prompts(self.model, rest, pool.stacked()[frozen]))
+            )
+        logits = torch.stack([self.rest_logits.get(k, live_logits[m:]) for k in keep])
+        return pool.mixture_probs(logits, keep)
+
+    def expert_logits_everywhere(self, k, batch):
+        """Expert k's logits [B, C] on the whole batch of the last step (the leader's prediction):
+        from what the step computed, plus a forward on the rest where that did not cover it."""
+        head = self.last_expert_logits[k]
+        if k == len(self.pool) - 1:
+            return self.last_live_logits
+        if len(head) == len(batch["labels"]):
+            return head
+        if k not in self.rest_logits:
+            rest = {key: v[len(head) :] if torch.is_tensor(v) else v for key, v in batch.items()}
+            with torch.no_grad():
+                self.rest_logits[k] = forward_with_prompt(self.model, rest, self.pool.prompts[k])
+        return torch.cat([head, self.rest_logits[k]])
 
     @torch.no_grad()
     def predict(self, batch):
@@ -396,8 +451,9 @@ def run_tests():
         share=0.01,
         prune="diverse",
         max_prompts=3,
+        mixture_epsilon=0.3,
     )
-    births, frozen = [], {}
+    births, frozen, gaps = [], {}, []
     for s in range(12):
         b = {**stream.batch(300 + s), "step": s}
         before = [p.detach().clone() for p in learner.pool.prompts]
@@ -419,24 +475,33 @@ def run_tests():
         for j, p in zip(pool.birth_ids[:-1], pool.prompts[:-1]):  # frozen experts never move again
             if j in frozen:
                 assert torch.equal(p.detach(), frozen[j]), f"frozen expert {j} moved"
-        # prequential: acc is the mixture of the experts as they were before the step
+        # prequential: acc is the mixture of the experts as they were before the step, on every
+        # example: all experts on the loss batch (4), the heaviest holding >= 1 - epsilon beyond it
         with torch.no_grad():
-            _, logits = snap.pool.get_all_losses(
-                model, {k: v[:4] if torch.is_tensor(v) else v for k, v in b.items()}
-            )
-            acc_mix = accuracy(snap.pool.mixture_probs(logits), b["labels"][:4])
+            _, logits = snap.pool.get_all_losses(model, b)  # every expert on every example
+            keep = snap.pool.heaviest(learner.mixture_epsilon)
+            full = snap.pool.mixture_probs(logits)
+            want = torch.cat([full[:4], snap.pool.mixture_probs(logits[keep, 4:], keep)])
             acc_live = accuracy(forward_with_prompt(model, b, snap.pool.prompts[-1]), b["labels"])
-        assert row["acc"] == row["acc_mixture"] == r6(acc_mix) and row["acc_live"] == r6(acc_live), (
-            row,
-            acc_mix,
-            acc_live,
-        )
+        gap = (learner.last_mixture - full).abs().max().item()
+        assert gap <= learner.mixture_epsilon + 1e-6 and (learner.last_mixture - want).abs().max() < 1e-5
+        assert row["acc"] == row["acc_mixture"] == r6(accuracy(want, b["labels"])), (row, want)
+        assert row["acc_live"] == r6(acc_live) and row["mixture_experts"] == len(keep)
+        assert abs(row["loss"] - F.nll_loss(want.log(), b["labels"]).item()) < 1e-4
+        gaps.append((len(keep) < len(snap.pool), gap))
         assert (
             len(pool) <= 3
             and abs(sum(pool.weights) - 1) < 1e-9
             and min(pool.weights) >= 0.01 / len(pool) - 1e-12
         )
     assert births == [0, 2, 6, 10], births
+    truncated = [g for cut, g in gaps if cut]
+    assert truncated and max(truncated) > 0, gaps  # the cheap prediction was used, and it differs
+    print(
+        f"  ok: beyond the loss batch the heaviest experts predict: on {len(truncated)} of 12 real batches "
+        f"they were fewer than the pool, and every class probability stayed within epsilon 0.3 of the "
+        f"full mixture (largest gap {max(g for _, g in gaps):.4f})"
+    )
     print(
         "  ok: snapshot mode: births at 0, 2, 6, 10 (offset 2); a newborn copies the live prompt and "
         "its Adam "
@@ -523,10 +588,10 @@ def prepare(args):
     common.seed_everything(args.seed)
     device = common.resolve_device(args.device)
     model, tok = load_backbone(args.backbone, pooling=args.pooling, device=device)
-    model.precision = args.precision = common.resolve_precision(
-        args.precision, device
-    )  # config.json says which
     stream = build_stream(args, tok, max_length=min(args.max_length, text_budget(model, args.prompt_length)))
+    args.precision = choose_precision(
+        model, stream.batch(0), args.precision, args.prompt_length
+    )  # config.json says which
     return model, stream
 
 
@@ -625,6 +690,16 @@ def add_flh_args(p, **defaults):
         default=defaults.get("loss_batch"),
         help=text("loss_batch", "score FLH's experts on the first N examples of each batch only; 0 = all"),
     )
+    p.add_argument(
+        "--mixture-epsilon",
+        type=common.unit_float,
+        default=defaults.get("mixture_epsilon"),
+        help=text(
+            "mixture_epsilon",
+            "beyond the loss batch, predict with the heaviest experts holding >= 1 - epsilon of the "
+            "weight (every class probability within epsilon of the full mixture); 0 = every expert",
+        ),
+    )
 
 
 FLH_DEFAULTS = dict(
@@ -638,6 +713,7 @@ FLH_DEFAULTS = dict(
     max_prompts=0,
     merge_window=10,
     loss_batch=0,
+    mixture_epsilon=0.05,
 )
 
 
@@ -655,6 +731,7 @@ def flh_kwargs(args):
         birth_from=args.birth_from,
         birth_offset=args.birth_interval // 2 if args.birth_offset == "half" else args.birth_offset,
         merge_window=args.merge_window,
+        mixture_epsilon=getattr(args, "mixture_epsilon", 0.0),  # 0: a run saved before the flag existed
     )
 
 

@@ -205,7 +205,7 @@ class LeaderLearner(FLHLearner):
         row = super().step(batch)  # trains the pool exactly as FLH does and logs the mixture too
         ids, losses = self.pool.birth_ids, row["expert_losses"]
         k = self.leader()
-        logits, y = self.last_expert_logits[k], batch["labels"][: self.last_expert_logits.shape[1]]
+        logits, y = self.expert_logits_everywhere(k, batch), batch["labels"]  # on every example
         self.history = {j: self.history.get(j, deque(maxlen=self.window)) for j in ids}
         for j, loss in zip(ids, losses):
             self.history[j].append(loss)

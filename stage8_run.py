@@ -56,7 +56,13 @@ from stage6_baselines import METHODS, add_baseline_args, load_learner, make_lear
 from stage7_metrics import analyse
 
 PLAN_FLH = dict(
-    train_mode="weighted_sum", alpha=0.1, share=0.0, birth_from="live", max_prompts=0, merge_window=10
+    train_mode="weighted_sum",
+    alpha=0.1,
+    share=0.0,
+    birth_from="live",
+    max_prompts=0,
+    merge_window=10,
+    mixture_epsilon=0.05,
 )
 # FLH that remembers, chosen on tuning seeds 100-102 by the lowest mean log loss of FLH's mixture
 # (stage 9's --grid tuning and tuning2; the README has the table), then frozen before any reporting run.
@@ -68,6 +74,7 @@ TUNED_FLH = dict(
     prune="diverse",
     max_prompts=8,
     merge_window=10,
+    mixture_epsilon=0.05,
 )
 # fmt: off
 PRESETS = {
@@ -612,8 +619,8 @@ def check_args(args):
 
 def run_all(args, methods, folder):
     """Every method of a run folder (locked by the caller), then metrics, plots and criteria."""
+    model, stream = prepare(args)  # resolves --precision auto, which the folder's settings compare
     ran = check_folder(folder, args, methods)
-    model, stream = prepare(args)
     common.write_json(folder / "config.json", {**vars(args), "methods": ran})
     print(
         f"{', '.join(methods)} on {args.dataset} with {args.backbone} ({model.pooling} read-out), "
@@ -640,6 +647,7 @@ FLH_KEYS = (
     "max_prompts",
     "merge_window",
     "loss_batch",
+    "mixture_epsilon",
 )
 READ_BY = {
     **{k: {"flh", "flh_sum", "leader"} for k in FLH_KEYS},
