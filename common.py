@@ -422,6 +422,14 @@ def unit_float(text):
     return value
 
 
+def probability(text):
+    """A number in (0, 1): a confidence level such as ADWIN's delta."""
+    value = positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
 def add_common_args(parser, run_name, run_name_help=None, test=True):
     """--seed, --device, --out, --run-name, --test: the flags of every stage (stage 11's sub-commands
     take --test on the main parser instead)."""

@@ -55,7 +55,7 @@ from stage3_backbone import (
     use_fast_attention,
 )
 from stage4_pool import FLHPromptPool
-from stage6_baselines import METHODS, make_learner, test_args
+from stage6_baselines import DETECT_DEFAULTS, METHODS, make_learner, test_args
 from stage7_metrics import analyse
 from stage8_run import (
     PLAN_FLH,
@@ -73,10 +73,12 @@ PRESETS = {
     "quick": dict(backbone="dinov2-small", dataset="fashion-mnist", image_size=56, steps=1000,
                   rotate_interval=250, num_rotations=10, birth_interval=125, birth_offset=0, prompt_length=10,
                   batch_size=16, lr=1e-2, **PLAN_FLH, num_prompts=10, leader_window=10, prune="flh2",
+                  **DETECT_DEFAULTS,
                   loss_batch=0, recovery_threshold=0.5, window=250, checkpoint_every=250),
     "paper": dict(backbone="google/vit-base-patch16-224-in21k", dataset="cifar10", image_size=224,
                   steps=10000, rotate_interval=1000, num_rotations=10, birth_interval=500, birth_offset=0,
                   prompt_length=20, batch_size=32, lr=1e-3, **PLAN_FLH, num_prompts=10, leader_window=10,
+                  **DETECT_DEFAULTS,
                   prune="none", loss_batch=0, recovery_threshold=0.8, window=500, checkpoint_every=1000),
 }
 # fmt: on

@@ -28,6 +28,19 @@ large alpha is: a memory of an old regime cannot win when that regime comes back
 no weight falls below share / K, so a returning expert that is better by g takes over within about
 ln(K / share) / (alpha g) batches (K = 8, share = 0.01, alpha = 1, g = 0.4: 17 batches).
 
+Three weighting rules on the same pool (`weighting`; each keeps O(K) numbers, and share > 0 for the
+last two). With v the loss-updated, normalised weights of a step:
+  flh          as above: births at 1/t, then  w = (1 - share) v + share / K.
+  fixed_share  Fixed Share (Herbster & Warmuth, "Tracking the best expert", 1998): no 1/t; a newcomer
+               enters at the floor's level, w_new = share / K (the others scaled by 1 - share / K),
+               and earns the rest; then  w = (1 - share) v + share / K. Adamskiy, Koolen, Chernov and
+               Vovk ("A closer look at adaptive regret", JMLR 2016) show FLH's restarts reduce to it.
+  mpp          Mixing Past Posteriors with a decaying past (Bousquet & Warmuth, JMLR 2002): keep u,
+               a running mix of earlier posteriors, and mix towards it instead of towards uniform:
+                   w = (1 - share) v + share u,   then   u <- decay u + (1 - decay) v.
+               The floor then favours experts that were good before: the case of a rule that comes
+               back. Newcomers enter w and u at share / K, as in Fixed Share.
+
 Pruning. Every expert costs a forward pass per step, so the pool is kept small:
   flh2      (Hazan & Seshadhri's FLH2) the expert of birth index j = r 2^k (r odd) lives for
             2^(k+2) + 1 births, then is removed and the rest renormalised. Births 1, 2, 3 ...
@@ -64,6 +77,7 @@ import common
 from stage3_backbone import forward_with_prompt, forward_with_prompts, load_backbone
 
 PRUNING = ["none", "flh2", "diverse"]
+WEIGHTINGS = ["flh", "fixed_share", "mpp"]
 
 
 def flh2_lifetime(j):
@@ -97,8 +111,18 @@ class FLHPromptPool(nn.Module):
         device="cpu",
         share=0.0,
         window=10,
+        weighting="flh",
+        decay=0.9,
     ):
         super().__init__()
+        if weighting not in WEIGHTINGS:
+            raise common.UserError(f"unknown weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
+        if weighting != "flh" and share <= 0:
+            raise common.UserError(f"--weighting {weighting} mixes by the floor: give --share > 0")
+        if not 0 <= decay < 1:
+            raise common.UserError(f"--decay must be in [0, 1), got {decay}")
+        self.weighting, self.decay = weighting, decay
+        self.log_u = torch.zeros(0, dtype=torch.float64)  # mpp: the running mix of past posteriors
         if prune not in PRUNING:
             raise common.UserError(f"unknown pruning {prune!r}; choose from {', '.join(PRUNING)}")
         if prune == "diverse" and not max_prompts:
@@ -137,6 +161,8 @@ class FLHPromptPool(nn.Module):
         self.prompts = nn.ParameterList([self.prompts[i] for i in keep])
         self.birth_ids = [self.birth_ids[i] for i in keep]
         self.log_w = self.log_w[keep] - self.log_w[keep].logsumexp(0)
+        if len(self.log_u):
+            self.log_u = self.log_u[keep] - self.log_u[keep].logsumexp(0)
         return removed
 
     def record(self, step, logits):
@@ -198,10 +224,16 @@ class FLHPromptPool(nn.Module):
         prompt = nn.Parameter(init.detach().clone().to(self.device))
         self.prompts.append(prompt)
         # FLH's birth in log space. The survivors sum to 1 (pruning renormalises), so after
-        # w_i <- (1 - 1/t) w_i  and  w_new = 1/t  they sum to 1 again.
-        shrink = math.log1p(-1 / t) if t > 1 else 0.0  # log(1 - 1/t); the first expert gets all
-        newcomer = torch.tensor([-math.log(t)], dtype=torch.float64)  # log(1/t): a fixed share
+        # w_i <- (1 - a) w_i  and  w_new = a  they sum to 1 again; a = 1/t for FLH, the floor
+        # share / K for Fixed Share and MPP (K counts the newcomer). The first expert gets all.
+        old = len(self.log_w)  # the experts before this birth (the newcomer's prompt is in already)
+        a = 1 / t if self.weighting == "flh" else self.share / (old + 1)
+        shrink = math.log1p(-a) if old else 0.0  # log(1 - a)
+        log_a = -math.log(t) if self.weighting == "flh" else math.log(a)
+        newcomer = torch.tensor([log_a if old else 0.0], dtype=torch.float64)
         self.log_w = torch.cat([self.log_w + shrink, newcomer])
+        if self.weighting == "mpp":  # the past mix welcomes the newcomer the same way
+            self.log_u = torch.cat([self.log_u + shrink, newcomer])
         self.birth_ids.append(t)  # the birth index j, which FLH2's lifetime and the logs use
         self.num_births = t
         return prompt, removed
@@ -212,7 +244,12 @@ class FLHPromptPool(nn.Module):
         losses = torch.as_tensor(losses, dtype=torch.float64).cpu()  # fp64: weights of 1e-300 stay exact
         self.log_w = self.log_w - self.alpha * losses  # log w_i - alpha l_i: the exponential update
         self.log_w = self.log_w - self.log_w.logsumexp(0)  # divide by sum_j w_j exp(-alpha l_j)
-        if self.share > 0:  # share = 0 leaves the plan's FLH bit for bit
+        if self.share > 0 and self.weighting == "mpp":
+            v = self.log_w  # w = (1 - share) v + share u, then u <- decay u + (1 - decay) v
+            self.log_w = torch.logaddexp(v + math.log1p(-self.share), self.log_u + math.log(self.share))
+            past = self.log_u + math.log(self.decay) if self.decay > 0 else torch.full_like(v, -math.inf)
+            self.log_u = torch.logaddexp(past, v + math.log1p(-self.decay))
+        elif self.share > 0:  # share = 0 leaves the plan's FLH bit for bit
             floor = torch.full_like(self.log_w, math.log(self.share / len(self)))  # log(share / K)
             # log((1 - share) w_i + share / K): no weight falls below share / K, so any can come back
             self.log_w = torch.logaddexp(self.log_w + math.log1p(-self.share), floor)
@@ -266,6 +303,7 @@ class FLHPromptPool(nn.Module):
         return {
             "prompts": self.stacked().detach().cpu(),
             "log_w": self.log_w.clone(),
+            "log_u": self.log_u.clone(),
             "birth_ids": list(self.birth_ids),
             "num_births": self.num_births,
             "recent": {j: list(d) for j, d in self.recent.items()},
@@ -283,6 +321,8 @@ class FLHPromptPool(nn.Module):
             embed_dim=self.embed_dim,
             alpha=self.alpha,
             share=self.share,
+            weighting=self.weighting,
+            decay=self.decay,
             prune=self.prune,
             max_prompts=self.max_prompts,
             window=self.window,
@@ -297,6 +337,7 @@ class FLHPromptPool(nn.Module):
     def load_state(self, state):
         self.prompts = nn.ParameterList([nn.Parameter(p.clone().to(self.device)) for p in state["prompts"]])
         self.log_w = state["log_w"].clone()
+        self.log_u = state.get("log_u", torch.zeros(0, dtype=torch.float64)).clone()
         self.birth_ids, self.num_births = list(state["birth_ids"]), state["num_births"]
         self.recent = {j: deque(d, maxlen=self.window) for j, d in state.get("recent", {}).items()}
         self.born_at = dict(state.get("born_at", {}))
@@ -391,6 +432,45 @@ def run_tests():
     print(
         f"  ok: Fixed Share equals the hand computation {[round(w, 4) for w in hand]}, keeps every weight "
         ">= share/K, and share=0 is bit-identical to plain FLH"
+    )
+
+    # Fixed Share and MPP against hand computations (share 0.1, alpha 1, decay 0.5).
+    fs, mpp = (
+        FLHPromptPool(2, 2, alpha=1.0, share=0.1, weighting=r, decay=0.5) for r in ("fixed_share", "mpp")
+    )
+    for pool in (fs, mpp):
+        pool.birth_prompt(), pool.birth_prompt()
+    w = [1 - 0.1 / 2, 0.1 / 2]  # the newcomer enters at the floor share / K = 0.05
+    assert all(abs(a - b) < 1e-12 for a, b in zip(fs.weights, w)), fs.weights
+    for pool in (fs, mpp):
+        pool.update_weights([1.0, 0.0])
+    v = [w[0] / math.e, w[1]]
+    v = [x / sum(v) for x in v]
+    assert all(abs(a - (0.9 * x + 0.1 / 2)) < 1e-12 for a, x in zip(fs.weights, v)), fs.weights
+    u = w  # MPP's past mix starts as the weights at birth
+    hand = [0.9 * x + 0.1 * y for x, y in zip(v, u)]
+    assert all(abs(a - b) < 1e-12 for a, b in zip(mpp.weights, hand)), (mpp.weights, hand)
+    u = [0.5 * y + 0.5 * x for x, y in zip(v, u)]
+    mpp.birth_prompt()  # a third expert: w and u scaled by 1 - 0.1/3, the newcomer at 0.1/3
+    hand, u = [x * (1 - 0.1 / 3) for x in hand] + [0.1 / 3], [y * (1 - 0.1 / 3) for y in u] + [0.1 / 3]
+    mpp.update_weights([0.0, 2.0, 1.0])
+    v = [hand[0], hand[1] / math.e**2, hand[2] / math.e]
+    v = [x / sum(v) for x in v]
+    hand = [0.9 * x + 0.1 * y for x, y in zip(v, u)]
+    assert all(abs(a - b) < 1e-12 for a, b in zip(mpp.weights, hand)), (mpp.weights, hand)
+    assert all(
+        abs(a - b) < 1e-12
+        for a, b in zip(mpp.log_u.exp().tolist(), [0.5 * y + 0.5 * x for x, y in zip(v, u)])
+    )
+    for rule in ("fixed_share", "mpp"):
+        try:
+            FLHPromptPool(2, 2, share=0.0, weighting=rule)
+            raise AssertionError(f"{rule} accepted share 0")
+        except common.UserError:
+            pass
+    print(
+        "  ok: Fixed Share (newcomer at share/K) and Mixing Past Posteriors (floor towards the decayed "
+        "past mix) equal hand computations to 1e-12, births included"
     )
 
     # diverse: of two identical experts the redundant (lighter) one goes; never the leader or the live prompt.

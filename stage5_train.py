@@ -67,7 +67,7 @@ from stage3_backbone import (
     load_backbone,
     text_budget,
 )
-from stage4_pool import PRUNING, FLHPromptPool, per_prompt_losses
+from stage4_pool import PRUNING, WEIGHTINGS, FLHPromptPool, per_prompt_losses
 
 
 def to_device(batch, device):
@@ -143,6 +143,8 @@ class FLHLearner:
         birth_from="live",
         merge_window=10,
         mixture_epsilon=0.05,
+        weighting="flh",
+        mpp_decay=0.9,
     ):
         if train_mode not in TRAIN_MODES:
             raise common.UserError(f"unknown train mode {train_mode!r}; choose from {', '.join(TRAIN_MODES)}")
@@ -164,6 +166,8 @@ class FLHLearner:
             device=model.device,
             share=share,
             window=merge_window,
+            weighting=weighting,
+            decay=mpp_decay,
         )
         # AdamW needs at least one parameter: start with a placeholder group, dropped at the 1st birth.
         self._placeholder = torch.nn.Parameter(torch.zeros(1))
@@ -650,6 +654,22 @@ def add_flh_args(p, **defaults):
         ),
     )
     p.add_argument(
+        "--weighting",
+        choices=WEIGHTINGS,
+        default=defaults.get("weighting"),
+        help=text(
+            "weighting",
+            "flh (newcomer 1/t, floor share/K) | fixed_share (newcomer at the floor) | mpp (mixing past "
+            "posteriors: the floor mixes towards a decaying mix of earlier weights)",
+        ),
+    )
+    p.add_argument(
+        "--mpp-decay",
+        type=common.unit_float,
+        default=defaults.get("mpp_decay"),
+        help=text("mpp_decay", "mpp: u <- decay u + (1 - decay) v, the past mix the floor goes to"),
+    )
+    p.add_argument(
         "--train-mode",
         choices=TRAIN_MODES,
         default=defaults.get("train_mode"),
@@ -714,6 +734,8 @@ FLH_DEFAULTS = dict(
     merge_window=10,
     loss_batch=0,
     mixture_epsilon=0.05,
+    weighting="flh",
+    mpp_decay=0.9,
 )
 
 
@@ -732,6 +754,8 @@ def flh_kwargs(args):
         birth_offset=args.birth_interval // 2 if args.birth_offset == "half" else args.birth_offset,
         merge_window=args.merge_window,
         mixture_epsilon=getattr(args, "mixture_epsilon", 0.0),  # 0: a run saved before the flag existed
+        weighting=getattr(args, "weighting", "flh"),  # runs saved before these two flags existed
+        mpp_decay=getattr(args, "mpp_decay", 0.9),
     )
 
 

@@ -33,8 +33,10 @@ parameters it has, then learns from the batch's labels, and returns one log row;
 Run `python stage6_baselines.py --method similarity` for a short run, `--test` for the checks.
 """
 
+import tempfile
 import time
 from collections import deque
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +44,14 @@ from torch import nn
 
 import common
 from stage2_stream import STREAM_DEFAULTS, TextStream, add_stream_args
-from stage3_backbone import forward_with_example_prompts, forward_with_prompt, load_backbone, text_budget
+from stage3_backbone import (
+    forward_with_example_prompts,
+    forward_with_prompt,
+    forward_with_prompts,
+    load_backbone,
+    text_budget,
+)
+from stage4_pool import per_prompt_losses
 from stage5_train import (
     FLH_DEFAULTS,
     MODEL_DEFAULTS,
@@ -58,7 +67,8 @@ from stage5_train import (
     train_step,
 )
 
-METHODS = ["flh", "flh_sum", "single", "reset", "oracle", "leader", "random", "similarity"]
+METHODS = ["flh", "flh_sum", "single", "reset", "oracle", "leader", "detect", "random", "similarity"]
+DETECT_DEFAULTS = dict(detect_delta=0.002, detect_probe=5)  # ADWIN's default delta; 5 batches of probe
 
 
 class PromptLearner:
@@ -142,6 +152,107 @@ class ResetLearner(SingleLearner):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.regime = state["regime"]
+
+
+class DetectLearner(SingleLearner):
+    """Detect the drift, then reuse a stored prompt: the baseline a practitioner would reach for.
+
+    One live prompt learns as `single` does; river's ADWIN (Bifet & Gavalda, "Learning from
+    time-changing data with adaptive windowing", SDM 2007) watches its per-batch loss. At an alarm
+    the live prompt is stored (at most `max_prompts`, the oldest dropped first), and for the next
+    `probe` batches every stored prompt and one fresh prompt are scored on each batch, untrained,
+    while the live prompt goes on predicting and learning. Then the lowest mean loss over those
+    batches wins: a stored prompt (the rule came back) or the fresh one (a new rule: no unlearning)
+    continues as the live prompt with a fresh optimiser state, or the live prompt itself goes on.
+    This is the pattern of MOA's recurring-concept learners, RCD (Goncalves & de Barros, 2013) and
+    ECPF (Anderson, Koh & Dobbie, 2016): a pool of models indexed by drift alarms, the stored or a
+    new one chosen on the data after the alarm. Its memory is explicit and its switches are hard;
+    FLH's are soft and need no detector."""
+
+    name = "detect"
+
+    def __init__(self, model, prompt_length, lr=1e-3, max_prompts=8, probe=5, delta=0.002):
+        super().__init__(model, prompt_length, lr)
+        self.max_prompts, self.probe, self.delta = max_prompts, probe, delta
+        self.stored, self.stored_at = [], []  # frozen prompts, and the step each was stored at
+        self.candidates, self.probe_losses = None, []  # during a probe: fresh + stored, their losses
+        self.losses = []  # the live prompt's losses since the detector was last (re)started
+        self.detector = self.new_detector()
+
+    def new_detector(self, losses=()):
+        """ADWIN over the given losses (a resumed run replays them: the detector's state exactly)."""
+        from river import drift
+
+        detector = drift.ADWIN(delta=self.delta, clock=1)  # check at every batch, not every 32nd
+        for x in losses:
+            detector.update(x)
+        return detector
+
+    def step(self, batch):
+        row = {}
+        if self.candidates is not None:  # score the candidates before anything learns from the batch
+            with torch.no_grad():
+                logits = forward_with_prompts(self.model, batch, torch.stack(self.candidates))
+            self.probe_losses.append([*per_prompt_losses(logits, batch["labels"]).tolist()])
+        loss, logits = train_step(self.model, self.prompt, self.optimizer, batch)
+        self.losses.append(loss)
+        self.detector.update(loss)
+        if self.candidates is not None:
+            self.probe_losses[-1].append(loss)  # the live prompt's, last
+            if len(self.probe_losses) == self.probe:
+                row["switched_to"] = self.choose()
+        elif self.detector.drift_detected:
+            self.store(batch["step"])
+            row["alarm"] = True
+        return {**base_row(batch, loss, logits), **row, "num_prompts": 1 + len(self.stored)}
+
+    def store(self, step):
+        """An alarm: keep the live prompt, and start a probe of the fresh prompt and the stored ones."""
+        self.stored.append(self.prompt.detach().clone())
+        self.stored_at.append(step)
+        if len(self.stored) > self.max_prompts:
+            self.stored.pop(0), self.stored_at.pop(0)
+        self.candidates = [new_prompt(self.model, self.prompt.shape[0]).detach(), *self.stored]
+        self.probe_losses = []
+
+    def choose(self):
+        """The end of a probe: the lowest mean loss continues as the live prompt. Returns its name."""
+        means = torch.tensor(self.probe_losses).mean(0).tolist()  # [fresh, stored..., live]
+        best = min(range(len(means)), key=means.__getitem__)
+        name = (
+            "live"
+            if best == len(means) - 1
+            else "fresh"
+            if best == 0
+            else f"stored@{self.stored_at[best - 1]}"
+        )
+        if name != "live":
+            with torch.no_grad():
+                self.prompt.copy_(self.candidates[best])
+            self.optimizer.state.pop(self.prompt, None)
+        self.candidates, self.probe_losses, self.losses = None, [], []
+        self.detector = self.new_detector()
+        return name
+
+    def state_dict(self):
+        return {
+            **super().state_dict(),
+            "stored": list(self.stored),
+            "stored_at": list(self.stored_at),
+            "candidates": None if self.candidates is None else list(self.candidates),
+            "probe_losses": [list(x) for x in self.probe_losses],
+            "losses": list(self.losses),
+        }
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.stored, self.stored_at = [t.clone() for t in state["stored"]], list(state["stored_at"])
+        self.candidates = None if state["candidates"] is None else [t.clone() for t in state["candidates"]]
+        self.probe_losses, self.losses = [list(x) for x in state["probe_losses"]], list(state["losses"])
+        self.detector = self.new_detector(self.losses)
+
+    def predict(self, batch):
+        return prompt_predicts(self.model, batch, self.prompt, {"expert": "live prompt"})
 
 
 class OracleLearner(PromptLearner):
@@ -320,6 +431,8 @@ def make_learner(method, model, args):
         return LeaderLearner(model, P, leader_window=args.leader_window, **flh_kwargs(args))
     if method in ("single", "reset", "oracle"):
         return {"single": SingleLearner, "reset": ResetLearner, "oracle": OracleLearner}[method](model, P, lr)
+    if method == "detect":
+        return DetectLearner(model, P, lr, args.max_prompts or 8, args.detect_probe, args.detect_delta)
     if method == "random":
         return RandomPoolLearner(model, P, args.num_prompts, lr)
     if method == "similarity":
@@ -377,6 +490,20 @@ def add_baseline_args(p, **defaults):
         default=defaults.get("leader_window"),
         help=text("leader_window", "leader: batches over which the expert of lowest mean loss is chosen"),
     )
+    p.add_argument(
+        "--detect-delta",
+        type=common.probability,
+        default=defaults.get("detect_delta"),
+        help=text("detect_delta", "detect: ADWIN's confidence delta (smaller: fewer, surer alarms)"),
+    )
+    p.add_argument(
+        "--detect-probe",
+        type=common.positive_int,
+        default=defaults.get("detect_probe"),
+        help=text(
+            "detect_probe", "detect: batches after an alarm on which the stored and fresh prompts compete"
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,7 +514,15 @@ def test_args(**kw):
     import argparse
 
     return argparse.Namespace(
-        **{**FLH_DEFAULTS, "prompt_length": 8, "lr": 3e-2, "num_prompts": 2, "leader_window": 10, **kw}
+        **{
+            **FLH_DEFAULTS,
+            **DETECT_DEFAULTS,
+            "prompt_length": 8,
+            "lr": 3e-2,
+            "num_prompts": 2,
+            "leader_window": 10,
+            **kw,
+        }
     )
 
 
@@ -416,6 +551,38 @@ def run_tests():
         )
     stream = TextStream({"rt": (texts, labels)}, tok, batch_size=8, max_length=64, flip_every_n=None)
     flips = TextStream({"rt": (texts, labels)}, tok, batch_size=8, max_length=64, flip_every_n=3)
+
+    # Detect: ADWIN (checked at every batch) fires on a jump of the loss; after an alarm the probe
+    # hands a new rule to a fresh prompt and an old rule back to the prompt stored when it ended.
+    torch.manual_seed(0)
+    few = {"rt": ([texts[i] for i in pick], [labels[i] for i in pick])}
+    back = TextStream(few, tok, batch_size=8, max_length=64, flip_every_n=100)  # flipped in 100..199
+    detect = make_learner("detect", model, test_args())
+    watch = detect.new_detector()
+    fired = []
+    for t, x in enumerate([0.4, 0.5] * 50 + [1.2, 1.3] * 20):
+        watch.update(x)
+        fired += [t] if watch.drift_detected else []
+    assert fired and 100 <= fired[0] < 120, fired
+    rows = [detect.step(back.batch(t)) for t in range(100)]  # learns rule 0 as `single` does
+    detect.store(99)  # an alarm at the flip (forced here, so that the check does not wait for ADWIN)
+    rows = [detect.step(back.batch(t)) for t in range(100, 105)]
+    assert rows[-1]["switched_to"] == "fresh", rows[-1]  # rule 1 is new: nothing stored knows it
+    detect.store(104)
+    rows = [detect.step(back.batch(t)) for t in range(200, 202)]
+    with tempfile.TemporaryDirectory() as tmp:  # mid-probe, through a state file
+        common.save_state(Path(tmp) / "d.safetensors", detect.state_dict())
+        twin = make_learner("detect", model, test_args())
+        twin.load_state_dict(common.load_state(Path(tmp) / "d.safetensors"))
+    rows = [detect.step(back.batch(t)) for t in range(202, 205)]
+    assert [twin.step(back.batch(t)) for t in range(202, 205)] == rows, (
+        "the reloaded learner went another way"
+    )
+    assert rows[-1]["switched_to"] == "stored@99", rows[-1]  # rule 0 is back: its prompt, stored at 99
+    print(
+        f"  ok: detect: ADWIN fires {fired[0] - 100} batches after a loss jump; after a forced alarm a "
+        "fresh prompt takes the new rule, the prompt stored at step 99 takes rule 0 back; resumes exactly"
+    )
 
     # Oracle: one prompt per concept; a concept's prompt does not move while the other concept is on.
     torch.manual_seed(0)
@@ -512,7 +679,7 @@ def build_parser():
     p.add_argument(
         "--lr", type=common.positive_float, default=1e-2, help="AdamW learning rate (default: 1e-2)"
     )
-    add_baseline_args(p, num_prompts=10, leader_window=10)
+    add_baseline_args(p, num_prompts=10, leader_window=10, **DETECT_DEFAULTS)
     add_flh_args(p, **FLH_DEFAULTS)
     common.add_common_args(p, run_name="baseline")
     return p

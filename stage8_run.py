@@ -52,7 +52,14 @@ import torch
 import common
 from stage2_stream import add_stream_args, encode_texts
 from stage5_train import add_flh_args, add_model_args, prepare, run_stream
-from stage6_baselines import METHODS, add_baseline_args, load_learner, make_learner, save_learner
+from stage6_baselines import (
+    DETECT_DEFAULTS,
+    METHODS,
+    add_baseline_args,
+    load_learner,
+    make_learner,
+    save_learner,
+)
 from stage7_metrics import analyse
 
 PLAN_FLH = dict(
@@ -63,6 +70,8 @@ PLAN_FLH = dict(
     max_prompts=0,
     merge_window=10,
     mixture_epsilon=0.05,
+    weighting="flh",
+    mpp_decay=0.9,
 )
 # FLH that remembers, chosen on tuning seeds 100-102 by the lowest mean log loss of FLH's mixture
 # (stage 9's --grid tuning and tuning2; the README has the table), then frozen before any reporting run.
@@ -75,16 +84,19 @@ TUNED_FLH = dict(
     max_prompts=8,
     merge_window=10,
     mixture_epsilon=0.05,
+    weighting="flh",
+    mpp_decay=0.9,
 )
 # fmt: off
 PRESETS = {
     "quick": dict(backbone="minilm", dataset="rt", steps=1600, flip_interval=400, steps_per_domain=400,
                   birth_interval=100, birth_offset="half", prompt_length=10, batch_size=16, lr=1e-2,
-                  **TUNED_FLH, num_prompts=10, leader_window=10, loss_batch=8,
+                  **TUNED_FLH, num_prompts=10, leader_window=10, **DETECT_DEFAULTS, loss_batch=8,
                   recovery_threshold=0.7, window=400, checkpoint_every=400),
     "paper": dict(backbone="bert-base-uncased", dataset="sst2", steps=10000, flip_interval=1000,
                   steps_per_domain=1000, birth_interval=500, birth_offset=0, prompt_length=20, batch_size=32,
                   lr=1e-3, **PLAN_FLH, num_prompts=10, leader_window=10, prune="none", loss_batch=0,
+                  **DETECT_DEFAULTS,
                   recovery_threshold=0.8, window=500, checkpoint_every=1000),
 }
 # fmt: on
@@ -354,36 +366,38 @@ def run_tests():
         )
 
         # Resume: kill a run after a checkpoint, resume it, compare with an uninterrupted run.
-        for method in ("flh", "leader", "oracle", "reset", "similarity"):
-            args = [*tiny, "--method", method, "--steps", "300", "--out", tmp]
-            run(f"--method {method} --steps 300 --run-name whole")
-            whole = (Path(tmp) / "whole" / method / "log.jsonl").read_text()
-            cmd = [sys.executable, __file__, *args, "--run-name", "killed", "--checkpoint-every", "50"]
+        cases = [(m, "") for m in ("flh", "leader", "oracle", "reset", "similarity", "detect")]
+        cases += [("flh", "--weighting fixed_share"), ("flh", "--weighting mpp --mpp-decay 0.8")]
+        for method, rule in cases:
+            tag = rule.split()[1] if rule else ""  # each weighting rule in folders of its own
+            args = [*tiny, *rule.split(), "--method", method, "--steps", "300", "--out", tmp]
+            run(f"{rule} --method {method} --steps 300 --run-name whole{tag}")
+            whole = (Path(tmp) / f"whole{tag}" / method / "log.jsonl").read_text()
+            cmd = [sys.executable, __file__, *args, "--run-name", f"killed{tag}", "--checkpoint-every", "50"]
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            ckpt = Path(tmp) / "killed" / method / "checkpoints" / "step_100.safetensors"
+            ckpt = Path(tmp) / f"killed{tag}" / method / "checkpoints" / "step_100.safetensors"
             while not ckpt.exists() and proc.poll() is None:
                 time.sleep(0.02)
             proc.send_signal(signal.SIGKILL)
             assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-            cut = len(common.read_jsonl(Path(tmp) / "killed" / method / "log.jsonl"))
+            cut = len(common.read_jsonl(Path(tmp) / f"killed{tag}" / method / "log.jsonl"))
             assert cut < 300
             newest = max(
-                (Path(tmp) / "killed" / method / "checkpoints").glob("*.safetensors"),
+                (Path(tmp) / f"killed{tag}" / method / "checkpoints").glob("*.safetensors"),
                 key=lambda p: int(p.stem[5:]),
             )
-            if method == "flh":  # a truncated newest checkpoint: resume falls back to the one before, says so
+            truncate = method == "flh" and not rule
+            if truncate:  # a truncated newest checkpoint: resume falls back to the one before, says so
                 newest.write_bytes(newest.read_bytes()[:100])
-            err = io.StringIO()
+            err, again = io.StringIO(), f"--steps 300 --run-name killed{tag} --checkpoint-every 50 --resume"
             with contextlib.redirect_stderr(err):
-                run(f"--method {method} --steps 300 --run-name killed --checkpoint-every 50 --resume")
-            resumed = (Path(tmp) / "killed" / method / "log.jsonl").read_text()
-            assert resumed == whole, f"{method}: the resumed log differs from the uninterrupted one"
-            assert ("falling back to the previous checkpoint" in err.getvalue()) == (method == "flh"), (
-                err.getvalue()
-            )
+                run(f"{rule} --method {method} {again}")
+            resumed = (Path(tmp) / f"killed{tag}" / method / "log.jsonl").read_text()
+            assert resumed == whole, f"{method} {rule}: the resumed log differs from the uninterrupted one"
+            assert ("falling back to the previous checkpoint" in err.getvalue()) == truncate, err.getvalue()
             print(
-                f"  ok: {method}: killed after {cut} logged steps, resumed from its checkpoint"
-                + (" (the newest one truncated: fell back to the one before)" if method == "flh" else "")
+                f"  ok: {method} {rule}: killed after {cut} logged steps, resumed from its checkpoint"
+                + (" (the newest one truncated: fell back to the one before)" if truncate else "")
                 + "; log identical to an uninterrupted run"
             )
 
@@ -648,9 +662,13 @@ FLH_KEYS = (
     "merge_window",
     "loss_batch",
     "mixture_epsilon",
+    "weighting",
+    "mpp_decay",
 )
 READ_BY = {
     **{k: {"flh", "flh_sum", "leader"} for k in FLH_KEYS},
+    "max_prompts": {"flh", "flh_sum", "leader", "detect"},
+    **{k: {"detect"} for k in DETECT_DEFAULTS},
     "num_prompts": {"random", "similarity"},
     "leader_window": {"leader"},
 }
