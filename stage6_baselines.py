@@ -23,6 +23,9 @@ Three more that bound the question "does FLH's memory help when a regime comes b
   leader      FLH's snapshot pool (stage 5), but predicting with the single expert of lowest mean
               loss over the last `leader_window` batches instead of FLH's weighted mixture: does
               FLH's weighting matter, or only keeping the snapshots?
+  detect      what a practitioner would build: one prompt, a drift detector (river's ADWIN) on its
+              loss, and at an alarm the stored prompt or a fresh one that does best on the next few
+              batches (RCD, ECPF in MOA); see DetectLearner.
 Plus `flh_sum`: FLH with the plan's weighted-sum training and otherwise the same settings as `flh`.
 
 Every method, FLH included (stage 5), is a *learner*: `step(batch)` predicts on the batch with the
