@@ -144,8 +144,7 @@ def bench_backbone(name, device, quick, loss_batch, P=10, B=16, K=20, bf16=None)
     from torch.utils.flop_counter import FlopCounterMode
 
     model, tok = load_backbone(name, device=device)
-    stream = TextStream(common.load_text_data("rt"), tok, batch_size=B, flip_every_n=None, seed=0)
-    batches = [to_device(stream.batch(s), device) for s in range(1, 4 if quick else 11)]
+    batches = text_batches(model, tok, B, 3 if quick else 10)
     tokens = sum(b["attention_mask"].shape[1] + P for b in batches) / len(batches) * B
     bf16 = common.fast_bf16(device) if bf16 is None else bf16
     fastest = "bf16" if bf16 else "fp32"

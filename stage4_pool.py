@@ -229,7 +229,7 @@ class FLHPromptPool(nn.Module):
         old = len(self.log_w)  # the experts before this birth (the newcomer's prompt is in already)
         a = 1 / t if self.weighting == "flh" else self.share / (old + 1)
         shrink = math.log1p(-a) if old else 0.0  # log(1 - a)
-        log_a = -math.log(t) if self.weighting == "flh" else math.log(a)
+        log_a = -math.log(t) if self.weighting == "flh" else math.log(a)  # -log t: FLH's logs bit for bit
         newcomer = torch.tensor([log_a if old else 0.0], dtype=torch.float64)
         self.log_w = torch.cat([self.log_w + shrink, newcomer])
         if self.weighting == "mpp":  # the past mix welcomes the newcomer the same way

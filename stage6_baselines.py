@@ -196,7 +196,7 @@ class DetectLearner(SingleLearner):
         if self.candidates is not None:  # score the candidates before anything learns from the batch
             with torch.no_grad():
                 logits = forward_with_prompts(self.model, batch, torch.stack(self.candidates))
-            self.probe_losses.append([*per_prompt_losses(logits, batch["labels"]).tolist()])
+            self.probe_losses.append(per_prompt_losses(logits, batch["labels"]).tolist())
         loss, logits = train_step(self.model, self.prompt, self.optimizer, batch)
         self.losses.append(loss)
         self.detector.update(loss)
@@ -253,9 +253,6 @@ class DetectLearner(SingleLearner):
         self.candidates = None if state["candidates"] is None else [t.clone() for t in state["candidates"]]
         self.probe_losses, self.losses = [list(x) for x in state["probe_losses"]], list(state["losses"])
         self.detector = self.new_detector(self.losses)
-
-    def predict(self, batch):
-        return prompt_predicts(self.model, batch, self.prompt, {"expert": "live prompt"})
 
 
 class OracleLearner(PromptLearner):
