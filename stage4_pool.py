@@ -52,6 +52,14 @@ Pruning. Every expert costs a forward pass per step, so the pool is kept small:
             predictive distributions over the batches both saw among their last `window`) and
             remove the lighter of them. Never the live (newest, trainable) prompt, never the
             current leader. Redundant copies go first; distinct memories stay.
+  reservoir at most `max_prompts` experts, judged on the whole past instead of the last batches:
+            stage 5 keeps a reservoir, a uniform sample of R past examples with the labels they had
+            then, and scores every expert on it. Each example goes to the expert with the lowest
+            loss on it; the expert that is best on the fewest examples goes (the lighter on a
+            tie). Never the live prompt, never the leader. An expert that is the best memory of some
+            stretch of the past, however long ago, keeps its examples and stays; a redundant copy,
+            or an expert no better than another anywhere, has none. (`diverse` can remove every
+            expert of an old regime: experts that learned little predict alike, near uniform.)
   none      with an optional `max_prompts` cap that drops the lightest expert.
 
 Prediction. `get_prompt('weighted_sum')` gives the plan's prompt sum_i w_i p_i; FLH's own
@@ -76,7 +84,7 @@ from torch import nn
 import common
 from stage3_backbone import forward_with_prompt, forward_with_prompts, load_backbone
 
-PRUNING = ["none", "flh2", "diverse"]
+PRUNING = ["none", "flh2", "diverse", "reservoir"]
 WEIGHTINGS = ["flh", "fixed_share", "mpp"]
 
 
@@ -125,8 +133,8 @@ class FLHPromptPool(nn.Module):
         self.log_u = torch.zeros(0, dtype=torch.float64)  # mpp: the running mix of past posteriors
         if prune not in PRUNING:
             raise common.UserError(f"unknown pruning {prune!r}; choose from {', '.join(PRUNING)}")
-        if prune == "diverse" and not max_prompts:
-            raise common.UserError("--prune diverse needs a cap: give --max-prompts")
+        if prune in ("diverse", "reservoir") and not max_prompts:
+            raise common.UserError(f"--prune {prune} needs a cap: give --max-prompts")
         if not 0 <= share < 1:
             raise common.UserError(f"share must be in [0, 1), got {share}")
         self.prompt_length, self.embed_dim, self.alpha, self.share = prompt_length, embed_dim, alpha, share
@@ -192,31 +200,55 @@ class FLHPromptPool(nn.Module):
         """The index `diverse` removes: the lighter removable expert of the most alike pair (the live
         prompt, the newest, and the leader are never removable); the lightest removable one when no
         pair has shared a batch yet."""
-        leader = int(self.log_w.argmax())
-        removable = [i for i in range(len(self)) if i not in (leader, len(self) - 1)]
+        removable = self.removable()
         if not removable:
             return None
         pair = self.most_alike(removable)
         choices = [i for i in (pair or removable) if i in removable]
         return min(choices, key=lambda i: self.log_w[i].item())
 
-    def birth_prompt(self, init=None):
-        """Birth t: prune (FLH2 / cap / diverse), then w_i *= 1 - 1/t and w_new = 1/t. The newcomer
-        is `init` copied, or random. Returns (the new Parameter, the removed Parameters) so an
-        optimiser can follow."""
+    def removable(self):
+        """Indices pruning may remove: all but the leader and the live (newest) prompt."""
+        leader = int(self.log_w.argmax())
+        return [i for i in range(len(self)) if i not in (leader, len(self) - 1)]
+
+    def reservoir_victim(self, losses):
+        """The index `reservoir` removes, given every expert's loss on each reservoir example
+        (losses [K, R]): the removable expert that is best on the fewest examples, the lighter on
+        a tie; the lightest removable one when the reservoir is empty."""
+        wins = (
+            torch.bincount(losses.argmin(0), minlength=len(self)).tolist()
+            if losses.numel()
+            else [0] * len(self)
+        )
+        return min(self.removable(), key=lambda i: (wins[i], self.log_w[i].item()), default=None)
+
+    def birth_prompt(self, init=None, probe=None):
+        """Birth t: prune (FLH2 / cap / diverse / reservoir), then w_i *= 1 - 1/t and w_new = 1/t. The
+        newcomer is `init` copied, or random. `reservoir` needs `probe`: a function giving every
+        expert's per-example losses [K, R] on the reservoir, called only when the cap is reached.
+        Returns (the new Parameter, the removed Parameters) so an optimiser can follow."""
         t = self.num_births + 1
         removed = []
         if self.prune == "flh2":
             keep = [i for i, j in enumerate(self.birth_ids) if t < j + flh2_lifetime(j)]
             if len(keep) < len(self):
                 removed += self.remove(keep)
-        elif self.prune == "diverse":
+        elif self.prune in ("diverse", "reservoir"):
+            full = len(self) >= self.max_prompts
+            losses = (
+                (probe() if probe else torch.zeros(len(self), 0))
+                if self.prune == "reservoir" and full
+                else None
+            )
             while len(self) >= self.max_prompts:
-                victim = self.diverse_victim()
+                victim = self.diverse_victim() if self.prune == "diverse" else self.reservoir_victim(losses)
                 if victim is None:
                     break
-                removed += self.remove([i for i in range(len(self)) if i != victim])
-        if self.prune != "diverse" and self.max_prompts and len(self) >= self.max_prompts:
+                keep = [i for i in range(len(self)) if i != victim]
+                removed += self.remove(keep)
+                losses = None if losses is None else losses[keep]
+        if self.prune not in ("diverse", "reservoir") and self.max_prompts and len(self) >= self.max_prompts:
             order = sorted(range(len(self)), key=lambda i: -self.log_w[i].item())
             removed += self.remove(sorted(order[: self.max_prompts - 1]))
         if init is None:  # a random start, at the scale of the backbone's word embeddings
@@ -512,6 +544,29 @@ def run_tests():
     print(
         "  ok: diverse removes the redundant one of two identical experts, and never the leader or the "
         "live prompt"
+    )
+
+    # reservoir: the expert best on the fewest past examples goes, however heavy; the lighter on a tie;
+    # never the leader or the live prompt; the probe runs only when the cap is reached.
+    pool, calls = FLHPromptPool(2, 2, prune="reservoir", max_prompts=5), []
+    for _ in range(5):
+        pool.birth_prompt(probe=lambda: calls.append(1))
+    assert not calls, "the probe ran below the cap"
+    pool.log_w = torch.tensor([0.05, 0.3, 0.1, 0.4, 0.15], dtype=torch.float64).log()
+    losses = torch.tensor(  # [K=5 experts, R=6 examples]; best per example: 0, 0, 0, 2, 3, 4
+        [[0.1, 0.1, 0.1, 0.9, 0.9, 0.9], [0.5] * 6, [0.9, 0.9, 0.9, 0.2, 0.9, 0.9],
+         [0.9, 0.9, 0.9, 0.9, 0.1, 0.9], [0.9, 0.9, 0.9, 0.9, 0.9, 0.1]]
+    )  # fmt: skip
+    pool.birth_prompt(probe=lambda: losses)
+    assert pool.birth_ids == [1, 3, 4, 5, 6], pool.birth_ids  # id 2: heavy (0.3) but best nowhere
+    pool.log_w = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25], dtype=torch.float64).log()  # leader: id 4
+    wins_tie = torch.tensor([[0.1, 0.9], [0.9, 0.1], [0.5, 0.5], [0.9, 0.9], [0.9, 0.9]])  # ids 1, 3 win
+    pool.birth_prompt(probe=lambda: wins_tie)  # ids 5 (0.15) and 6 (live) win nothing; 5 goes
+    assert pool.birth_ids == [1, 3, 4, 6, 7], pool.birth_ids
+    pool.birth_prompt()  # no reservoir yet: the lightest removable one goes
+    assert len(pool) == 5 and 4 in pool.birth_ids and 7 in pool.birth_ids
+    print(
+        "  ok: reservoir removes the expert best on the fewest past examples (heavy or not), lighter on a tie"
     )
 
     # A cap keeps the heaviest; the newcomer is always added.

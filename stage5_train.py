@@ -52,6 +52,7 @@ snapshot births copy the live prompt and freeze the old one). Timings: `python b
 """
 
 import copy
+import hashlib
 import math
 import time
 
@@ -115,6 +116,74 @@ def follow_pool(optimizer, added=None, removed=()):
         optimizer.add_param_group({"params": [added]})
 
 
+def adwin(delta, losses=()):
+    """river's ADWIN drift detector (Bifet & Gavalda, "Learning from time-changing data with adaptive
+    windowing", SDM 2007), checking at every batch, fed `losses` (a resumed run replays them)."""
+    from river import drift
+
+    detector = drift.ADWIN(delta=delta, clock=1)
+    for x in losses:
+        detector.update(x)
+    return detector
+
+
+class Reservoir:
+    """A uniform sample of `size` past examples with the labels they had then, over the whole stream
+    (what `--prune reservoir` judges experts on). Bottom-k sampling: every example gets a pseudo-random
+    key from its (step, row) alone, and the reservoir holds the `size` examples with the smallest keys
+    seen so far, a uniform sample without replacement of all of them. It is a pure function of the
+    steps seen (no random state, so a resumed run holds the same sample); it holds `size` rows of
+    each input tensor (token ids and mask, or pixels) and their labels, and nothing else."""
+
+    def __init__(self, size):
+        self.size, self.keys, self.rows = size, torch.zeros(0, dtype=torch.long), {}
+
+    @staticmethod
+    def key(step, row):
+        return int.from_bytes(hashlib.blake2b(b"%d,%d" % (step, row), digest_size=7).digest(), "big")
+
+    def add(self, batch):
+        n = len(batch["labels"])
+        rows = {k: v.cpu() for k, v in batch.items() if torch.is_tensor(v) and v.dim() and len(v) == n}
+        rows.pop("index", None)  # where the example sits in the dataset: not an input
+        keys = torch.cat([self.keys, torch.tensor([self.key(batch["step"], i) for i in range(n)])])
+        keep = keys.argsort(stable=True)[: self.size]
+        self.keys = keys[keep]
+        self.rows = {k: pad_cat(self.rows.get(k), v)[keep] for k, v in rows.items()}
+        if "attention_mask" in self.rows:  # drop columns that are padding in every kept row
+            width = int(self.rows["attention_mask"].any(0).nonzero().max()) + 1
+            self.rows = {k: v[:, :width] if k in ("input_ids", "attention_mask", "token_type_ids") else v
+                         for k, v in self.rows.items()}  # fmt: skip
+
+    def losses(self, model, prompts):
+        """Each prompt's cross-entropy on each reservoir example: [K, R]."""
+        if not len(self.keys):
+            return torch.zeros(len(prompts), 0)
+        batch = {k: v.to(model.device) for k, v in self.rows.items()}
+        with torch.inference_mode():
+            logits = forward_with_prompts(model, batch, prompts).float()
+        K, R, C = logits.shape
+        y = batch["labels"].repeat(K)
+        return F.cross_entropy(logits.reshape(K * R, C), y, reduction="none").view(K, R).cpu()
+
+    def state(self):
+        return {"size": self.size, "keys": self.keys, "rows": dict(self.rows)}
+
+    def load_state(self, state):
+        self.keys, self.rows = state["keys"].clone(), {k: v.clone() for k, v in state["rows"].items()}
+
+
+def pad_cat(a, b):
+    """Rows of a (or None) then rows of b, the second dimension zero-padded to the wider of the two
+    (token ids and masks of different lengths: a zero mask hides the padding)."""
+    if a is None:
+        return b
+    if a.dim() > 1 and a.shape[1] != b.shape[1]:
+        width = max(a.shape[1], b.shape[1])
+        a, b = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1])) for t in (a, b))
+    return torch.cat([a, b])
+
+
 TRAIN_MODES = ["weighted_sum", "independent", "snapshot"]
 BIRTH_FROM = ["live", "leader", "random"]
 
@@ -145,6 +214,8 @@ class FLHLearner:
         mixture_epsilon=0.05,
         weighting="flh",
         mpp_decay=0.9,
+        reservoir_size=32,
+        fresh_delta=0.0,
     ):
         if train_mode not in TRAIN_MODES:
             raise common.UserError(f"unknown train mode {train_mode!r}; choose from {', '.join(TRAIN_MODES)}")
@@ -157,6 +228,11 @@ class FLHLearner:
             raise common.UserError(f"--mixture-epsilon must be in [0, 1), got {mixture_epsilon}")
         self.train_mode, self.birth_offset, self.birth_from = train_mode, birth_offset, birth_from
         self.mixture_epsilon = mixture_epsilon
+        if not 0 <= fresh_delta < 1:
+            raise common.UserError(f"--fresh-delta must be in [0, 1), got {fresh_delta}")
+        self.reservoir = Reservoir(reservoir_size) if prune == "reservoir" else None
+        self.fresh_delta, self.fresh_due, self.drift_losses = fresh_delta, False, []
+        self.detector = adwin(fresh_delta) if fresh_delta else None
         self.pool = FLHPromptPool(
             prompt_length,
             model.embed_dim,
@@ -181,12 +257,13 @@ class FLHLearner:
             step >= self.birth_offset and (step - self.birth_offset) % self.birth_interval == 0
         )
 
-    def birth(self):
+    def birth(self, fresh=False):
         """A newcomer joins the pool and the optimiser. In snapshot mode it is a copy of the live
         prompt (or of the heaviest expert) with that prompt's Adam moments, and the old live
-        prompt, no longer trained, stays in the pool as a frozen expert: a memory."""
+        prompt, no longer trained, stays in the pool as a frozen expert: a memory. A `fresh`
+        newcomer starts at random whatever `birth_from` says."""
         pool, init, moments = self.pool, None, None
-        if self.train_mode == "snapshot" and len(pool) and self.birth_from != "random":
+        if self.train_mode == "snapshot" and len(pool) and self.birth_from != "random" and not fresh:
             # the snapshot birth: the newcomer continues from the live prompt (or the leader) ...
             source = pool.prompts[-1 if self.birth_from == "live" else int(pool.log_w.argmax())]
             init = source.detach().clone()
@@ -194,15 +271,17 @@ class FLHLearner:
             moments = {k: v.clone() for k, v in self.optimizer.state.get(source, {}).items()}
         # FLH's birth (stage 4): prune, then w_new = 1/t. The newcomer is the newest prompt, the
         # only one trained in snapshot mode; the old live prompt stays in the pool, frozen.
-        added, removed = pool.birth_prompt(init)
+        probe = self.reservoir and (lambda: self.reservoir.losses(self.model, pool.stacked().detach()))
+        added, removed = pool.birth_prompt(init, probe)
         follow_pool(self.optimizer, added, removed + [self._placeholder])
         if moments:
             self.optimizer.state[added] = moments
 
     def step(self, batch):
         model, pool, y = self.model, self.pool, batch["labels"]
-        if self.should_birth(batch["step"]):
-            self.birth()
+        fresh, self.fresh_due = self.fresh_due, False
+        if fresh or self.should_birth(batch["step"]):
+            self.birth(fresh)
         weights, entropy = pool.weights, pool.entropy()  # the weights that predict batch s
         if self.train_mode == "weighted_sum":
             # predict with sum_i w_i p_i and train it; the experts' losses come from a no-grad pass
@@ -235,6 +314,9 @@ class FLHLearner:
         mixture_loss = F.nll_loss(mixture.clamp_min(1e-12).log(), y[: len(mixture)])
         pool.update_weights(expert_losses)  # w_i <- w_i exp(-alpha l_i), normalised, floored (stage 4)
         pool.record(batch["step"], expert_logits)  # the predictions diverse pruning compares
+        if self.reservoir:
+            self.reservoir.add(batch)  # the labels are known now: a sample of the past, for pruning
+        alarm = bool(self.detector) and self.rise_detected(float(expert_losses.min()))
         self.last_mixture, self.last_expert_logits = mixture, expert_logits  # for subclasses (stages 6, 9)
         self.last_live_logits = logits
         if self.train_mode == "weighted_sum":
@@ -248,6 +330,8 @@ class FLHLearner:
             }
         return {
             **row,
+            **({"fresh_birth": True} if fresh else {}),
+            **({"alarm": True} if alarm else {}),
             "acc_mixture": r6(accuracy(mixture, y[: len(mixture)])),
             "mixture_loss": r6(mixture_loss),
             "weights": r6(weights),
@@ -256,6 +340,21 @@ class FLHLearner:
             "num_prompts": len(pool),
             "entropy": r6(entropy),
         }
+
+    def rise_detected(self, loss):
+        """Fresh births: ADWIN watches the best expert's loss on each batch. When it detects a change
+        and the loss went up (every expert, memories included, is worse than before: a rule none of
+        them knows), the next step births a prompt from random, which needs no unlearning. The
+        detector then restarts. Returns whether this batch raised such an alarm."""
+        self.drift_losses.append(loss)
+        self.detector.update(loss)
+        if not self.detector.drift_detected:
+            return False
+        recent = int(self.detector.width)  # ADWIN keeps only the window after the change
+        before, after = self.drift_losses[:-recent], self.drift_losses[-recent:]
+        self.drift_losses, self.detector = [], adwin(self.fresh_delta)
+        self.fresh_due = bool(before) and sum(after) / len(after) > sum(before) / len(before)
+        return self.fresh_due
 
     @torch.inference_mode()
     def mixture_beyond(self, batch, m, live_logits):
@@ -318,10 +417,21 @@ class FLHLearner:
         return (*self.pool.get_all_losses(self.model, sub), sub["labels"])
 
     def state_dict(self):
-        return {"pool": self.pool.state(), "optimizer": self.optimizer.state_dict()}
+        return {
+            "pool": self.pool.state(),
+            "optimizer": self.optimizer.state_dict(),
+            "reservoir": self.reservoir and self.reservoir.state(),
+            "drift_losses": list(self.drift_losses),
+            "fresh_due": self.fresh_due,
+        }
 
     def load_state_dict(self, state):
         self.pool.load_state(state["pool"])
+        if self.reservoir:
+            self.reservoir.load_state(state["reservoir"])
+        self.drift_losses, self.fresh_due = list(state.get("drift_losses", [])), state.get("fresh_due", False)
+        if self.detector:
+            self.detector = adwin(self.fresh_delta, self.drift_losses)  # replayed: the same state
         groups = [{"params": [p]} for p in self.pool.prompts] or [{"params": [self._placeholder]}]
         self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -530,6 +640,62 @@ def run_tests():
     )
     print("  ok: --birth-from leader copies the heaviest expert; random starts from noise")
 
+    # The reservoir: a uniform sample of the whole past, the same however the steps arrive; its padded
+    # rows give each expert the same losses as the examples had in their own batches.
+    flips = TextStream(rt, tok, batch_size=8, flip_every_n=50, seed=0)
+    a, b = Reservoir(32), Reservoir(32)
+    for s in range(200):
+        a.add(flips.batch(s))
+    b.load_state(a.state())  # a copy through its saved state, as a resumed run has it
+    for s in range(200, 260):
+        a.add(flips.batch(s)), b.add(flips.batch(s))
+    assert torch.equal(a.keys, b.keys) and all(torch.equal(a.rows[k], b.rows[k]) for k in a.rows)
+    steps = sorted({s for s in range(260) for i in range(8) if Reservoir.key(s, i) in set(a.keys.tolist())})
+    assert len(a.keys) == 32 and steps[0] < 65 and steps[-1] > 195, steps  # early and late alike
+    prompts = torch.randn(2, 10, model.embed_dim) * 0.1
+    want = []
+    for s in range(260):
+        batch = flips.batch(s)
+        for i in range(8):
+            if Reservoir.key(s, i) in set(a.keys.tolist()):
+                row = {k: batch[k][i : i + 1] for k in ("input_ids", "attention_mask")}
+                with torch.no_grad():
+                    logits = forward_with_prompts(model, row, prompts)
+                want.append(
+                    (
+                        Reservoir.key(s, i),
+                        F.cross_entropy(logits[:, 0], batch["labels"][i].repeat(2), reduction="none"),
+                    )
+                )
+    want = torch.stack([x for _, x in sorted(want)], 1)
+    assert torch.allclose(a.losses(model, prompts), want, atol=2e-2), (
+        (a.losses(model, prompts) - want).abs().max()
+    )
+    print(
+        f"  ok: the reservoir samples steps {steps[0]}..{steps[-1]} of 260 uniformly, survives a save, and "
+        "its padded rows score each example as its own batch did"
+    )
+
+    # Fresh births: a rise of the best expert's loss makes the next step's newborn random, not a copy.
+    learner = FLHLearner(model, prompt_length=10, lr=5e-2, birth_interval=10**9, train_mode="snapshot",
+                         prune="reservoir", max_prompts=3, fresh_delta=0.002)  # fmt: skip
+    rows = [learner.step(flips.batch(s)) for s in range(3)]
+    for loss in [0.3] * 40 + [1.5] * 30:  # the losses a flip gives: ADWIN raises the alarm
+        if learner.rise_detected(loss):
+            break
+    assert learner.fresh_due, "no alarm at a rise of 1.2 nats"
+    live = learner.pool.prompts[-1].detach().clone()
+    row = learner.step(flips.batch(3))
+    assert row["fresh_birth"] and len(learner.pool) == 2 and not torch.equal(learner.pool.prompts[-1], live)
+    assert torch.equal(learner.pool.prompts[0].detach(), live)  # the old live prompt: a frozen memory
+    assert int(learner.optimizer.state[learner.pool.prompts[-1]]["step"]) == 1  # new Adam moments, its own
+    falls = FLHLearner(model, prompt_length=10, birth_interval=10**9, fresh_delta=0.002)
+    assert not any(falls.rise_detected(x) for x in [1.5] * 40 + [0.3] * 30), "a fall raised a fresh birth"
+    print(
+        "  ok: fresh births: a rise of the best expert's loss births a random prompt, the live one is kept "
+        "frozen; a fall does not"
+    )
+
     # independent: one backward on the sum gives every prompt the gradient of its own loss.
     learner = FLHLearner(tiny, prompt_length=3, birth_interval=10**9, train_mode="independent")
     for _ in range(3):
@@ -689,7 +855,27 @@ def add_flh_args(p, **defaults):
         default=defaults.get("prune"),
         help=text(
             "prune",
-            "FLH pool pruning: none | flh2 (by age) | diverse (the most alike pair, needs --max-prompts)",
+            "FLH pool pruning: none | flh2 (by age) | diverse (the most alike pair on recent batches) | "
+            "reservoir (the expert best on the fewest examples of a sample of the whole past); the last two "
+            "need --max-prompts",
+        ),
+    )
+    p.add_argument(
+        "--reservoir-size",
+        type=common.positive_int,
+        default=defaults.get("reservoir_size"),
+        help=text(
+            "reservoir_size", "--prune reservoir: past examples (with their labels) kept to judge experts"
+        ),
+    )
+    p.add_argument(
+        "--fresh-delta",
+        type=common.unit_float,
+        default=defaults.get("fresh_delta"),
+        help=text(
+            "fresh_delta",
+            "fresh births: ADWIN's delta on the best expert's loss; when it rises, a prompt is born from "
+            "random (no unlearning); 0 = never",
         ),
     )
     p.add_argument(
@@ -736,6 +922,8 @@ FLH_DEFAULTS = dict(
     mixture_epsilon=0.05,
     weighting="flh",
     mpp_decay=0.9,
+    reservoir_size=32,
+    fresh_delta=0.0,
 )
 
 
@@ -756,6 +944,8 @@ def flh_kwargs(args):
         mixture_epsilon=getattr(args, "mixture_epsilon", 0.0),  # 0: a run saved before the flag existed
         weighting=getattr(args, "weighting", "flh"),  # runs saved before these two flags existed
         mpp_decay=getattr(args, "mpp_decay", 0.9),
+        reservoir_size=getattr(args, "reservoir_size", 32),  # runs saved before these two flags existed
+        fresh_delta=getattr(args, "fresh_delta", 0.0),
     )
 
 

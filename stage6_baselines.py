@@ -62,6 +62,7 @@ from stage5_train import (
     accuracy,
     add_flh_args,
     add_model_args,
+    adwin,
     base_row,
     flh_kwargs,
     fresh_run,
@@ -184,12 +185,7 @@ class DetectLearner(SingleLearner):
 
     def new_detector(self, losses=()):
         """ADWIN over the given losses (a resumed run replays them: the detector's state exactly)."""
-        from river import drift
-
-        detector = drift.ADWIN(delta=self.delta, clock=1)  # check at every batch, not every 32nd
-        for x in losses:
-            detector.update(x)
-        return detector
+        return adwin(self.delta, losses)
 
     def step(self, batch):
         row = {}
