@@ -333,6 +333,8 @@ def compute_metrics(rows, threshold=0.8, window=500, recovery_window=50):
     m = {
         "steps": len(rows),
         "mean_accuracy": float(acc.mean()),
+        # the log loss of the method's own prediction (FLH's: its mixture's), what tuning compares
+        "mean_log_loss": float(np.mean([r["loss"] for r in rows])) if "loss" in rows[0] else None,
         "windowed_accuracy": float(acc[-n:].mean()),
         "adaptive_regret": float(acc[-n:].mean()),
         "window": n,
@@ -619,6 +621,7 @@ def summary_table(per_run):
     """Markdown table: mean +- std over runs (seeds) of the headline metrics, per method."""
     keys = [
         ("mean_accuracy", "mean acc"),
+        ("mean_log_loss", "log loss"),
         ("windowed_accuracy", "windowed acc"),
         ("final_accuracy", "final acc"),
         ("mean_recovery_time", "recovery (steps)"),
@@ -638,7 +641,9 @@ def summary_table(per_run):
                 "std": float(np.std(vals)) if vals else None,
                 "n": len(vals),
             }
-            fmt = "{:.0f}" if key == "mean_recovery_time" else "{:.3f}"
+            fmt = (
+                "{:.0f}" if key == "mean_recovery_time" else "{:.4f}" if key == "mean_log_loss" else "{:.3f}"
+            )
             cells.append(f"{fmt.format(np.mean(vals))} ± {fmt.format(np.std(vals))}" if vals else "never")
         rec = sum(run[m]["shifts_recovered"] for run in runs)
         tot = sum(run[m]["shifts"] for run in runs)
@@ -690,6 +695,7 @@ def run_tests():
     assert rec[2]["steps"] == 50
     m = compute_metrics(rows, threshold=0.8, window=100)
     assert m["shifts_recovered"] == 2 and m["mean_recovery_time"] == 55 and m["windowed_accuracy"] == 1.0
+    assert abs(m["mean_log_loss"] - np.mean([r["loss"] for r in rows])) < 1e-12 and m["mean_log_loss"] > 0
     print("  ok: recovery times 60 and 50 steps where known; a regime that never recovers is censored (null)")
 
     # Kinds, first-50 accuracy and switch time. Concepts 0, 1, 0, 1 over 200-step regimes: the shift at
