@@ -127,6 +127,21 @@ def adwin(delta, losses=()):
     return detector
 
 
+def rise_detector(threshold, losses=()):
+    """river's one-sided Page-Hinkley test (Page, "Continuous inspection schemes", Biometrika 1954):
+    with m_t the running mean of the losses x_1..x_t, it keeps  U_t = 0.9999 U_{t-1} + x_t - m_t - 0.005
+    and raises an alarm when U_t - min_{i<=t} U_i > threshold: a rise of g nats per batch is caught after
+    about threshold / g batches, and a fall never. At least 20 batches after each (re)start. ADWIN, which
+    tests both ways on two windows, took 25-55 batches on the same losses. `losses` are replayed (a
+    resumed run's detector is then the same)."""
+    from river import drift
+
+    detector = drift.PageHinkley(threshold=threshold, mode="up", min_instances=20)
+    for x in losses:
+        detector.update(x)
+    return detector
+
+
 class Reservoir:
     """A uniform sample of `size` past examples with the labels they had then, over the whole stream
     (what `--prune reservoir` judges experts on). Bottom-k sampling: every example gets a pseudo-random
@@ -215,7 +230,7 @@ class FLHLearner:
         weighting="flh",
         mpp_decay=0.9,
         reservoir_size=32,
-        fresh_delta=0.0,
+        fresh_threshold=0.0,
     ):
         if train_mode not in TRAIN_MODES:
             raise common.UserError(f"unknown train mode {train_mode!r}; choose from {', '.join(TRAIN_MODES)}")
@@ -228,11 +243,11 @@ class FLHLearner:
             raise common.UserError(f"--mixture-epsilon must be in [0, 1), got {mixture_epsilon}")
         self.train_mode, self.birth_offset, self.birth_from = train_mode, birth_offset, birth_from
         self.mixture_epsilon = mixture_epsilon
-        if not 0 <= fresh_delta < 1:
-            raise common.UserError(f"--fresh-delta must be in [0, 1), got {fresh_delta}")
+        if not 0 <= fresh_threshold or not math.isfinite(fresh_threshold):
+            raise common.UserError(f"--fresh-threshold must be a number >= 0, got {fresh_threshold}")
         self.reservoir = Reservoir(reservoir_size) if prune == "reservoir" else None
-        self.fresh_delta, self.fresh_due, self.drift_losses = fresh_delta, False, []
-        self.detector = adwin(fresh_delta) if fresh_delta else None
+        self.fresh_threshold, self.fresh_due, self.drift_losses = fresh_threshold, False, []
+        self.detector = rise_detector(fresh_threshold) if fresh_threshold else None
         self.pool = FLHPromptPool(
             prompt_length,
             model.embed_dim,
@@ -342,18 +357,14 @@ class FLHLearner:
         }
 
     def rise_detected(self, loss):
-        """Fresh births: ADWIN watches the best expert's loss on each batch. When it detects a change
-        and the loss went up (every expert, memories included, is worse than before: a rule none of
-        them knows), the next step births a prompt from random, which needs no unlearning. The
-        detector then restarts. Returns whether this batch raised such an alarm."""
+        """Fresh births: a Page-Hinkley test watches the best expert's loss on each batch. When it rises
+        (every expert, memories included, is worse than before: a rule none of them knows), the next
+        step births a prompt from random, which needs no unlearning; the detector then restarts.
+        Returns whether this batch raised the alarm."""
         self.drift_losses.append(loss)
         self.detector.update(loss)
-        if not self.detector.drift_detected:
-            return False
-        recent = int(self.detector.width)  # ADWIN keeps only the window after the change
-        before, after = self.drift_losses[:-recent], self.drift_losses[-recent:]
-        self.drift_losses, self.detector = [], adwin(self.fresh_delta)
-        self.fresh_due = bool(before) and sum(after) / len(after) > sum(before) / len(before)
+        if self.detector.drift_detected:
+            self.drift_losses, self.detector, self.fresh_due = [], rise_detector(self.fresh_threshold), True
         return self.fresh_due
 
     @torch.inference_mode()
@@ -431,7 +442,7 @@ class FLHLearner:
             self.reservoir.load_state(state["reservoir"])
         self.drift_losses, self.fresh_due = list(state.get("drift_losses", [])), state.get("fresh_due", False)
         if self.detector:
-            self.detector = adwin(self.fresh_delta, self.drift_losses)  # replayed: the same state
+            self.detector = rise_detector(self.fresh_threshold, self.drift_losses)  # replayed: same state
         groups = [{"params": [p]} for p in self.pool.prompts] or [{"params": [self._placeholder]}]
         self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -678,7 +689,7 @@ def run_tests():
 
     # Fresh births: a rise of the best expert's loss makes the next step's newborn random, not a copy.
     learner = FLHLearner(model, prompt_length=10, lr=5e-2, birth_interval=10**9, train_mode="snapshot",
-                         prune="reservoir", max_prompts=3, fresh_delta=0.002)  # fmt: skip
+                         prune="reservoir", max_prompts=3, fresh_threshold=2.0)  # fmt: skip
     rows = [learner.step(flips.batch(s)) for s in range(3)]
     for loss in [0.3] * 40 + [1.5] * 30:  # the losses a flip gives: ADWIN raises the alarm
         if learner.rise_detected(loss):
@@ -689,11 +700,29 @@ def run_tests():
     assert row["fresh_birth"] and len(learner.pool) == 2 and not torch.equal(learner.pool.prompts[-1], live)
     assert torch.equal(learner.pool.prompts[0].detach(), live)  # the old live prompt: a frozen memory
     assert int(learner.optimizer.state[learner.pool.prompts[-1]]["step"]) == 1  # new Adam moments, its own
-    falls = FLHLearner(model, prompt_length=10, birth_interval=10**9, fresh_delta=0.002)
+    g = torch.Generator().manual_seed(0)
+    losses = torch.rand(200, generator=g) * 0.3 + torch.tensor([0.3, 1.2, 0.4, 1.0]).repeat_interleave(50)
+
+    def alarms(learner, start=0, stop=200):  # the steps of losses[start:stop] that raise an alarm
+        found = []
+        for s, x in enumerate(losses[start:stop].tolist(), start):
+            if learner.rise_detected(x):
+                found.append(s)
+                learner.fresh_due = False  # as the next step's fresh birth does
+        return found
+
+    whole, cut, resumed = (FLHLearner(model, 10, birth_interval=10**9, fresh_threshold=2.0) for _ in range(3))
+    found, before = alarms(whole), alarms(cut, 0, 70)
+    for learner in (cut, resumed):
+        learner.pool.birth_prompt()  # a pool to save
+    resumed.load_state_dict(cut.state_dict())  # a detector restored mid-stream, by replaying its losses
+    again = alarms(resumed, 70)
+    assert found[0] in range(50, 65) and found == before + again and 150 <= again[0] < 165, (found, again)
+    falls = FLHLearner(model, prompt_length=10, birth_interval=10**9, fresh_threshold=2.0)
     assert not any(falls.rise_detected(x) for x in [1.5] * 40 + [0.3] * 30), "a fall raised a fresh birth"
     print(
-        "  ok: fresh births: a rise of the best expert's loss births a random prompt, the live one is kept "
-        "frozen; a fall does not"
+        f"  ok: fresh births: a rise of the best expert's loss births a random prompt, the live one is kept "
+        f"frozen; a fall does not; rises at 50 and 150 alarm at {found}, the same after a restore"
     )
 
     # independent: one backward on the sum gives every prompt the gradient of its own loss.
@@ -869,13 +898,13 @@ def add_flh_args(p, **defaults):
         ),
     )
     p.add_argument(
-        "--fresh-delta",
-        type=common.unit_float,
-        default=defaults.get("fresh_delta"),
+        "--fresh-threshold",
+        type=common.nonneg_float,
+        default=defaults.get("fresh_threshold"),
         help=text(
-            "fresh_delta",
-            "fresh births: ADWIN's delta on the best expert's loss; when it rises, a prompt is born from "
-            "random (no unlearning); 0 = never",
+            "fresh_threshold",
+            "fresh births: when a Page-Hinkley test sees the best expert's loss rise by this many nats "
+            "(summed over batches), a prompt is born from random, which needs no unlearning; 0 = never",
         ),
     )
     p.add_argument(
@@ -923,7 +952,7 @@ FLH_DEFAULTS = dict(
     weighting="flh",
     mpp_decay=0.9,
     reservoir_size=32,
-    fresh_delta=0.0,
+    fresh_threshold=0.0,
 )
 
 
@@ -945,7 +974,7 @@ def flh_kwargs(args):
         weighting=getattr(args, "weighting", "flh"),  # runs saved before these two flags existed
         mpp_decay=getattr(args, "mpp_decay", 0.9),
         reservoir_size=getattr(args, "reservoir_size", 32),  # runs saved before these two flags existed
-        fresh_delta=getattr(args, "fresh_delta", 0.0),
+        fresh_threshold=getattr(args, "fresh_threshold", 0.0),
     )
 
 

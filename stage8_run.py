@@ -73,7 +73,7 @@ PLAN_FLH = dict(
     weighting="flh",
     mpp_decay=0.9,
     reservoir_size=32,
-    fresh_delta=0.0,
+    fresh_threshold=0.0,
 )
 # FLH that remembers, chosen on tuning seeds 100-102 by the lowest mean log loss of FLH's mixture
 # (stage 9's --grid tuning and tuning2; the README has the table), then frozen before any reporting run.
@@ -89,7 +89,7 @@ TUNED_FLH = dict(
     weighting="flh",
     mpp_decay=0.9,
     reservoir_size=32,
-    fresh_delta=0.0,
+    fresh_threshold=0.0,
 )
 # fmt: off
 PRESETS = {
@@ -372,7 +372,7 @@ def run_tests():
         # Resume: kill a run after a checkpoint, resume it, compare with an uninterrupted run.
         cases = [(m, "") for m in ("flh", "leader", "oracle", "reset", "similarity", "detect")]
         cases += [("flh", "--weighting fixed_share"), ("flh", "--weighting mpp --mpp-decay 0.8")]
-        cases += [("flh", "--prune reservoir --max-prompts 3 --fresh-delta 0.3")]
+        cases += [("flh", "--prune reservoir --max-prompts 3 --fresh-threshold 0.3")]
         for method, rule in cases:
             tag = rule.split()[1] if rule else ""  # each weighting rule in folders of its own
             args = [*tiny, *rule.split(), "--method", method, "--steps", "300", "--out", tmp]
@@ -670,7 +670,7 @@ FLH_KEYS = (
     "weighting",
     "mpp_decay",
     "reservoir_size",
-    "fresh_delta",
+    "fresh_threshold",
 )
 READ_BY = {
     **{k: {"flh", "flh_sum", "leader"} for k in FLH_KEYS},
