@@ -19,6 +19,7 @@ Names a user can pass:
 import argparse
 import contextlib
 import csv
+import gzip
 import io
 import json
 import os
@@ -224,9 +225,10 @@ class JsonlLog:
 
 def read_jsonl(path, report=None):
     """All complete rows of a JSONL file. A torn last line (a crash mid-write) is dropped, and said
-    so when `report` is given (a function taking one message); any other bad line is an error."""
+    so when `report` is given (a function taking one message); any other bad line is an error.
+    A gzipped file (name ending .gz: the logs committed under results/) is read the same way."""
     rows = []
-    with open(path) as f:
+    with gzip.open(path, "rt") if str(path).endswith(".gz") else open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.endswith("\n"):
                 if report:

@@ -28,6 +28,14 @@ What trains, and what predicts (`train_mode`):
 In independent and snapshot mode the prediction, `acc`, is FLH's mixture, and the live prompt's
 own accuracy is logged as `acc_live`.
 
+Two helpers for a pool that must remember more regimes than its cap holds and still meet new ones:
+  reservoir     (`--prune reservoir`) a uniform sample of past examples with their labels, over the
+                whole stream; at a birth over the cap, stage 4 removes the expert that is best on the
+                fewest of them, so the best memory of every stretch of the past stays.
+  fresh births  (`--fresh-threshold`) a one-sided Page-Hinkley test on the best expert's loss per
+                batch: when even the best expert gets worse, no memory knows the rule, and a prompt
+                born from random learns it faster than a copy that must first unlearn the old one.
+
 Both predictions come almost for free: the expert losses need the K-prompt pass anyway (stage 3
 batches it), and the trained prompt's logits come from its training forward before its backward.
 
@@ -44,7 +52,8 @@ times them.
 One JSONL row per step: step, regime, concept, domain, loss, acc, acc_mixture, mixture_loss,
 weights, prompt_ids (birth index of each live prompt; the row where an index first appears gives
 its birth step and concept), expert_losses, num_prompts, entropy (and acc_live, live_loss, and
-mixture_experts: how many experts predicted beyond the loss batch).
+mixture_experts: how many experts predicted beyond the loss batch; alarm and fresh_birth where a
+fresh birth was raised and made).
 
 Run `python stage5_train.py` for a short FLH stream on the defaults (log under runs/<run-name>/),
 and `--test` for the checks (10 fixed batches are overfitted; logged accuracy is prequential;

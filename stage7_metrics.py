@@ -47,10 +47,12 @@ together), `--test` for the checks on synthetic logs with known answers.
 """
 
 import contextlib
+import gzip
 import io
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -568,15 +570,19 @@ def read_log(path):
 
 
 def find_logs(folder):
-    """{method: rows} from a run folder: its own log.jsonl, or one per method sub-folder."""
+    """{method: rows} from a run folder: its own log.jsonl, or one per method sub-folder (either may be
+    gzipped, log.jsonl.gz; a plain log.jsonl wins over a gzipped one beside it)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise common.UserError(f"{folder} is not a folder")
-    if (folder / "log.jsonl").exists():
+    own = [p for p in (folder / "log.jsonl", folder / "log.jsonl.gz") if p.exists()]
+    if own:
         cfg = folder / "config.json"
         name = common.read_json(cfg).get("method", folder.name) if cfg.exists() else folder.name
-        return {name: read_log(folder / "log.jsonl")}
-    logs = {p.parent.name: read_log(p) for p in sorted(folder.glob("*/log.jsonl"))}
+        return {name: read_log(own[0])}
+    logs = {}  # one per method sub-folder: log.jsonl, or log.jsonl.gz as committed under results/
+    for p in sorted([*folder.glob("*/log.jsonl.gz"), *folder.glob("*/log.jsonl")]):
+        logs[p.parent.name] = read_log(p)
     if not logs:
         raise common.UserError(f"no log.jsonl in {folder} or its sub-folders")
     steps = (
@@ -832,6 +838,14 @@ def run_tests():
         with contextlib.redirect_stdout(out):
             assert set(find_logs(tmp)) == {"flh", "single"}
         assert "reset has 300 of 800 steps (unfinished): left out" in out.getvalue(), out.getvalue()
+        # A gzipped log (as committed under results/) reads as the plain one.
+        (Path(tmp) / "flh_gz").mkdir()
+        with gzip.open(Path(tmp) / "flh_gz" / "log.jsonl.gz", "wt") as f:
+            f.write((Path(tmp) / "flh" / "log.jsonl").read_text())
+        with contextlib.redirect_stdout(out):
+            logs = find_logs(tmp)
+        assert logs["flh_gz"] == logs["flh"] and find_logs(Path(tmp) / "flh_gz")["flh_gz"] == logs["flh"]
+        shutil.rmtree(Path(tmp) / "flh_gz")
         # A torn last line and a gap are reported; an empty or foreign log is one clear error.
         log = Path(tmp) / "single" / "log.jsonl"
         lines = log.read_text().splitlines(keepends=True)
