@@ -899,6 +899,13 @@ def build_parser():
     p.add_argument(
         "--summary", default=None, help="folder for summary.json/summary.md over all runs (default: none)"
     )
+    p.add_argument(
+        "--baselines",
+        type=lambda t: [m for m in t.split(",") if m],
+        default=["single", "leader"],
+        help="with --summary: the methods every other is compared with, shift by shift and run by run "
+        "(comma-separated; default: single,leader)",
+    )
     p.add_argument("--test", action="store_true", help="run this stage's built-in checks and exit")
     return p
 
@@ -922,12 +929,19 @@ def main(args):
         plot_accuracy_seeds(run_logs, out / "accuracy_seeds.png", threshold=args.recovery_threshold)
         print(f"over {len(per_run)} runs:\n{table}")
         if all("shift_details" in m for run in per_run for m in run.values()):
-            f50 = first50_summary(per_run)
+            missing = [b for b in args.baselines if b not in methods_of(per_run)]
+            if missing:
+                raise common.UserError(f"--baselines: no run holds {', '.join(missing)}")
+            f50 = first50_summary(per_run, args.baselines)
             names = [Path(r).name for r in args.runs]
             cut = os.path.commonprefix(names).rfind("-") + 1  # remember-rt-seed0, ... -> seed0, ...
             names = [n[cut:] for n in names] if len(names) > 1 else names
-            tables = filter(None, (per_run_table(f50, names, b) for b in ("single", "leader")))
-            md = first50_table(f50) + "\n\nPaired difference per run:\n\n" + "\n\n".join(tables)
+            tables = filter(None, (per_run_table(f50, names, b) for b in args.baselines))
+            md = (
+                first50_table(f50, args.baselines)
+                + "\n\nPaired difference per run:\n\n"
+                + "\n\n".join(tables)
+            )
             common.write_json(out / "first50.json", {"runs": args.runs, "methods": f50})
             (out / "summary.md").write_text(table + "\n\n" + md + "\n")
             plot_first50(f50, out / "first50.png", title=f"first 50 steps after a shift, {len(per_run)} runs")
