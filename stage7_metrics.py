@@ -309,6 +309,17 @@ def first50_table(summary, baselines=("single", "leader")):
     return "\n".join(lines)
 
 
+def log_loss_table(per_run, names):
+    """Markdown: each method's mean log loss run by run, and the mean over the runs that hold it."""
+    lines = ["| method | " + " | ".join(names) + " | mean |", "|---" * (len(names) + 2) + "|"]
+    for m in methods_of(per_run):
+        vals = [run[m].get("mean_log_loss") if m in run else None for run in per_run]
+        cells = ["-" if v is None else f"{v:.4f}" for v in vals]
+        got = [v for v in vals if v is not None]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {np.mean(got):.4f} |" if got else "")
+    return "\n".join(line for line in lines if line)
+
+
 def per_run_table(summary, names, baseline="single"):
     """Markdown: each method's paired first-50 difference to `baseline` run by run (the mean over that
     run's shifts of each kind), so a reader sees whether every seed agrees with the pooled interval."""
@@ -922,6 +933,8 @@ def main(args):
         print(f"{run}:\n{summary_table([m])[0]}\n")
     if args.summary:
         table, summary = summary_table(per_run)
+        table += "\n\nLog loss of each method's own prediction, per run (what tuning compares):\n\n"
+        table += log_loss_table(per_run, [Path(r).name for r in args.runs])
         out = Path(args.summary)
         out.mkdir(parents=True, exist_ok=True)
         common.write_json(out / "summary.json", {"runs": args.runs, "methods": summary})
