@@ -54,13 +54,14 @@ Pruning. Every expert costs a forward pass per step, so the pool is kept small:
             current leader. Redundant copies go first; distinct memories stay.
   reservoir at most `max_prompts` experts, judged on the whole past instead of the last batches:
             stage 5 keeps a reservoir, a uniform sample of R past examples with the labels they had
-            then, and scores every expert on it. Each example goes to the expert with the lowest
-            loss on it; the expert that is best on the fewest examples goes (the lighter on a
-            tie). Never the live prompt, never the leader. An expert that is the best memory of some
-            stretch of the past, however long ago, keeps its examples and stays; a redundant copy,
-            or an expert no better than another anywhere, has none. (`diverse` can remove every
-            expert of an old regime: experts that learned little predict alike, near uniform.)
-  none      with an optional `max_prompts` cap that drops the lightest expert.
+            then, and scores every expert on it (losses L_ir). The pool's loss on the past is
+            sum_r min_i L_ir: each example answered by the expert best on it. The expert whose removal
+            raises that least goes,
+                victim = argmin_i  sum_r ( min_{j != i} L_jr - min_j L_jr ),
+            never the live prompt, never the leader. The only good memory of a stretch of the past,
+            however long ago and however few its examples, costs a lot to remove and stays; a
+            redundant copy costs almost nothing. (`diverse` can remove every expert of an old regime:
+            experts that learned little predict alike, near uniform, on any inputs.)
 
 Prediction. `get_prompt('weighted_sum')` gives the plan's prompt sum_i w_i p_i; FLH's own
 prediction is the mixture sum_i w_i softmax(f(x; p_i)), which `get_all_losses` makes possible from
@@ -213,15 +214,16 @@ class FLHPromptPool(nn.Module):
         return [i for i in range(len(self)) if i not in (leader, len(self) - 1)]
 
     def reservoir_victim(self, losses):
-        """The index `reservoir` removes, given every expert's loss on each reservoir example
-        (losses [K, R]): the removable expert that is best on the fewest examples, the lighter on
-        a tie; the lightest removable one when the reservoir is empty."""
-        wins = (
-            torch.bincount(losses.argmin(0), minlength=len(self)).tolist()
-            if losses.numel()
-            else [0] * len(self)
-        )
-        return min(self.removable(), key=lambda i: (wins[i], self.log_w[i].item()), default=None)
+        """The index `reservoir` removes, given every expert's loss on each reservoir example (losses
+        [K, R]): the removable expert whose removal raises sum_r min_i L_ir the least, the lighter on
+        a tie (the lightest removable one when the reservoir is empty)."""
+        best = losses.min(0).values
+
+        def cost(i):  # what the pool's loss on the past would rise by without expert i
+            others = torch.cat([losses[:i], losses[i + 1 :]])
+            return float((others.min(0).values - best).sum()) if losses.shape[1] else 0.0
+
+        return min(self.removable(), key=lambda i: (cost(i), self.log_w[i].item()), default=None)
 
     def birth_prompt(self, init=None, probe=None):
         """Birth t: prune (FLH2 / cap / diverse / reservoir), then w_i *= 1 - 1/t and w_new = 1/t. The
@@ -546,27 +548,33 @@ def run_tests():
         "live prompt"
     )
 
-    # reservoir: the expert best on the fewest past examples goes, however heavy; the lighter on a tie;
-    # never the leader or the live prompt; the probe runs only when the cap is reached.
+    # reservoir: the expert whose removal raises the pool's best loss on the past the least goes,
+    # however heavy; the lighter on a tie; never the leader or the live prompt; the probe runs only
+    # at the cap.
     pool, calls = FLHPromptPool(2, 2, prune="reservoir", max_prompts=5), []
     for _ in range(5):
         pool.birth_prompt(probe=lambda: calls.append(1))
     assert not calls, "the probe ran below the cap"
     pool.log_w = torch.tensor([0.05, 0.3, 0.1, 0.4, 0.15], dtype=torch.float64).log()
-    losses = torch.tensor(  # [K=5 experts, R=6 examples]; best per example: 0, 0, 0, 2, 3, 4
-        [[0.1, 0.1, 0.1, 0.9, 0.9, 0.9], [0.5] * 6, [0.9, 0.9, 0.9, 0.2, 0.9, 0.9],
-         [0.9, 0.9, 0.9, 0.9, 0.1, 0.9], [0.9, 0.9, 0.9, 0.9, 0.9, 0.1]]
+    losses = torch.tensor(  # [K=5 experts, R=4 examples]
+        [[0.1, 3.0, 3.0, 3.0],  # id 1: best on example 0 (cost 0.3), light
+         [0.4, 2.9, 2.9, 0.9],  # id 2: heavy, second best on 0 and 3 (cost 0)
+         [3.0, 0.2, 0.3, 3.0],  # id 3: one of two experts of examples 1-2 (cost 0.1 + 0.1)
+         [3.0, 0.3, 0.4, 3.0],  # id 4: the leader
+         [3.0, 3.0, 3.0, 0.8]]  # id 5: the live prompt
     )  # fmt: skip
+    assert pool.reservoir_victim(losses) == 1  # index 1: id 2, heavy but redundant
     pool.birth_prompt(probe=lambda: losses)
-    assert pool.birth_ids == [1, 3, 4, 5, 6], pool.birth_ids  # id 2: heavy (0.3) but best nowhere
+    assert pool.birth_ids == [1, 3, 4, 5, 6], pool.birth_ids
+    costs = torch.tensor([[0.1, 3.0], [3.0, 0.1], [0.5, 0.5], [0.5, 0.5], [3.0, 3.0]])  # ids 4, 5 tie at 0
     pool.log_w = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25], dtype=torch.float64).log()  # leader: id 4
-    wins_tie = torch.tensor([[0.1, 0.9], [0.9, 0.1], [0.5, 0.5], [0.9, 0.9], [0.9, 0.9]])  # ids 1, 3 win
-    pool.birth_prompt(probe=lambda: wins_tie)  # ids 5 (0.15) and 6 (live) win nothing; 5 goes
+    pool.birth_prompt(probe=lambda: costs)  # removable: ids 1, 3, 5; id 5 (cost 0) goes
     assert pool.birth_ids == [1, 3, 4, 6, 7], pool.birth_ids
     pool.birth_prompt()  # no reservoir yet: the lightest removable one goes
     assert len(pool) == 5 and 4 in pool.birth_ids and 7 in pool.birth_ids
     print(
-        "  ok: reservoir removes the expert best on the fewest past examples (heavy or not), lighter on a tie"
+        "  ok: reservoir removes the expert that costs the pool least on the past (heavy or not), never "
+        "the leader or the live prompt"
     )
 
     # A cap keeps the heaviest; the newcomer is always added.

@@ -30,8 +30,8 @@ own accuracy is logged as `acc_live`.
 
 Two helpers for a pool that must remember more regimes than its cap holds and still meet new ones:
   reservoir     (`--prune reservoir`) a uniform sample of past examples with their labels, over the
-                whole stream; at a birth over the cap, stage 4 removes the expert that is best on the
-                fewest of them, so the best memory of every stretch of the past stays.
+                whole stream; at a birth over the cap, stage 4 removes the expert the pool misses least
+                on them, so the best memory of every stretch of the past stays.
   fresh births  (`--fresh-threshold`) a one-sided Page-Hinkley test on the best expert's loss per
                 batch: when even the best expert gets worse, no memory knows the rule, and a prompt
                 born from random learns it faster than a copy that must first unlearn the old one.
@@ -894,7 +894,7 @@ def add_flh_args(p, **defaults):
         help=text(
             "prune",
             "FLH pool pruning: none | flh2 (by age) | diverse (the most alike pair on recent batches) | "
-            "reservoir (the expert best on the fewest examples of a sample of the whole past); the last two "
+            "reservoir (the expert the pool misses least on a sample of the whole past); the last two "
             "need --max-prompts",
         ),
     )
