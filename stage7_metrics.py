@@ -913,9 +913,9 @@ def build_parser():
     p.add_argument(
         "--baselines",
         type=lambda t: [m for m in t.split(",") if m],
-        default=["single", "leader"],
+        default=None,
         help="with --summary: the methods every other is compared with, shift by shift and run by run "
-        "(comma-separated; default: single,leader)",
+        "(comma-separated; default: single and leader, where the runs hold them)",
     )
     p.add_argument("--test", action="store_true", help="run this stage's built-in checks and exit")
     return p
@@ -942,7 +942,10 @@ def main(args):
         plot_accuracy_seeds(run_logs, out / "accuracy_seeds.png", threshold=args.recovery_threshold)
         print(f"over {len(per_run)} runs:\n{table}")
         if all("shift_details" in m for run in per_run for m in run.values()):
-            missing = [b for b in args.baselines if b not in methods_of(per_run)]
+            held = methods_of(per_run)
+            if args.baselines is None:
+                args.baselines = [b for b in ("single", "leader") if b in held]
+            missing = [b for b in args.baselines if b not in held]
             if missing:
                 raise common.UserError(f"--baselines: no run holds {', '.join(missing)}")
             f50 = first50_summary(per_run, args.baselines)
