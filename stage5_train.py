@@ -34,7 +34,7 @@ Two helpers for a pool that must remember more regimes than its cap holds and st
                 on them, so the best memory of every stretch of the past stays.
   fresh births  (`--fresh-threshold`) a one-sided Page-Hinkley test on the best expert's loss per
                 batch: when even the best expert gets worse, no memory knows the rule, and a prompt
-                born from random learns it faster than a copy that must first unlearn the old one.
+                is born from random, which has nothing to unlearn (whether that pays: the README).
 
 Both predictions come almost for free: the expert losses need the K-prompt pass anyway (stage 3
 batches it), and the trained prompt's logits come from its training forward before its backward.
@@ -123,17 +123,6 @@ def follow_pool(optimizer, added=None, removed=()):
         optimizer.state.pop(p, None)
     if added is not None:
         optimizer.add_param_group({"params": [added]})
-
-
-def adwin(delta, losses=()):
-    """river's ADWIN drift detector (Bifet & Gavalda, "Learning from time-changing data with adaptive
-    windowing", SDM 2007), checking at every batch, fed `losses` (a resumed run replays them)."""
-    from river import drift
-
-    detector = drift.ADWIN(delta=delta, clock=1)
-    for x in losses:
-        detector.update(x)
-    return detector
 
 
 def rise_detector(threshold, losses=()):

@@ -62,7 +62,6 @@ from stage5_train import (
     accuracy,
     add_flh_args,
     add_model_args,
-    adwin,
     base_row,
     flh_kwargs,
     fresh_run,
@@ -185,7 +184,12 @@ class DetectLearner(SingleLearner):
 
     def new_detector(self, losses=()):
         """ADWIN over the given losses (a resumed run replays them: the detector's state exactly)."""
-        return adwin(self.delta, losses)
+        from river import drift
+
+        detector = drift.ADWIN(delta=self.delta, clock=1)  # check at every batch, not every 32nd
+        for x in losses:
+            detector.update(x)
+        return detector
 
     def step(self, batch):
         row = {}
