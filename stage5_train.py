@@ -180,7 +180,7 @@ class Reservoir:
         return F.cross_entropy(logits.reshape(K * R, C), y, reduction="none").view(K, R).cpu()
 
     def state(self):
-        return {"size": self.size, "keys": self.keys, "rows": dict(self.rows)}
+        return {"keys": self.keys, "rows": dict(self.rows)}
 
     def load_state(self, state):
         self.keys, self.rows = state["keys"].clone(), {k: v.clone() for k, v in state["rows"].items()}
