@@ -19,6 +19,7 @@ Names a user can pass:
 import argparse
 import contextlib
 import csv
+import errno
 import gzip
 import io
 import json
@@ -113,9 +114,37 @@ def resolve_precision(name, device, what="", measure=None):
     return choice
 
 
-def run_dir(out, run_name):
-    """runs/<run-name>/, created if needed."""
-    path = Path(out) / run_name
+def check_run_name(name):
+    """A run name is a name: one printable path component of at most 100 characters, in UTF-8,
+    never '', '.' or '..'. Returns it, or raises UserError saying what is wrong."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"run name {name!r} is not valid UTF-8") from None
+    if name in ("", ".", "..") or "/" in name or (os.altsep and os.altsep in name):
+        raise UserError(f"run name {name!r} must be one folder name inside --out (no '/', not '.' or '..')")
+    if not name.isprintable() or len(name) > 100:
+        raise UserError(f"run name {name[:40]!r} must be printable and at most 100 characters")
+    return name
+
+
+def run_name_arg(text):
+    """argparse type for --run-name: see check_run_name."""
+    try:
+        return check_run_name(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def run_dir(out, run_name, create=True):
+    """runs/<run-name>/, created if needed (with create=False it must exist). Always a folder inside
+    --out, and nothing in it is a symbolic link: a run writes, replaces and deletes files only in
+    its own folder, never where a link planted there would send it."""
+    path = Path(out) / check_run_name(run_name)
+    if path.is_symlink():
+        raise UserError(f"the run folder {path} is a symbolic link; a run writes only inside --out")
+    if not create and not path.is_dir():
+        raise UserError(f"no run {path}: run it first (or check --out and --run-name)")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -124,6 +153,12 @@ def run_dir(out, run_name):
         ) from None
     except PermissionError:
         raise UserError(f"cannot make the run folder {path}: permission denied") from None
+    for parent, dirs, files in os.walk(path):
+        link = next((n for n in dirs + files if os.path.islink(os.path.join(parent, n))), None)
+        if link is not None:
+            raise UserError(
+                f"{os.path.join(parent, link)} is a symbolic link; a run folder holds none (remove it)"
+            )
     return path
 
 
@@ -179,8 +214,16 @@ def write_json(path, obj):
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    """A JSON object from a file (configs, run records, saved learners: all objects). A file that is
+    not one, edited or cut short, is one line naming it, never a traceback."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not readable JSON ({str(e)[:80]}): edited or damaged") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a JSON {type(obj).__name__}, not an object: edited or damaged")
+    return obj
 
 
 class JsonlLog:
@@ -287,6 +330,11 @@ def save_state(path, obj):
     try:
         save_file(tensors, tmp, metadata={"format": STATE_FORMAT, "skeleton": skeleton})
         os.replace(tmp, path)
+    except Exception as e:  # safetensors reports a full disk as its own error: make it the OS's again
+        code = re.search(r"os error (\d+)", str(e))
+        if code and not isinstance(e, OSError):
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -448,6 +496,7 @@ def add_common_args(parser, run_name, run_name_help=None, test=True):
     parser.add_argument(
         "--run-name",
         default=run_name,
+        type=run_name_arg,
         help=run_name_help or f"sub-folder of --out for this run (default: {run_name})",
     )
     if test:
@@ -475,13 +524,33 @@ def fill_from_preset(args, preset):
     return args
 
 
+# What the operating system can refuse a run that is not the program's fault: said in one line.
+OS_FAULTS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.ENAMETOOLONG: "file name too long",
+}
+
+
 def main_guard(parser, main, argv=None):
-    """Run main(args); a UserError becomes one line and exit code 2, never a traceback."""
+    """Run main(args); a UserError, or a fault of the file system (permission, full disk, read-only,
+    name too long), becomes one line and exit code 2, never a traceback. Logs are appended line by
+    line and states replaced atomically, so what was written before the fault stays whole."""
     args = parser.parse_args(argv)
     try:
         return main(args)
     except UserError as e:
         parser.error(str(e))
+    except OSError as e:
+        if e.errno not in OS_FAULTS:
+            raise
+        where = e.filename or "a file of the run"
+        parser.error(
+            f"cannot write or read {where}: {OS_FAULTS[e.errno]} (nothing written before it is lost)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -716,10 +785,14 @@ def _binary_labels(values, where):
     return [names.index(v) for v in values]
 
 
+MAX_FIELD = 1 << 24  # characters in one text: 16 M, far past what any backbone reads
+
+
 def _from_columns(columns, name, text_column=None, label_column=None, domain_column=None):
     """{column: values} -> {domain: (texts, labels)}: the one path every data source takes. Text
     column: --text-column, else 'text' or 'sentence'; labels: --label-column, else 'label'; domains:
-    --domain-column, else 'domain' when there is one (one domain otherwise)."""
+    --domain-column, else 'domain' when there is one (one domain otherwise). Texts must be strings;
+    rows with an empty or missing text are dropped, and their number said on stderr."""
     have = list(columns)
 
     def pick(given, candidates, flag, needed=True):
@@ -736,48 +809,88 @@ def _from_columns(columns, name, text_column=None, label_column=None, domain_col
     text_col = pick(text_column, ("text", "sentence"), "--text-column")
     label_col = pick(label_column, ("label",), "--label-column")
     domain_col = pick(domain_column, ("domain",), "--domain-column", needed=False)
-    texts = ["" if t is None else str(t) for t in columns[text_col]]
-    if not texts:
-        raise UserError(f"{name} holds no rows")
-    labels = _binary_labels(columns[label_col], f"{name} column {label_col!r}")
+    used = [c for c in (text_col, label_col, domain_col) if c is not None]
+    if len(set(used)) < len(used):
+        raise UserError(f"{name}: the text, label and domain columns must differ (given: {', '.join(used)})")
+    keep = []
+    for row, t in enumerate(columns[text_col], 1):
+        if t is not None and not isinstance(t, str):
+            raise UserError(f"{name}: row {row}: the text is a {type(t).__name__}, not a string")
+        if t is not None and len(t) > MAX_FIELD:
+            raise UserError(f"{name}: row {row}: a text of {len(t):,} characters (at most {MAX_FIELD:,})")
+        if t and t.strip():
+            keep.append(row - 1)
+    if not keep:
+        raise UserError(f"{name} holds no rows with a text")
+    if len(keep) < len(columns[text_col]):
+        print(
+            f"[flh] {name}: dropped {len(columns[text_col]) - len(keep)} rows with an empty text",
+            file=sys.stderr,
+        )
+    texts = [columns[text_col][i] for i in keep]
+    labels = _binary_labels([columns[label_col][i] for i in keep], f"{name} column {label_col!r}")
     if domain_col is None:
         path = Path(name)
         return {
             (path.stem if path.suffix.lower() in (".csv", ".jsonl") else path.name) or name: (texts, labels)
         }
     domains = {}
-    for t, y, d in zip(texts, labels, columns[domain_col]):
-        texts_d, labels_d = domains.setdefault(str(d), ([], []))
+    for t, y, i in zip(texts, labels, keep):
+        texts_d, labels_d = domains.setdefault(str(columns[domain_col][i]), ([], []))
         texts_d.append(t)
         labels_d.append(y)
     return domains
 
 
+def read_text_file(path):
+    """A user's text file as a string: UTF-8, with or without a byte-order mark. Anything else (Latin-1,
+    a binary file) is refused in one line that names the first byte that is not UTF-8 text."""
+    data = Path(path).read_bytes()
+    body = data.removeprefix(b"\xef\xbb\xbf")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = e.start + len(data) - len(body)
+        raise UserError(
+            f"{path} is not UTF-8 text: byte {at:,} is {data[at : at + 1]!r} (save it as UTF-8)"
+        ) from None
+    if "\x00" in text:
+        raise UserError(
+            f"{path} holds a NUL byte at character {text.index(chr(0)):,}: a binary file, not text"
+        )
+    return text
+
+
 def _read_table(path):
     """A CSV file (a header line, then rows) or a JSONL file (one JSON object a line) as {column:
-    values}; a row without a column gets None there."""
+    values}; a row without a column gets None there. Duplicate column names are refused."""
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty")
+    text = read_text_file(path)
     if path.suffix.lower() == ".csv":
-        csv.field_size_limit(1 << 24)
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
+        csv.field_size_limit(MAX_FIELD)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
             rows = list(reader)
-            header = reader.fieldnames or []
+        except csv.Error as e:
+            raise UserError(f"{path} line {reader.line_num}: {e}") from None
+        header = reader.fieldnames or []
+        twice = sorted({c for c in header if header.count(c) > 1})
+        if twice:
+            raise UserError(f"{path}: the header names {', '.join(map(repr, twice))} more than once")
     else:
         rows, header = [], {}
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {n} is not JSON ({e.msg})")
-                if not isinstance(row, dict):
-                    raise UserError(f"{path} line {n} is not a JSON object")
-                rows.append(row)
-                header.update(dict.fromkeys(row))
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {n} is not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path} line {n} is not a JSON object")
+            rows.append(row)
+            header.update(dict.fromkeys(row))
     return {c: [r.get(c) for r in rows] for c in header}
 
 

@@ -497,8 +497,8 @@ def main(args):
         common.write_json(folder / "config.json", {**vars(args), "methods": ran})
         for method in methods:
             run_method(method, args, model, stream, folder / method)
-    metrics = analyse(folder, args.recovery_threshold, args.window)
-    print(summarise(folder, metrics))
+        metrics = analyse(folder, args.recovery_threshold, args.window)  # the lock is held to the last write
+        print(summarise(folder, metrics))
     print(f"metrics and plots in {folder}")
 
 

@@ -568,7 +568,7 @@ def end_ids(tok):
 
 def generate(args):
     """The generate sub-command: see the module docstring."""
-    folder = Path(args.out) / args.run_name
+    folder = common.run_dir(args.out, args.run_name, create=False)
     info = common.read_json(folder / "train.json") if (folder / "train.json").exists() else {}
     name = args.model or info.get("model", "smollm2-135m")
     soft = None
@@ -677,8 +677,10 @@ def decode(d):
     return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[kind](decode(x) for x in v)
 
 
-# What runs inside the sandbox: read the job, drop to user nobody (when started as root), define
-# the program, then answer calls; the program's own output goes to stderr, never to our channel.
+# What runs inside the sandbox: read the job, drop to user nobody (when started as root in the
+# sandbox; --no-sandbox runs with your permissions, as it warns, and nobody might not even be able
+# to read a Python under root's home), define the program, then answer calls; the program's own
+# output goes to stderr, never to our channel.
 HARNESS = "\n".join(
     [
         inspect.getsource(encode),
@@ -689,7 +691,7 @@ job = json.loads(sys.stdin.readline())
 calls, answers = os.fdopen(os.dup(0), "r"), os.fdopen(os.dup(1), "w")
 os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 os.dup2(2, 1)
-if os.getuid() == 0:
+if os.getuid() == 0 and job["nobody"]:
     os.setgroups([]); os.setgid(65534); os.setuid(65534)
 def send(**reply):
     answers.write(json.dumps(reply) + "\\n"); answers.flush()
@@ -831,7 +833,7 @@ class Program:
             env={} if sandbox else None,
         )
         self.buffer = b""
-        self.send({"program": program, "entry_point": entry_point})
+        self.send({"program": program, "entry_point": entry_point, "nobody": sandbox})
         reply = self.receive()
         if "ready" not in reply:
             raise ProgramFailed(reply.get("error", "no answer"))
@@ -939,10 +941,12 @@ def score(results, ids):
 
 
 def read_completions(path):
-    """A completions file, strictly: every line one JSON object with task_id and completion (a file
-    without a final newline keeps its last line); anything else is one clear error."""
-    rows = []
-    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    """A completions file, strictly: UTF-8 (a byte that is not is refused, never replaced: the program
+    run must be the one in the file), every line one JSON object with a string task_id and
+    completion, each task once (pass@1 scores one answer per problem; a file without a final
+    newline keeps its last line); anything else is one clear error."""
+    rows, seen = [], {}
+    for n, line in enumerate(common.read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -955,16 +959,36 @@ def read_completions(path):
             or not isinstance(row.get("completion"), str)
         ):
             raise common.UserError(f"{path}: line {n} needs a string task_id and a string completion")
+        try:
+            row["completion"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise common.UserError(
+                f"{path}: line {n}: the completion holds a lone surrogate escape"
+            ) from None
+        if row["task_id"] in seen:
+            raise common.UserError(
+                f"{path}: task {row['task_id']!r} on line {seen[row['task_id']]} and again on line {n} "
+                "(pass@1 takes one completion per task)"
+            )
+        seen[row["task_id"]] = n
         rows.append(row)
     return rows
 
 
 def evaluate(args):
     """The evaluate sub-command: see the module docstring."""
-    folder = Path(args.out) / args.run_name
+    folder = common.run_dir(args.out, args.run_name, create=False)
     files = sorted(folder.glob("completions*.jsonl"))
     if not files:
         raise common.UserError(f"no completions*.jsonl in {folder}: run `generate` first")
+    if not args.no_sandbox:
+        require_sandbox()
+    problems = load_problems()
+    read = {path: read_completions(path)[: args.limit or None] for path in files}  # all checked first
+    for path, completions in read.items():
+        unknown = [c["task_id"] for c in completions if c["task_id"] not in problems]
+        if unknown:
+            raise common.UserError(f"{path.name}: unknown task ids such as {unknown[0]!r}")
     if args.no_sandbox:
         print(
             "WARNING: --no-sandbox: generated programs run as plain processes with your permissions; "
@@ -972,18 +996,11 @@ def evaluate(args):
             "WARNING: change and delete your files and reach the network. Use it only on code you trust.",
             file=sys.stderr,
         )
-    else:
-        require_sandbox()
     (folder / "results.json").unlink(missing_ok=True)  # a failed evaluation leaves nothing that looks current
-    problems = load_problems()
     split = split_ids(problems)
     report, lines = {}, []
     header = f"{'completions':<30}{'held out':>16}{'seen in training':>20}{'all':>16}"
-    for path in files:
-        completions = read_completions(path)[: args.limit] if args.limit else read_completions(path)
-        unknown = [c["task_id"] for c in completions if c["task_id"] not in problems]
-        if unknown:
-            raise common.UserError(f"{path.name}: unknown task ids such as {unknown[0]!r}")
+    for path, completions in read.items():
         t0 = time.time()
         results = check_programs(
             problems, completions, args.timeout, args.workers, not args.no_sandbox, args.memory_mb
@@ -1324,13 +1341,14 @@ def run_tests():
             f"({time.time() - t1:.1f}s)"
         )
         with tempfile.TemporaryDirectory() as tmp:  # from a virtual environment too (here under /tmp)
-            subprocess.run(
-                [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", f"{tmp}/venv"],
-                check=True,
-            )
+            subprocess.run([sys.executable, "-m", "venv", "--without-pip", f"{tmp}/venv"], check=True)
             line = "from stage11_codegen import *; p = load_problems()['HumanEval/0']; "
             line += "print(check_program(p, p['canonical_solution'], 5.0)['result'])"
-            out = subprocess.run([f"{tmp}/venv/bin/python", "-c", line], capture_output=True, text=True)
+            path = os.pathsep.join(p for p in sys.path if p)  # our packages, wherever they are installed
+            env = {**os.environ, "PYTHONPATH": path}
+            out = subprocess.run(
+                [f"{tmp}/venv/bin/python", "-c", line], capture_output=True, text=True, env=env
+            )
             assert out.stdout.strip() == "passed", (out.stdout, out.stderr[-500:])
         print("  ok: a program checked from a virtual environment runs in the sandbox (its base Python)")
         verdicts, took = check_sandbox()
@@ -1559,7 +1577,7 @@ def build_parser():
 def export(args):
     """The export sub-command: a soft prompt file as a PEFT adapter in <run>/peft_adapter, naming the
     base as this machine has it (train does this too; export redoes it, e.g. for a committed prompt)."""
-    folder = Path(args.out) / args.run_name
+    folder = common.run_dir(args.out, args.run_name, create=False)
     ckpt = Path(args.checkpoint) if args.checkpoint else folder / "best_soft_prompts.pt"
     if not ckpt.exists():
         raise common.UserError(f"no soft prompt at {ckpt}: run `train` first or pass --checkpoint")
@@ -1577,13 +1595,8 @@ def main(args):
     if args.command is None:
         raise common.UserError("choose a sub-command: train, generate, evaluate or export (or --test)")
     run = {"train": train, "generate": generate, "evaluate": evaluate, "export": export}[args.command]
-    if args.command == "train" or (args.command == "export" and args.checkpoint):
-        common.run_dir(args.out, args.run_name)
-    elif not (Path(args.out) / args.run_name).is_dir():
-        raise common.UserError(
-            f"no run {Path(args.out) / args.run_name}: train one first (or give --run-name)"
-        )
-    with common.locked(Path(args.out) / args.run_name):  # one process per run folder at a time
+    create = args.command == "train" or (args.command == "export" and args.checkpoint)
+    with common.locked(common.run_dir(args.out, args.run_name, create)):  # one process per run folder
         return run(args)
 
 

@@ -454,22 +454,61 @@ def save_learner(learner, folder, config, steps):
     common.write_json(folder / "learner.json", about)
 
 
+def check_state(state, prompt_shape, where):
+    """A loaded state, checked before it is used: every float tensor finite (a NaN log-weight or
+    prompt would predict p=nan) and every prompt-like one (2-D or more) of this run's prompt shape."""
+    if isinstance(state, torch.Tensor) and state.is_floating_point():
+        if not torch.isfinite(state).all():
+            raise common.UserError(f"{where} holds NaN or infinite values")
+        if state.ndim >= 2 and tuple(state.shape[-2:]) != prompt_shape:
+            raise common.UserError(
+                f"{where} has shape {tuple(state.shape)}; this run's prompts are {prompt_shape}"
+            )
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list) else ()
+    for key, value in items:
+        check_state(value, prompt_shape, f"{where}[{key!r}]")
+
+
 def load_learner(folder, device="auto"):
     """(learner, tokenizer, max_length, about) from a folder written by save_learner: the frozen
-    backbone is loaded as the run had it, the learner made and its state loaded."""
+    backbone is loaded as the run had it, the learner made and its state loaded. An edited or
+    damaged pair of files is refused in one line: learner.json must hold the method, the steps and
+    the settings, and the state must fit the learner they make (shapes, finite values)."""
     import argparse
 
-    if not (folder / "learner.json").exists():
-        raise common.UserError(f"{folder} holds no saved learner (learner.json)")
-    about = common.read_json(folder / "learner.json")
-    args = argparse.Namespace(**about["config"])
+    path = folder / "learner.json"
+    if not path.exists():
+        held = sorted(p.parent.parent.name for p in folder.glob("*/pool/learner.json"))
+        raise common.UserError(
+            f"{folder} holds no saved learner (learner.json)"
+            + (f"; it holds {', '.join(held)}: choose one with --method" if held else "")
+        )
+    about = common.read_json(path)
+    if not (
+        isinstance(about, dict)
+        and about.get("method") in METHODS
+        and isinstance(about.get("steps"), int)
+        and isinstance(about.get("config"), dict)
+    ):
+        raise common.UserError(f"{path} must hold a known 'method', an integer 'steps' and a 'config' object")
     if "image_size" in about["config"]:
         raise common.UserError(f"{folder} is a vision run; only text runs predict from the command line")
-    model, tok = load_backbone(args.backbone, pooling=args.pooling, device=common.resolve_device(device))
-    model.precision = args.precision
-    learner = make_learner(about["method"], model, args)
-    learner.load_state_dict(common.load_state(folder / "learner.safetensors"))
-    return learner, tok, min(args.max_length, text_budget(model, args.prompt_length)), about
+    state = common.load_state(folder / "learner.safetensors")
+    try:
+        args = argparse.Namespace(**about["config"])
+        model, tok = load_backbone(args.backbone, pooling=args.pooling, device=common.resolve_device(device))
+        model.precision = args.precision
+        check_state(state, (args.prompt_length, model.embed_dim), "learner.safetensors")
+        learner = make_learner(about["method"], model, args)
+        learner.load_state_dict(state)
+        max_length = min(args.max_length, text_budget(model, args.prompt_length))
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError, RuntimeError, OSError) as e:
+        why = " ".join(str(e).split())[:150]
+        raise common.UserError(
+            f"{folder}: learner.json and learner.safetensors do not make a {about['method']} learner "
+            f"({type(e).__name__}: {why}): edited or damaged"
+        ) from None
+    return learner, tok, max_length, about
 
 
 def add_baseline_args(p, **defaults):

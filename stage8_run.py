@@ -37,8 +37,10 @@ Run `--test` for the checks (a tiny run of all methods writes every output; resu
 import argparse
 import contextlib
 import io
+import itertools
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -183,21 +185,21 @@ def run_method(method, args, model, stream, folder):
             old.unlink(missing_ok=True)
     log = common.JsonlLog(folder / "log.jsonl")
     log.truncate_to(start)  # rows after the checkpoint are redone; fewer rows than its step is an error
-    if start >= args.steps:
-        log.close()
-        return None
     t0 = time.time()
-    run_stream(
-        learner,
-        stream,
-        args.steps,
-        log,
-        start,
-        every=args.checkpoint_every,
-        callback=lambda s: save_checkpoint(folder, s, learner),
-        desc=method,
-    )
+    if start < args.steps:
+        run_stream(
+            learner,
+            stream,
+            args.steps,
+            log,
+            start,
+            every=args.checkpoint_every,
+            callback=lambda s: save_checkpoint(folder, s, learner),
+            desc=method,
+        )
     log.close()
+    if start == args.steps and (folder / "run.json").exists():
+        return None  # finished before; a run whose final save was cut goes on to make it
     if args.steps % args.checkpoint_every:
         save_checkpoint(folder, args.steps, learner)
     save_learner(learner, folder / "pool", vars(args), args.steps)  # what --predict reads
@@ -209,7 +211,7 @@ def run_method(method, args, model, stream, folder):
             "steps_run": args.steps - start,
             "resumed_from": start,
             "wall_seconds": round(wall, 1),
-            "seconds_per_step": round(wall / (args.steps - start), 4),
+            "seconds_per_step": round(wall / max(1, args.steps - start), 4),
             "device": str(model.device),
             "threads": torch.get_num_threads(),
         },
@@ -485,7 +487,7 @@ def check_predict(tmp):
     out = io.StringIO()
     texts = ["a gripping, beautiful film", "dull"]
     with contextlib.redirect_stdout(out):
-        probs, _ = main(
+        probs = main(
             build_parser().parse_args(["--predict", str(run_folder), "--text", texts[0], "--text", texts[1]])
         )
     lines = out.getvalue().splitlines()
@@ -583,8 +585,9 @@ def add_resume_arg(p):
 
 
 def start_run(args, default_name):
-    """The run folder: --run-name, or `default_name`; --resume needs a run that exists."""
-    args.run_name = args.run_name or default_name
+    """The run folder: --run-name, or `default_name` (a data file's path becomes one folder name);
+    --resume needs a run that exists."""
+    args.run_name = args.run_name or re.sub(r"[^\w.-]+", "_", default_name)[:100]
     if args.resume and not (Path(args.out) / args.run_name / "config.json").exists():
         raise common.UserError(f"--resume: there is no run {Path(args.out) / args.run_name} to continue")
     return common.run_dir(args.out, args.run_name)
@@ -759,20 +762,36 @@ def criteria_table(per_run):
     return "\n".join(lines)
 
 
-def predict(args):
-    """--predict: classify new texts with what a run learned, and say which experts answered."""
+def file_lines(path):
+    """The non-blank lines of a UTF-8 text file (a byte-order mark is skipped), one at a time: memory
+    stays bounded whatever the file's size. A byte that is not UTF-8 ends it with one line naming it."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").removeprefix("\ufeff" if n == 1 else "").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise common.UserError(
+                    f"--file {path} line {n}: byte {e.start} is not UTF-8 (save it as UTF-8)"
+                )
+            if line.strip():
+                yield line
+
+
+def predict(args, batch_size=64):
+    """--predict: classify new texts with what a run learned, and say which experts answered. The
+    texts go through in batches of `batch_size` (a file of any length in bounded memory); returns
+    the class probabilities [N, C]."""
     folder = Path(args.predict)
     if not (folder / "learner.json").exists() and (folder / "pool").is_dir():
         folder = folder / "pool"  # a method's folder
     elif not (folder / "learner.json").exists() and (folder / args.method / "pool").is_dir():
         folder = folder / args.method / "pool"  # a run's folder: --method picks (default flh)
-    texts = list(args.text or [])
-    if args.file:
-        try:
-            texts += [line.rstrip("\n") for line in open(args.file, encoding="utf-8") if line.strip()]
-        except OSError as e:
-            raise common.UserError(f"--file: cannot read {args.file} ({e.strerror})")
-    if not texts:
+    if args.file and not Path(args.file).is_file():
+        raise common.UserError(f"--file: no file {args.file}")
+    total = len(args.text or []) + (
+        sum(1 for _ in file_lines(args.file)) if args.file else 0
+    )  # checked first
+    if not total:
         raise common.UserError("--predict needs texts: give --text (several times if you like) or --file")
     learner, tok, max_length, about = load_learner(folder, args.device)
     cfg = about["config"]
@@ -782,8 +801,20 @@ def predict(args):
         f"{about['method']} from {folder}, after {about['steps']} steps"
         + (": its last regime flips the labels, so label 1 here is the data's label 0" if flipped else "")
     )
-    device = learner.model.device
-    probs, who = learner.predict({k: v.to(device) for k, v in encode_texts(tok, texts, max_length).items()})
+    texts = itertools.chain(args.text or [], file_lines(args.file) if args.file else [])
+    device, out, bar = learner.model.device, [], common.progress(total=total, desc="predict", unit="text")
+    while batch := list(itertools.islice(texts, batch_size)):
+        encoded = encode_texts(tok, batch, max_length)
+        probs, who = learner.predict({k: v.to(device) for k, v in encoded.items()})
+        show_predictions(batch, probs, who)
+        out.append(probs.cpu())
+        bar.update(len(batch))
+    bar.close()
+    return torch.cat(out)
+
+
+def show_predictions(texts, probs, who):
+    """Each text's label and probability, and the experts that answered (the heaviest four)."""
     for text, p, experts in zip(texts, probs.tolist(), who):
         label = max(range(len(p)), key=p.__getitem__)
         print(f"label {label}  p={p[label]:.3f}  {text[:70]!r}")
@@ -800,7 +831,6 @@ def predict(args):
             + ", ".join(shown)
             + (f" and {rest} more of weight {sum(e['weight'] for e in top[4:]):.3f}" if rest else "")
         )
-    return probs, who
 
 
 def main(args):

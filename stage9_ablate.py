@@ -97,7 +97,7 @@ def grid_settings(grid, args):
 def best_setting(args, grid):
     """(label, overrides) of the grid's setting with the lowest mean log loss of FLH's mixture,
     averaged over its seeds: the tuning criterion, chosen from the tuning seeds' logs alone."""
-    sweep, scores = Path(args.out) / args.run_name, {}
+    sweep, scores = common.run_dir(args.out, args.run_name, create=False), {}
     for label, overrides in grid_settings(grid, args).items():
         for seed in seed_range(args):
             folder = sweep / folder_key(grid, label, overrides, args) / f"seed{seed}"
@@ -515,9 +515,7 @@ def summarize(args, grids=None):
     """summary.json, summary.md and <grid>.png in the sweep folder, from the runs found there and
     the settings its sweep.json recorded (no flags to repeat; `grids`: all it holds unless named).
     A sweep from before sweep.json existed is read with the settings the flags give."""
-    sweep = Path(args.out) / args.run_name
-    if not sweep.is_dir():
-        raise common.UserError(f"no sweep {sweep}")
+    sweep = common.run_dir(args.out, args.run_name, create=False)
     if (sweep / "sweep.json").exists():
         plan = common.read_json(sweep / "sweep.json")
     else:

@@ -221,3 +221,437 @@ def test_bad_input_stage11(args, tmp_path):
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Careless and hostile use: every case ends with exit code 2 and one line, no traceback, nothing
+# written outside --out, and the files a run already had unchanged.
+# ----------------------------------------------------------------------------------------------
+TINY = "--backbone random:tiny-bert --batch-size 4 --flip-interval 3 --birth-interval 2 --precision fp32"
+
+
+def files_under(root):
+    """{relative path: bytes, or 'link -> target', or 'dir'} of everything under root (links not
+    followed; a run folder's .lock, which names the process that last held it, left out)."""
+    found = {}
+    for parent, dirs, files in os.walk(root):
+        for name in dirs + [f for f in files if f != ".lock"]:
+            path = os.path.join(parent, name)
+            key = os.path.relpath(path, root)
+            if os.path.islink(path):
+                found[key] = "link -> " + os.readlink(path)
+            elif os.path.isdir(path):
+                found[key] = "dir"
+            else:
+                with open(path, "rb") as f:
+                    found[key] = f.read()
+    return found
+
+
+def one_line_error(r, says=""):
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("[flh] ")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+    assert len(lines) == 1 and "error:" in lines[0] and says in lines[0], r.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished 6-step stage 8 run of flh and single on tiny-bert: what the hostile cases start from."""
+    out = tmp_path_factory.mktemp("tiny")
+    r = cli(
+        "stage8_run.py",
+        *TINY.split(),
+        "--steps",
+        "6",
+        "--method",
+        "flh",
+        "--out",
+        str(out),
+        "--run-name",
+        "run",
+    )
+    assert r.returncode == 0, r.stderr
+    r = cli(
+        "stage8_run.py",
+        *TINY.split(),
+        "--steps",
+        "6",
+        "--method",
+        "single",
+        "--out",
+        str(out),
+        "--run-name",
+        "run",
+    )
+    assert r.returncode == 0, r.stderr
+    return out / "run"
+
+
+@pytest.fixture
+def sandboxed(tmp_path, tiny_run):
+    """tmp/out holds a copy of the tiny run (tmp/out/run), tmp/beside is a folder a run must never
+    touch; returns (out, everything outside out as it was)."""
+    out, beside = tmp_path / "out", tmp_path / "beside"
+    shutil.copytree(tiny_run, out / "run", symlinks=True)
+    beside.mkdir()
+    (beside / "keep.txt").write_text("mine")
+    return out, files_under(tmp_path)
+
+
+def unchanged_outside(tmp_path, before, out):
+    now = files_under(tmp_path)
+    inside = str(out.relative_to(tmp_path))
+    strip = lambda d: {k: v for k, v in d.items() if k != inside and not k.startswith(inside + os.sep)}  # noqa: E731
+    assert strip(now) == strip(before), set(strip(now).items()) ^ set(strip(before).items())
+
+
+@pytest.mark.parametrize(
+    "script,name",
+    [
+        ("stage8_run.py", "../escape"),
+        ("stage8_run.py", "../beside"),
+        ("stage8_run.py", "/"),
+        ("stage8_run.py", "."),
+        ("stage8_run.py", ".."),
+        ("stage8_run.py", "ABSOLUTE"),
+        ("stage8_run.py", "x" * 256),
+        ("stage8_run.py", "bad\x01name"),
+        ("stage5_train.py", ""),
+        ("stage10_vision.py", "ABSOLUTE"),
+        ("stage11_codegen.py evaluate", "ABSOLUTE"),
+        ("stage8_run.py", "LINKED"),
+        ("stage8_run.py --resume", "CHECKPOINTS_LINKED"),
+    ],
+)
+def test_paths(script, name, sandboxed, tmp_path):
+    """A run name is one folder inside --out; a run folder with a symbolic link in it is refused
+    before anything is written (a link would send writes and deletes elsewhere)."""
+    out, before = sandboxed
+    if name == "ABSOLUTE":
+        name = str(out / "run")
+    elif name == "LINKED":
+        os.symlink(tmp_path / "beside", out / "linked")
+        name = "linked"
+    elif name == "CHECKPOINTS_LINKED":
+        shutil.rmtree(out / "run" / "flh" / "checkpoints")
+        os.symlink(tmp_path / "beside", out / "run" / "flh" / "checkpoints")
+        name = "run"
+    before = files_under(tmp_path)
+    inside = files_under(out)
+    words = [*script.split(), "--out", str(out), "--run-name", name]
+    if script.startswith("stage8"):
+        words += [*TINY.split(), "--steps", "6", "--method", "flh"]
+    r = subprocess.run([sys.executable, *words], capture_output=True, timeout=600)  # bytes: any name
+    r.stderr = r.stderr.decode("utf-8", "replace")
+    one_line_error(r)
+    unchanged_outside(tmp_path, before, out)
+    assert files_under(out) == inside
+
+
+def test_run_name_not_utf8(sandboxed, tmp_path):
+    out, before = sandboxed
+    r = subprocess.run(
+        [sys.executable, "stage8_run.py", "--out", str(out), "--run-name", b"caf\xe9", *TINY.split()],
+        capture_output=True,
+        timeout=600,
+    )
+    r.stderr = r.stderr.decode("utf-8", "replace")
+    one_line_error(r, "not valid UTF-8")
+    unchanged_outside(tmp_path, before, out)
+
+
+BIG = "x" * (1 << 24)
+DATA = {
+    "latin1.csv": (b"text,label\ncaf\xe9 au lait,1\nok,0\n", {}, "not UTF-8 text: byte 14"),
+    "binary.csv": (b"text,label\n\x00\x01\x02,1\n", {}, "NUL byte"),
+    "twice.csv": (b"text,label,label\na,1,0\nb,0,1\n", {}, "'label' more than once"),
+    "texts.csv": (b"text,text,label\na,b,1\n", {}, "'text' more than once"),
+    "object.jsonl": (b'{"text": {"a": 1}, "label": 1}\n', {}, "the text is a dict"),
+    "same.csv": (
+        b"text,label\na,1\nb,0\n",
+        {"--text-column": "label", "--label-column": "label"},
+        "must differ",
+    ),
+    "empty.csv": (b"text,label\n,1\n  ,0\n", {}, "no rows with a text"),
+    "big.csv": (b"text,label\n" + BIG.encode() + b"x,1\n", {}, "field larger than field limit"),
+    "big.jsonl": (json.dumps({"text": BIG + "x", "label": 1}).encode() + b"\n", {}, "at most"),
+    "folder.csv": (None, {}, "not a dataset saved with save_to_disk"),
+}
+
+
+@pytest.mark.parametrize("name", list(DATA))
+def test_data_files(name, sandboxed, tmp_path):
+    """A user's data file that cannot be read as meant ends in one line naming the file and what is
+    wrong with it, before anything is trained."""
+    out, before = sandboxed
+    data, flags, says = DATA[name]
+    path = tmp_path / "beside" / name
+    path.mkdir() if data is None else path.write_bytes(data)
+    before = files_under(tmp_path)
+    extra = [w for k, v in flags.items() for w in (k, v)]
+    r = cli("stage8_run.py", *TINY.split(), "--steps", "6", "--dataset", str(path), *extra, "--out", str(out))
+    one_line_error(r, says)
+    unchanged_outside(tmp_path, before, out)
+
+
+def test_data_file_kinds_read(tmp_path):
+    """What a careful reader accepts: a byte-order mark in CSV and JSONL, empty texts dropped (and said)."""
+    import common
+
+    (tmp_path / "bom.jsonl").write_bytes(
+        b'\xef\xbb\xbf{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n'
+    )
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbftext,label\na,1\nb,0\n")
+    (tmp_path / "gaps.csv").write_bytes(b"text,label\na,1\n,0\n b ,0\n")
+    assert common.load_text_data(str(tmp_path / "bom.jsonl")) == {"bom": (["a", "b"], [1, 0])}
+    assert common.load_text_data(str(tmp_path / "bom.csv")) == {"bom": (["a", "b"], [1, 0])}
+    assert common.load_text_data(str(tmp_path / "gaps.csv")) == {"gaps": (["a", " b "], [1, 0])}
+
+
+def edit_pool(pool, case, beside):
+    """Damage a saved pool (learner.json / learner.safetensors) the way `case` says."""
+    import common
+
+    about_path, state_path = pool / "learner.json", pool / "learner.safetensors"
+    about, state = json.loads(about_path.read_text()), common.load_state(state_path)
+    if case == "truncated":
+        return about_path.write_text(about_path.read_text()[:200])
+    if case == "a list":
+        return about_path.write_text("[]")
+    if case == "no config":
+        about.pop("config")
+    elif case == "a string for a number":
+        about["config"]["max_length"] = "long"
+    elif case == "another backbone":
+        about["config"]["backbone"] = str(beside)
+    elif case == "another prompt length":
+        about["config"]["prompt_length"] += 1
+    elif case in ("nan log-weight", "infinite log-weight"):
+        state["pool"]["log_w"][0] = float("nan") if case.startswith("nan") else float("inf")
+    elif case == "nan prompt":
+        state["pool"]["prompts"][0, 0, 0] = float("nan")
+    elif case == "prompts one longer":
+        p = state["pool"]["prompts"]
+        state["pool"]["prompts"] = torch_cat(p, p[:, :1])
+    about_path.write_text(json.dumps(about))
+    common.save_state(state_path, state)
+
+
+def torch_cat(a, b):
+    import torch
+
+    return torch.cat([a, b], 1)
+
+
+POOL_CASES = {
+    "truncated": "is not readable JSON",
+    "a list": "holds a JSON list, not an object",
+    "no config": "must hold a known 'method'",
+    "a string for a number": "do not make a flh learner",
+    "another backbone": "",
+    "another prompt length": "this run's prompts are",
+    "nan log-weight": "NaN or infinite",
+    "infinite log-weight": "NaN or infinite",
+    "nan prompt": "NaN or infinite",
+    "prompts one longer": "this run's prompts are",
+    "another method": "it holds flh, single",
+    "file not utf-8": "line 2: byte 4 is not UTF-8",
+}
+
+
+@pytest.mark.parametrize("case", list(POOL_CASES))
+def test_saved_pools(case, sandboxed, tmp_path):
+    """--predict on an edited or damaged saved pool, or a file it cannot read: one line, no guess."""
+    out, _ = sandboxed
+    pool, words = out / "run" / "flh" / "pool", ["--text", "a fine film"]
+    if case == "another method":
+        words += ["--method", "leader"]
+    elif case == "file not utf-8":
+        (tmp_path / "beside" / "texts.txt").write_bytes(b"good\nbad \xff text\n")
+        words = ["--file", str(tmp_path / "beside" / "texts.txt")]
+    else:
+        edit_pool(pool, case, tmp_path / "beside")
+    before = files_under(tmp_path)
+    r = cli("stage8_run.py", "--predict", str(out / "run"), *words)
+    one_line_error(r, POOL_CASES[case])
+    assert files_under(tmp_path) == before
+
+
+def test_predict_streams_a_file(sandboxed, tmp_path):
+    """--predict --file goes through in batches (a progress bar, bounded memory): every line answered."""
+    out, _ = sandboxed
+    texts = tmp_path / "beside" / "texts.txt"
+    texts.write_text("".join(f"film number {i}\n" for i in range(150)) + "\n")
+    r = cli("stage8_run.py", "--predict", str(out / "run"), "--file", str(texts))
+    assert r.returncode == 0, r.stderr
+    assert sum(line.startswith("label ") for line in r.stdout.splitlines()) == 150
+
+
+COMPLETIONS = {
+    "a task twice": (
+        b'{"task_id": "HumanEval/0", "completion": "    return 1\\n"}\n'
+        b'{"task_id": "HumanEval/0", "completion": "    return 2\\n"}\n',
+        "and again on line 2",
+    ),
+    "a byte that is not UTF-8": (
+        b'{"task_id": "HumanEval/0", "completion": "    return \xff\\n"}\n',
+        "byte 53",
+    ),
+    "a lone surrogate": (
+        b'{"task_id": "HumanEval/0", "completion": "    return \\"\\ud800\\"\\n"}\n',
+        "surrogate",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPLETIONS))
+def test_completions(case, sandboxed, tmp_path):
+    """pass@1 scores one completion per task, exactly as written: anything else is refused before a
+    program runs, and the run's last results stay."""
+    out, _ = sandboxed
+    data, says = COMPLETIONS[case]
+    (out / "run" / "completions.jsonl").write_bytes(data)
+    (out / "run" / "results.json").write_text("{}\n")
+    before = files_under(tmp_path)
+    r = cli("stage11_codegen.py", "evaluate", "--no-sandbox", "--out", str(out), "--run-name", "run")
+    one_line_error(r, says)
+    assert files_under(tmp_path) == before
+
+
+def in_tmpfs(folder, script):
+    """Run a shell script with a small tmpfs at `folder`, in a user and mount namespace of its own
+    (no root needed); None where this machine does not allow it."""
+    folder.mkdir(exist_ok=True)
+    probe = (
+        subprocess.run(["unshare", "-rm", "true"], capture_output=True) if shutil.which("unshare") else None
+    )
+    if probe is None or probe.returncode:
+        return None
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
+
+
+def test_fault_disk_full_then_resume(tmp_path):
+    """The disk fills mid-run (a 192 KiB tmpfs): one line naming the path; the log's rows stay whole;
+    with room again, --resume finishes the run with the log of an uninterrupted run."""
+    import common
+
+    run = f"{sys.executable} stage8_run.py {TINY} --steps 40 --checkpoint-every 5 --method flh --run-name r"
+    ref = cli(*run.split()[1:], "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    full, keep = tmp_path / "full", tmp_path / "kept"
+    r = in_tmpfs(
+        full,
+        f"mount -t tmpfs -o size=192k none {full} && {run} --out {full} 2> {tmp_path}/err; "
+        f"echo $? > {tmp_path}/rc; cp -r {full}/r {keep}; mount -o remount,size=64m {full} && "
+        f"{run} --out {full} --resume > /dev/null 2>&1 && cp {full}/r/flh/log.jsonl {tmp_path}/resumed.jsonl",
+    )
+    if r is None:
+        pytest.skip("no user namespaces here (unshare -rm), so no tmpfs of our own")
+    err, rc = (tmp_path / "err").read_text(), int((tmp_path / "rc").read_text())
+    err = "".join(
+        line for line in err.splitlines(True) if not line.startswith("flh on rt")
+    )  # the run's header
+    one_line_error(subprocess.CompletedProcess([], rc, "", err), "no space left on the device")
+    kept = common.read_jsonl(keep / "flh" / "log.jsonl")  # complete rows, a torn last one dropped
+    assert 0 < len(kept) < 40 and [row["step"] for row in kept] == list(range(len(kept)))
+    assert (tmp_path / "resumed.jsonl").read_text() == (
+        tmp_path / "ref" / "r" / "flh" / "log.jsonl"
+    ).read_text()
+
+
+def test_fault_read_only_file_system(tmp_path):
+    folder = tmp_path / "ro"
+    r = in_tmpfs(
+        folder,
+        f"mount -t tmpfs none {folder} && mount -o remount,ro {folder} && "
+        f"{sys.executable} stage8_run.py {TINY} --steps 6 --out {folder} --run-name r",
+    )
+    if r is None:
+        pytest.skip("no user namespaces here (unshare -rm), so no file system of our own")
+    one_line_error(r, "read-only file system")
+
+
+def test_fault_name_too_long(tmp_path):
+    r = cli("stage8_run.py", *TINY.split(), "--steps", "6", "--out", str(tmp_path / ("o" * 300)))
+    one_line_error(r, "file name too long")
+
+
+def test_fault_unwritable_run_folder(sandboxed, tmp_path):
+    """A run folder nobody may write to (as root: immutable): adding a method to it ends in one line."""
+    out, before = sandboxed
+    folder = out / "run"
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+            pytest.skip("root, and chattr +i is not allowed here: no folder root cannot write to")
+    else:
+        folder.chmod(0o555)
+    inside = files_under(out)
+    try:
+        r = cli("stage8_run.py", *TINY.split(), "--steps", "6", "--method", "leader", "--out", str(out))
+        r2 = cli(
+            "stage8_run.py",
+            *TINY.split(),
+            "--steps",
+            "6",
+            "--method",
+            "leader",
+            "--out",
+            str(out),
+            "--run-name",
+            "run",
+        )
+    finally:
+        subprocess.run(
+            ["chattr", "-i", str(folder)], capture_output=True
+        ) if os.geteuid() == 0 else folder.chmod(0o755)
+    assert r.returncode == 0, r.stderr  # another run name: unaffected
+    one_line_error(r2, "run")
+    assert files_under(out / "run") == {
+        k[len("run/") :]: v for k, v in inside.items() if k.startswith("run/")
+    }
+
+
+def test_fault_corrupt_config(sandboxed, tmp_path):
+    out, _ = sandboxed
+    (out / "run" / "config.json").write_text("[1, 2]\n")
+    inside = files_under(out)
+    r = cli(
+        "stage8_run.py",
+        *TINY.split(),
+        "--steps",
+        "6",
+        "--method",
+        "flh",
+        "--out",
+        str(out),
+        "--run-name",
+        "run",
+        "--resume",
+    )
+    one_line_error(r, "config.json")
+    assert files_under(out) == inside
+
+
+def test_resume_makes_a_cut_final_save(sandboxed):
+    """Killed after the last step but before the pool and run.json were written: --resume writes them."""
+    out, _ = sandboxed
+    method = out / "run" / "flh"
+    log = (method / "log.jsonl").read_text()
+    shutil.rmtree(method / "pool")
+    (method / "run.json").unlink()
+    r = cli(
+        "stage8_run.py",
+        *TINY.split(),
+        "--steps",
+        "6",
+        "--method",
+        "flh",
+        "--out",
+        str(out),
+        "--run-name",
+        "run",
+        "--resume",
+    )
+    assert r.returncode == 0, r.stderr
+    assert (method / "pool" / "learner.safetensors").exists() and (method / "run.json").exists()
+    assert (method / "log.jsonl").read_text() == log
