@@ -1419,12 +1419,14 @@ def run_tests():
                 main(build_parser().parse_args(["evaluate", *common_args]))
                 raise AssertionError("a malformed completions file was accepted")
             except common.UserError as e:
-                assert "line 2 is not JSON" in str(e) and not (folder / "results.json").exists()
+                assert "line 2 is not JSON" in str(e)  # refused before anything ran: the last results stay
+                assert common.read_json(folder / "results.json") == report
         print(
             "  ok: train, generate (with and without the prompt)"
             + (
                 " and evaluate write their files; evaluate reads "
-                "a last line without newline, refuses a malformed line and leaves no stale results.json"
+                "a last line without newline, refuses a malformed file before any program runs "
+                "(the last results.json stays)"
                 if sandbox
                 else ""
             )

@@ -97,7 +97,7 @@ def grid_settings(grid, args):
 def best_setting(args, grid):
     """(label, overrides) of the grid's setting with the lowest mean log loss of FLH's mixture,
     averaged over its seeds: the tuning criterion, chosen from the tuning seeds' logs alone."""
-    sweep, scores = common.run_dir(args.out, args.run_name, create=False), {}
+    sweep, scores = Path(args.out) / common.check_run_name(args.run_name), {}
     for label, overrides in grid_settings(grid, args).items():
         for seed in seed_range(args):
             folder = sweep / folder_key(grid, label, overrides, args) / f"seed{seed}"
