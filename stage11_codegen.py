@@ -1321,6 +1321,17 @@ def run_tests():
         "the whole-text one does (40 solutions)"
     )
 
+    # --no-sandbox runs programs as whoever started it (root stays root: user nobody may not even
+    # be able to read a Python installed under root's home).
+    p = problems["HumanEval/2"]
+    assert check_program(p, p["canonical_solution"], 5.0, sandbox=False)["result"] == "passed"
+    program = Program("def f():\n    return __import__('os').getuid()\n", "f", 5.0, sandbox=False)
+    try:
+        assert program.call() == os.getuid(), "--no-sandbox changed the user"
+    finally:
+        program.close()
+    print(f"  ok: --no-sandbox runs programs as this user (uid {os.getuid()}), a reference solution passes")
+
     # The evaluator, through the real sandbox: every reference solution passes, no empty one does,
     # and every hostile program fails without harming anything (check_sandbox asserts it all).
     sandbox = shutil.which("bwrap") is not None
