@@ -159,7 +159,7 @@ def shift_details(rows, recovery, first=50):
     frozen = {
         j: (rows[first_row[n] - 1]["step"], rows[first_row[n] - 1]["concept"]) for j, n in zip(ids, ids[1:])
     }
-    seen, out = {rows[0]["concept"]}, []
+    seen, out = {rows[0]["concept"]: 1}, []  # concept -> regimes of it so far
     for rec in recovery:
         start = next(k for k, r in enumerate(rows) if r["step"] == rec["shift"])
         end = start + rec["regime_length"]
@@ -168,10 +168,11 @@ def shift_details(rows, recovery, first=50):
             "shift": rec["shift"],
             "concept": concept,
             "kind": "recurring" if concept in seen else "first",
+            "visit": seen.get(concept, 0),  # 0: first time; n: the n-th time the rule comes back
             "first50": float(acc[start : min(end, start + first)].mean()),
             "recovery": rec["steps"],
         }
-        seen.add(concept)
+        seen[concept] = seen.get(concept, 0) + 1
         if d["kind"] == "recurring" and "weights" in rows[0]:
             d["switch"] = None
             for n, r in enumerate(rows[start:end]):
@@ -307,6 +308,65 @@ def first50_table(summary, baselines=("single", "leader")):
         cells.append(steps(sw["mean"], sw["switched"], sw["shifts"]) if sw else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def by_visit(per_run, methods=("flh", "oracle", "single")):
+    """First-50 accuracy by visit: for each method, over all runs' shifts whose rule comes back for
+    the n-th time (n = 0: a rule never seen), the mean with a 95% bootstrap interval over the shifts.
+    Does the gap to the oracle close as later visits find better snapshots, or grow as the cap
+    forces old ones out?"""
+    out = {}
+    for m in [m for m in methods if any(m in run for run in per_run)]:
+        details = [d for run in per_run if m in run for d in run[m]["shift_details"]]
+        out[m] = {
+            v: {"n": len(x), "mean": float(np.mean(x)), "ci": bootstrap_interval(x)}
+            for v in sorted({d["visit"] for d in details})
+            for x in [[d["first50"] for d in details if d["visit"] == v]]
+        }
+    return out
+
+
+def visit_table(visits):
+    """Markdown: one row per method, one column per visit number."""
+    cols = sorted({v for m in visits.values() for v in m})
+    name = lambda v: "first time" if v == 0 else f"return {v}"  # noqa: E731
+    lines = ["| method | " + " | ".join(name(v) for v in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for m, per in visits.items():
+        cells = []
+        for v in cols:
+            x = per.get(v)
+            ci = f" [{x['ci'][0]:.3f}, {x['ci'][1]:.3f}]" if x and x["ci"] else ""
+            cells.append(f"{x['mean']:.3f}{ci} (n={x['n']})" if x else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_visits(visits, path, title=None):
+    """First-50 accuracy against the visit number, one line per method (whiskers: 95% bootstrap)."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for j, (m, per) in enumerate(visits.items()):
+        vs = sorted(per)
+        x = np.array(vs) + (j - (len(visits) - 1) / 2) * 0.06  # a little apart, so whiskers do not hide
+        means = np.array([per[v]["mean"] for v in vs])
+        err = np.array(
+            [
+                [per[v]["mean"] - per[v]["ci"][0], per[v]["ci"][1] - per[v]["mean"]]
+                if per[v]["ci"]
+                else [0, 0]
+                for v in vs
+            ]
+        )
+        ax.errorbar(x, means, err.T, marker="o", ms=4, capsize=3, lw=1.2, label=m)
+    ax.axhline(0.5, color="0.3", lw=0.6, ls=":")
+    ticks = sorted({v for per in visits.values() for v in per})
+    ax.set_xticks(ticks, ["first\ntime" if v == 0 else f"return\n{v}" for v in ticks])
+    ax.set(
+        ylim=(0, 1), ylabel="accuracy over a shift's first 50 steps", title=title or "by visit of the rule"
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def log_loss_table(per_run, names):
@@ -734,6 +794,12 @@ def run_tests():
         1,
     ]
     assert np.allclose([x["first50"] for x in d], [0.2, 0.5, 0.9]) and "switch" not in d[0], d
+    assert [x["visit"] for x in d] == [0, 1, 1], d  # concept 0 was active from step 0: 400 is its 1st return
+    v = by_visit(
+        [{"flh": {"shift_details": d}}, {"flh": {"shift_details": d}, "single": {"shift_details": d}}]
+    )
+    assert list(v) == ["flh", "single"] and v["flh"][1]["n"] == 4 and np.isclose(v["flh"][1]["mean"], 0.7)
+    assert v["single"][0]["n"] == 1 and v["single"][0]["ci"] is None and "| return 1 |" in visit_table(v)
     assert d[1]["switch"] == 7 and d[2]["switch"] is None, d
     # The leader baseline logs the pool's FLH weights too, but predicts with one expert: its switch
     # time follows its choice (expert 1 from step 420 on, expert 2 from 610 on), not those weights.
@@ -960,8 +1026,22 @@ def main(args):
             )
             common.write_json(out / "first50.json", {"runs": args.runs, "methods": f50})
             (out / "summary.md").write_text(table + "\n\n" + md + "\n")
-            plot_first50(f50, out / "first50.png", title=f"first 50 steps after a shift, {len(per_run)} runs")
+            n_runs = f"{len(per_run)} run" + "s" * (len(per_run) > 1)
+            plot_first50(f50, out / "first50.png", title=f"first 50 steps after a shift, {n_runs}")
             print(f"\nfirst 50 steps after a shift (95% bootstrap intervals over shifts):\n{md}")
+            visits = by_visit(per_run)
+            if visits:
+                vt = visit_table(visits)
+                common.write_json(out / "visits.json", {"runs": args.runs, "methods": visits})
+                (out / "summary.md").write_text(
+                    table + "\n\n" + md + "\n\nFirst 50 steps by visit of the rule:\n\n" + vt + "\n"
+                )
+                plot_visits(
+                    visits,
+                    out / "visits.png",
+                    title=f"first 50 steps by visit of the rule, {len(per_run)} runs",
+                )
+                print(f"\nfirst 50 steps by visit of the rule:\n{vt}")
 
 
 if __name__ == "__main__":
