@@ -14,6 +14,7 @@ import sys
 import pytest
 
 import bench
+import sandbox
 import stage2_stream
 import stage3_backbone
 import stage4_pool
@@ -70,9 +71,15 @@ def test_stage10_vision():
     stage10_vision.run_tests()
 
 
+def test_sandbox():
+    """The harness that runs generated programs: reference solutions pass, --no-sandbox keeps the
+    user, a venv's Python still runs in the sandbox, hostile programs all fail and harm nothing."""
+    sandbox.run_tests()
+
+
 def test_stage11_codegen():
-    """random:tiny-qwen2 on HumanEval: label masking, cached generation, the sandbox against hostile
-    programs, PEFT export."""
+    """random:tiny-qwen2 on HumanEval: label masking, cached generation, evaluate through the
+    sandbox, PEFT export."""
     stage11_codegen.run_tests()
 
 
