@@ -291,35 +291,16 @@ class FLHLearner:
             self.optimizer.state[added] = moments
 
     def step(self, batch):
-        model, pool, y = self.model, self.pool, batch["labels"]
+        """One prequential step on batch s: births, then every expert predicts batch s with the
+        weights of step s - 1 (and the prompt that learns is trained on it), and only then do the
+        batch's losses move the weights. Returns the log row."""
+        pool, y = self.pool, batch["labels"]
         fresh, self.fresh_due = self.fresh_due, False
         if fresh or self.should_birth(batch["step"]):
             self.birth(fresh)
         weights, entropy = pool.weights, pool.entropy()  # the weights that predict batch s
-        if self.train_mode == "weighted_sum":
-            # predict with sum_i w_i p_i and train it; the experts' losses come from a no-grad pass
-            expert_losses, expert_logits, y_sub = self.score_experts(batch)
-            loss, logits = train_step(model, pool.get_prompt("weighted_sum"), self.optimizer, batch)
-        elif self.train_mode == "independent":
-            # one pass with gradients: K losses; d(sum_j l_j)/dp_i = dl_i/dp_i trains each on its own
-            expert_logits = forward_with_prompts(model, batch, pool.stacked())
-            expert_losses = per_prompt_losses(expert_logits, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            expert_losses.sum().backward()
-            self.optimizer.step()
-            expert_losses, expert_logits, y_sub = expert_losses.detach(), expert_logits.detach(), y
-            loss, logits = float(expert_losses[-1]), expert_logits[-1]  # the newest expert's, as "live"
-        else:
-            # snapshot: the frozen experts are scored without gradients; the live prompt (the newest)
-            # is scored by its own training forward, which runs before its update (prequential)
-            sub = self.sub_batch(batch)
-            frozen_losses, frozen_logits = pool.get_all_losses(model, sub, pool.stacked()[:-1])
-            loss, logits = train_step(model, pool.prompts[-1], self.optimizer, batch)
-            y_sub, live = sub["labels"], logits[: len(sub["labels"])]
-            expert_logits = torch.cat([frozen_logits, live[None]])
-            expert_losses = torch.cat([frozen_losses, per_prompt_losses(live[None], y_sub)])
-        # Prequential order: everything above predicted batch s with the weights of step s - 1
-        # (the logits came before any update); only now do batch s's losses move the weights.
+        # each expert's loss l_i and logits on the loss batch; the trained prompt's loss and logits
+        expert_losses, expert_logits, y_sub, loss, logits = getattr(self, "train_" + self.train_mode)(batch)
         self.rest_logits = {}  # frozen experts' logits beyond the loss batch, computed this step
         mixture = pool.mixture_probs(expert_logits)  # FLH's own prediction: sum_i w_i softmax(f(x; p_i))
         if self.train_mode != "weighted_sum":  # ... on every example of the batch, not only the scored
@@ -353,6 +334,38 @@ class FLHLearner:
             "num_prompts": len(pool),
             "entropy": r6(entropy),
         }
+
+    # The three training modes. Each predicts batch s before learning from it and returns
+    # (expert losses [K], expert logits [K, m, C] on the loss batch, its labels [m], the trained
+    # prompt's loss, its logits [B, C]).
+    def train_weighted_sum(self, batch):
+        """The plan's: predict with, and train, the weighted-sum prompt sum_i w_i p_i; the experts'
+        losses come from a pass without gradients."""
+        expert_losses, expert_logits, y_sub = self.score_experts(batch)
+        loss, logits = train_step(self.model, self.pool.get_prompt("weighted_sum"), self.optimizer, batch)
+        return expert_losses, expert_logits, y_sub, loss, logits
+
+    def train_independent(self, batch):
+        """Every expert on its own loss, in one pass with gradients: d(sum_j l_j)/dp_i = dl_i/dp_i."""
+        expert_logits = forward_with_prompts(self.model, batch, self.pool.stacked())
+        expert_losses = per_prompt_losses(expert_logits, batch["labels"])
+        self.optimizer.zero_grad(set_to_none=True)
+        expert_losses.sum().backward()
+        self.optimizer.step()
+        expert_losses, expert_logits = expert_losses.detach(), expert_logits.detach()
+        return expert_losses, expert_logits, batch["labels"], float(expert_losses[-1]), expert_logits[-1]
+
+    def train_snapshot(self, batch):
+        """One live prompt (the newest) learns; the frozen experts, the memories, are scored without
+        gradients on the loss batch, and the live prompt by its own training forward, which runs
+        before its update."""
+        pool, sub = self.pool, self.sub_batch(batch)
+        frozen_losses, frozen_logits = pool.get_all_losses(self.model, sub, pool.stacked()[:-1])
+        loss, logits = train_step(self.model, pool.prompts[-1], self.optimizer, batch)
+        y_sub, live = sub["labels"], logits[: len(sub["labels"])]
+        expert_logits = torch.cat([frozen_logits, live[None]])
+        expert_losses = torch.cat([frozen_losses, per_prompt_losses(live[None], y_sub)])
+        return expert_losses, expert_logits, y_sub, loss, logits
 
     def rise_detected(self, loss):
         """Fresh births: a Page-Hinkley test watches the best expert's loss on each batch. When it rises
