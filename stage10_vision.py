@@ -24,9 +24,11 @@ normalised with ImageNet statistics; with DINOv2's 14-pixel patches the quick pr
 give a 4x4 grid: 16 patch tokens + [CLS] + 10 prompt tokens = 27 tokens per image.
 
 Presets (explicit flags override them):
-  quick (default)  dinov2-small + fashion-mnist at 56 px, prompt 10, batch 16, lr 1e-2, 1,000 steps
-                   with labels rotating every 250, FLH births every 125 with FLH2, alpha 0.1,
-                   recovery threshold 0.5 (wall times: the README's "Vision").
+  quick (default)  dinov2-small + fashion-mnist at 56 px, prompt 10, batch 16, lr 1e-2, 2,000 steps
+                   with labels rotating every 250 among 4 rotations (each comes back once), the FLH
+                   that remembers with stage 8's settings (snapshots, alpha 8, floor 0.01, cap 8
+                   with reservoir pruning, experts scored on 8 of 16 images), births every 50 steps
+                   at offset 25, recovery threshold 0.5 (wall times: the README's "Vision").
   paper            the plan's: ViT-B/16 (in21k) + CIFAR-10 at 224 px, 10,000 steps, rotations every
                    1,000, births every 500, prompt 20, batch 32, lr 1e-3. For a GPU.
 
@@ -59,6 +61,7 @@ from stage6_baselines import DETECT_DEFAULTS, METHODS, make_learner, test_args
 from stage7_metrics import analyse
 from stage8_run import (
     PLAN_FLH,
+    TUNED_FLH,
     add_method_args,
     add_resume_arg,
     check_folder,
@@ -70,11 +73,11 @@ from stage8_run import (
 
 # fmt: off
 PRESETS = {
-    "quick": dict(backbone="dinov2-small", dataset="fashion-mnist", image_size=56, steps=1000,
-                  rotate_interval=250, num_rotations=10, birth_interval=125, birth_offset=0, prompt_length=10,
-                  batch_size=16, lr=1e-2, **PLAN_FLH, num_prompts=10, leader_window=10, prune="flh2",
+    "quick": dict(backbone="dinov2-small", dataset="fashion-mnist", image_size=56, steps=2000,
+                  rotate_interval=250, num_rotations=4, birth_interval=50, birth_offset="half",
+                  prompt_length=10, batch_size=16, lr=1e-2, **TUNED_FLH, num_prompts=10, leader_window=10,
                   **DETECT_DEFAULTS,
-                  loss_batch=0, recovery_threshold=0.5, window=250, checkpoint_every=250),
+                  loss_batch=8, recovery_threshold=0.5, window=250, checkpoint_every=250),
     "paper": dict(backbone="google/vit-base-patch16-224-in21k", dataset="cifar10", image_size=224,
                   steps=10000, rotate_interval=1000, num_rotations=10, birth_interval=500, birth_offset=0,
                   prompt_length=20, batch_size=32, lr=1e-3, **PLAN_FLH, num_prompts=10, leader_window=10,
