@@ -1006,7 +1006,8 @@ def main(args):
         common.write_json(out / "summary.json", {"runs": args.runs, "methods": summary})
         (out / "summary.md").write_text(table + "\n")
         plot_accuracy_seeds(run_logs, out / "accuracy_seeds.png", threshold=args.recovery_threshold)
-        print(f"over {len(per_run)} runs:\n{table}")
+        n_runs = f"{len(per_run)} run" + "s" * (len(per_run) > 1)
+        print(f"over {n_runs}:\n{table}")
         if all("shift_details" in m for run in per_run for m in run.values()):
             held = methods_of(per_run)
             if args.baselines is None:
@@ -1026,7 +1027,6 @@ def main(args):
             )
             common.write_json(out / "first50.json", {"runs": args.runs, "methods": f50})
             (out / "summary.md").write_text(table + "\n\n" + md + "\n")
-            n_runs = f"{len(per_run)} run" + "s" * (len(per_run) > 1)
             plot_first50(f50, out / "first50.png", title=f"first 50 steps after a shift, {n_runs}")
             print(f"\nfirst 50 steps after a shift (95% bootstrap intervals over shifts):\n{md}")
             visits = by_visit(per_run)
