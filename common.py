@@ -548,9 +548,7 @@ def main_guard(parser, main, argv=None):
         if e.errno not in OS_FAULTS:
             raise
         where = e.filename or "a file of the run"
-        parser.error(
-            f"cannot write or read {where}: {OS_FAULTS[e.errno]} (nothing written before it is lost)"
-        )
+        parser.error(f"{where}: {OS_FAULTS[e.errno]} (what was written before it stays whole)")
 
 
 # ----------------------------------------------------------------------------------------------
