@@ -404,12 +404,13 @@ def load_state(path):
 # Command line: one-line errors, checked numbers, the flags every stage shares
 # ----------------------------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad value in one line (exit 2) instead of usage + error, and keeps
-    the flags it declares in `declared` (for preset_help)."""
+    """argparse that reports a bad value in one line (exit 2) instead of usage + error, keeps the
+    flags it declares in `declared` (for preset_help), and takes no abbreviations: `--steps 3200`
+    given to a stage without --steps would otherwise set --steps-per-domain without a word."""
 
     def __init__(self, *args, **kwargs):
         self.declared = []
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def add_argument(self, *args, **kwargs):
         action = super().add_argument(*args, **kwargs)

@@ -172,6 +172,7 @@ def test_same_seed_same_log(tmp_path):
         ["--lr", "abc"],
         ["--backbone", "random:nosuch"],
         ["--method", "nosuch"],
+        ["--flip", "3"],  # an abbreviation of --flip-interval: refused, never guessed
     ],
 )
 @pytest.mark.parametrize("script", ["stage5_train.py", "stage8_run.py"])
