@@ -256,6 +256,11 @@ def files_under(root):
     return found
 
 
+def tiny8(out, *words):
+    """A 6-step stage 8 run on tiny-bert into `out`, with more flags."""
+    return cli("stage8_run.py", *TINY.split(), "--steps", "6", "--out", str(out), *words)
+
+
 def one_line_error(r, says=""):
     lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("[flh] ")]
     assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
@@ -266,31 +271,9 @@ def one_line_error(r, says=""):
 def tiny_run(tmp_path_factory):
     """A finished 6-step stage 8 run of flh and single on tiny-bert: what the hostile cases start from."""
     out = tmp_path_factory.mktemp("tiny")
-    r = cli(
-        "stage8_run.py",
-        *TINY.split(),
-        "--steps",
-        "6",
-        "--method",
-        "flh",
-        "--out",
-        str(out),
-        "--run-name",
-        "run",
-    )
+    r = tiny8(out, "--method", "flh", "--run-name", "run")
     assert r.returncode == 0, r.stderr
-    r = cli(
-        "stage8_run.py",
-        *TINY.split(),
-        "--steps",
-        "6",
-        "--method",
-        "single",
-        "--out",
-        str(out),
-        "--run-name",
-        "run",
-    )
+    r = tiny8(out, "--method", "single", "--run-name", "run")
     assert r.returncode == 0, r.stderr
     return out / "run"
 
@@ -397,7 +380,7 @@ def test_data_files(name, sandboxed, tmp_path):
     path.mkdir() if data is None else path.write_bytes(data)
     before = files_under(tmp_path)
     extra = [w for k, v in flags.items() for w in (k, v)]
-    r = cli("stage8_run.py", *TINY.split(), "--steps", "6", "--dataset", str(path), *extra, "--out", str(out))
+    r = tiny8(out, "--dataset", str(path), *extra)
     one_line_error(r, says)
     unchanged_outside(tmp_path, before, out)
 
@@ -580,7 +563,7 @@ def test_fault_read_only_file_system(tmp_path):
 
 
 def test_fault_name_too_long(tmp_path):
-    r = cli("stage8_run.py", *TINY.split(), "--steps", "6", "--out", str(tmp_path / ("o" * 300)))
+    r = tiny8(tmp_path / ("o" * 300))
     one_line_error(r, "file name too long")
 
 
@@ -595,19 +578,8 @@ def test_fault_unwritable_run_folder(sandboxed, tmp_path):
         folder.chmod(0o555)
     inside = files_under(out)
     try:
-        r = cli("stage8_run.py", *TINY.split(), "--steps", "6", "--method", "leader", "--out", str(out))
-        r2 = cli(
-            "stage8_run.py",
-            *TINY.split(),
-            "--steps",
-            "6",
-            "--method",
-            "leader",
-            "--out",
-            str(out),
-            "--run-name",
-            "run",
-        )
+        r = tiny8(out, "--method", "leader")
+        r2 = tiny8(out, "--method", "leader", "--run-name", "run")
     finally:
         subprocess.run(
             ["chattr", "-i", str(folder)], capture_output=True
@@ -623,19 +595,7 @@ def test_fault_corrupt_config(sandboxed, tmp_path):
     out, _ = sandboxed
     (out / "run" / "config.json").write_text("[1, 2]\n")
     inside = files_under(out)
-    r = cli(
-        "stage8_run.py",
-        *TINY.split(),
-        "--steps",
-        "6",
-        "--method",
-        "flh",
-        "--out",
-        str(out),
-        "--run-name",
-        "run",
-        "--resume",
-    )
+    r = tiny8(out, "--method", "flh", "--run-name", "run", "--resume")
     one_line_error(r, "config.json")
     assert files_under(out) == inside
 
@@ -647,19 +607,7 @@ def test_resume_makes_a_cut_final_save(sandboxed):
     log = (method / "log.jsonl").read_text()
     shutil.rmtree(method / "pool")
     (method / "run.json").unlink()
-    r = cli(
-        "stage8_run.py",
-        *TINY.split(),
-        "--steps",
-        "6",
-        "--method",
-        "flh",
-        "--out",
-        str(out),
-        "--run-name",
-        "run",
-        "--resume",
-    )
+    r = tiny8(out, "--method", "flh", "--run-name", "run", "--resume")
     assert r.returncode == 0, r.stderr
     assert (method / "pool" / "learner.safetensors").exists() and (method / "run.json").exists()
     assert (method / "log.jsonl").read_text() == log
