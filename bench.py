@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import common
 from stage2_stream import TextStream
 from stage3_backbone import forward_with_prompt, forward_with_prompts, load_backbone, text_budget
-from stage5_train import FLHLearner, to_device, train_step
+from stage5_train import FLHLearner, FLHSettings, to_device, train_step
 
 
 def timed(fn, batches, device, rounds=1):
@@ -69,7 +69,7 @@ def precision(model, name):
 def grown_flh(model, prompt_length, births, **kw):
     """An FLH learner right after `births` births (pruning by birth index or by the cap needs no
     training in between to reach the pool size a real run has)."""
-    learner = FLHLearner(model, prompt_length, lr=1e-2, birth_interval=10**9, **kw)
+    learner = FLHLearner(model, prompt_length, 1e-2, FLHSettings(birth_interval=10**9, **kw))
     for _ in range(births):
         learner.birth()
     return learner

@@ -19,6 +19,7 @@ Names a user can pass:
 import argparse
 import contextlib
 import csv
+import dataclasses
 import errno
 import gzip
 import io
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -339,6 +341,30 @@ def save_state(path, obj):
         tmp.unlink(missing_ok=True)
 
 
+def checks(module):
+    """A stage's checks: its functions named test_*, in the order the file defines them. `--test`
+    runs them all (run_checks); test_all.py runs each as its own pytest test."""
+    return [
+        f
+        for name, f in vars(module).items()
+        if name.startswith("test_") and getattr(f, "__module__", None) == module.__name__
+    ]
+
+
+def run_check(check):
+    """One check, from the same random state whether it runs alone or after others."""
+    torch.manual_seed(0)
+    check()
+
+
+def run_checks(module):
+    """Every check of a stage, in order; an AssertionError names the check that failed."""
+    t0 = time.time()
+    for check in checks(module):
+        run_check(check)
+    print(f"{len(checks(module))} checks of {Path(module.__file__).name} passed in {time.time() - t0:.1f}s")
+
+
 def user_error(call):
     """For the checks: the one-line message of the UserError that call() raises (and an
     AssertionError if it raises none)."""
@@ -504,9 +530,61 @@ def add_common_args(parser, run_name, run_name_help=None, test=True):
         parser.add_argument("--test", action="store_true", help="run this stage's built-in checks and exit")
 
 
-def default_help(what, defaults, key):
-    """A flag's help with its default appended, when it has one (flags a preset fills have none)."""
-    return what + (f" (default: {defaults[key]})" if defaults.get(key) is not None else "")
+# Settings: each declared once, as a field of one dataclass per concern (the stream, the backbone,
+# FLH, the baselines, the run). Its flag, type check, help and default all come from that field;
+# a preset is a set of values for the fields; a saved run is read back through the same class.
+def setting(default, type=None, help="", choices=None):
+    """A field of a settings dataclass: its default, the flag's parser (`type`) or `choices`, its help."""
+    return dataclasses.field(default=default, metadata={"type": type, "help": help, "choices": choices})
+
+
+class Settings:
+    """Base of the settings dataclasses: a value set in code is checked as its flag's text would be,
+    so a bad one ends in the same one line."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, check, choices = getattr(self, f.name), f.metadata["type"], f.metadata["choices"]
+            if value is None or isinstance(value, bool):  # None: not set here (the stage decides)
+                continue
+            try:
+                if choices and value not in choices:
+                    raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}, got {value!r}")
+                if check:
+                    check(str(value))
+            except argparse.ArgumentTypeError as e:
+                raise UserError(f"--{f.name.replace('_', '-')}: {e}") from None
+
+
+def add_settings(parser, cls, preset=(), only=None, **defaults):
+    """A flag --x-y for each field x_y of the settings class `cls` (or those named in `only`), with
+    the declared default or a stage's own value from `defaults`; the fields named in `preset` stay
+    None, for a preset to fill."""
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        flag, default = (
+            "--" + f.name.replace("_", "-"),
+            None if f.name in preset else defaults.get(f.name, f.default),
+        )
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+            continue
+        parser.add_argument(
+            flag,
+            type=f.metadata["type"],
+            choices=f.metadata["choices"],
+            default=default,
+            help=f.metadata["help"] + ("" if default is None else f" (default: {default})"),
+        )
+
+
+def settings(cls, source, **changes):
+    """A `cls` from parsed flags or a run's saved config (a dict): every field the source holds, the
+    declared default for the rest (a run saved before that setting existed), then `changes`."""
+    values = source if isinstance(source, dict) else vars(source)
+    held = {f.name: values[f.name] for f in dataclasses.fields(cls) if values.get(f.name) is not None}
+    return cls(**{**held, **changes})
 
 
 def preset_help(parser, presets):

@@ -39,7 +39,7 @@ import gzip
 import shutil
 import sys
 import tempfile
-import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ from torch import nn
 import common
 from stage3_backbone import (
     FrozenBackbone,
+    ModelSettings,
     choose_precision,
     count_params,
     forward_with_prompt,
@@ -57,12 +58,14 @@ from stage3_backbone import (
     use_fast_attention,
 )
 from stage4_pool import FLHPromptPool
-from stage6_baselines import DETECT_DEFAULTS, METHODS, make_learner, test_args
-from stage7_metrics import analyse
+from stage5_train import FLHSettings, RunSettings
+from stage6_baselines import METHODS, BaselineSettings, make_learner, test_args
+from stage7_metrics import MetricSettings, analyse
 from stage8_run import (
+    BASELINES,
     PLAN_FLH,
     TUNED_FLH,
-    add_method_args,
+    ExperimentSettings,
     add_resume_arg,
     check_folder,
     methods_to_run,
@@ -71,18 +74,37 @@ from stage8_run import (
     summarise,
 )
 
+
+@dataclass(frozen=True)
+class VisionSettings(common.Settings):
+    """The image stream and its backbone (the presets give every value)."""
+
+    backbone: str = common.setting(None, help="dinov2-small (embedded) | random:tiny-vit | hub id | folder")
+    dataset: str = common.setting(
+        None,
+        help="fashion-mnist (Debian package dataset-fashion-mnist) | cifar10 (downloads) | "
+        "synthetic (generated stripes, for tests)",
+    )
+    image_size: int = common.setting(
+        None, common.positive_int, "images are resized to this many pixels square"
+    )
+    rotate_interval: int = common.setting(None, common.positive_int, "steps between label rotations")
+    num_rotations: int = common.setting(
+        None, common.positive_int, "R: labels rotate by regime mod R, so regimes recur after R rotations"
+    )
+    batch_size: int = common.setting(None, common.positive_int, "images per batch")
+
+
 # fmt: off
 PRESETS = {
     "quick": dict(backbone="dinov2-small", dataset="fashion-mnist", image_size=56, steps=2000,
-                  rotate_interval=250, num_rotations=4, birth_interval=50, birth_offset="half",
-                  prompt_length=10, batch_size=16, lr=1e-2, **TUNED_FLH, num_prompts=10, leader_window=10,
-                  **DETECT_DEFAULTS,
-                  loss_batch=8, recovery_threshold=0.5, window=250, checkpoint_every=250),
+                  rotate_interval=250, num_rotations=4, prompt_length=10, batch_size=16, lr=1e-2,
+                  **asdict(replace(TUNED_FLH, birth_interval=50)), **BASELINES,
+                  recovery_threshold=0.5, window=250, checkpoint_every=250),
     "paper": dict(backbone="google/vit-base-patch16-224-in21k", dataset="cifar10", image_size=224,
-                  steps=10000, rotate_interval=1000, num_rotations=10, birth_interval=500, birth_offset=0,
-                  prompt_length=20, batch_size=32, lr=1e-3, **PLAN_FLH, num_prompts=10, leader_window=10,
-                  **DETECT_DEFAULTS,
-                  prune="none", loss_batch=0, recovery_threshold=0.8, window=500, checkpoint_every=1000),
+                  steps=10000, rotate_interval=1000, num_rotations=10, prompt_length=20, batch_size=32,
+                  lr=1e-3, **asdict(PLAN_FLH), **BASELINES, recovery_threshold=0.8, window=500,
+                  checkpoint_every=1000),
 }
 # fmt: on
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -329,12 +351,20 @@ def build_stream(args):
 # ----------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------
-def run_tests():
-    t0 = time.time()
-    torch.manual_seed(0)
+def _tiny_vit():
+    """For the checks: a random tiny ViT, 64 synthetic images and their stream rotating every 5 steps."""
     model = load_vision_backbone("random:tiny-vit", 28)
     images, labels = synthetic_images(64)
-    stream = RotatingImageStream(images, labels, batch_size=4, rotate_every=5, image_size=28, seed=0)
+    return (
+        model,
+        images,
+        labels,
+        RotatingImageStream(images, labels, batch_size=4, rotate_every=5, image_size=28, seed=0),
+    )
+
+
+def test_prompt_input():
+    model, images, labels, stream = _tiny_vit()
     b = stream.batch(0)
     D = model.embed_dim
     prompt = nn.Parameter(torch.randn(3, D) * 0.02)
@@ -351,12 +381,19 @@ def run_tests():
     assert prompt.grad.abs().sum() > 0 and all(p.grad is None for p in model.parameters())
     print("  ok: the input is [CLS], prompt, patches; logits [B, 10]; the gradient reaches the prompt only")
 
+
+def test_batched_prompts():
+    model, images, labels, stream = _tiny_vit()
+    b, D = stream.batch(0), model.embed_dim
     prompts = torch.randn(5, 3, D) * 0.5
     batched = forward_with_prompts(model, b, prompts, max_rows=8)
     looped = torch.stack([forward_with_prompt(model, b, p) for p in prompts])
     assert (batched - looped).abs().max() < 1e-5
     print(f"  ok: batched K=5 equals looped (max |diff| {(batched - looped).abs().max():.1e})")
 
+
+def test_rotations():
+    model, images, labels, stream = _tiny_vit()
     for s in (0, 4, 5, 9, 10, 49, 50):
         got = stream.batch(s)
         assert torch.equal(got["labels"], (labels[got["index"]] + s // 5) % 10) and got["regime"] == s // 5
@@ -375,11 +412,16 @@ def run_tests():
         )
     print("  ok: --num-rotations 3: the labels come back to the original at step 15; concept = regime mod 3")
 
+
+def test_flh_pool():
+    model, images, labels, stream = _tiny_vit()
     learner = make_learner("flh", model, test_args(prompt_length=3, lr=1e-2, birth_interval=2))
     learner.step(stream.batch(0))
     assert type(learner.pool) is FLHPromptPool
     print("  ok: the FLH learner uses stage 4's FLHPromptPool unchanged")
 
+
+def test_run_all_methods():
     with tempfile.TemporaryDirectory() as tmp:
         main(
             build_parser().parse_args(
@@ -417,6 +459,8 @@ def run_tests():
         f"{len(pngs)} plots; methods join a run folder one at a time, a changed lr is refused"
     )
 
+
+def test_fashion_mnist():
     if (FASHION_DEB / "train-images-idx3-ubyte.gz").exists():  # real images, when the package is installed
         images, labels = load_images("fashion-mnist")
         assert images.shape == (60000, 28, 28) and torch.bincount(labels).tolist() == [6000] * 10
@@ -425,7 +469,10 @@ def run_tests():
         print("  ok: fashion-mnist: 60,000 images, 6,000 per class, batches [8, 3, 56, 56] normalised")
     else:
         print("  (fashion-mnist not installed: the real-image check was not run)")
-    print(f"stage 10 checks passed in {time.time() - t0:.1f}s")
+
+
+def run_tests():
+    common.run_checks(sys.modules[__name__])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,31 +492,18 @@ def build_parser():
         choices=list(PRESETS),
         help="quick: CPU-sized, embedded DINOv2-small + fashion-mnist (default); paper: ViT-B/16 + CIFAR-10",
     )
-    p.add_argument("--backbone", help="dinov2-small (embedded) | random:tiny-vit | hub id | folder")
-    p.add_argument(
-        "--dataset",
-        help="fashion-mnist (Debian package dataset-fashion-mnist) | cifar10 (downloads) | "
-        "synthetic (generated stripes, for tests)",
-    )
-    p.add_argument(
-        "--image-size", type=common.positive_int, help="images are resized to this many pixels square"
-    )
-    p.add_argument("--rotate-interval", type=common.positive_int, help="steps between label rotations")
-    p.add_argument(
-        "--num-rotations",
-        type=common.positive_int,
-        help="R: labels rotate by regime mod R, so regimes recur after R rotations",
-    )
-    p.add_argument("--batch-size", type=common.positive_int, help="images per batch")
-    p.add_argument("--prompt-length", type=common.positive_int, help="soft tokens per prompt")
-    add_method_args(p)
+    fill = PRESETS["quick"]
+    for cls in (
+        VisionSettings,
+        RunSettings,
+        FLHSettings,
+        BaselineSettings,
+        MetricSettings,
+        ExperimentSettings,
+    ):
+        common.add_settings(p, cls, preset=fill)
+    common.add_settings(p, ModelSettings, preset=fill, only=("prompt_length", "precision"))
     add_resume_arg(p)
-    p.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="encoder arithmetic; auto = bf16 where the device has native bf16 (default: auto)",
-    )
     common.add_common_args(
         p, None, "sub-folder of --out (default: vision-<method>-<dataset>-<preset>-seed<seed>)"
     )
@@ -500,7 +534,7 @@ def main(args):
         common.write_json(folder / "config.json", {**vars(args), "methods": ran})
         for method in methods:
             run_method(method, args, model, stream, folder / method)
-        metrics = analyse(folder, args.recovery_threshold, args.window)  # the lock is held to the last write
+        metrics = analyse(folder, common.settings(MetricSettings, args))  # the lock is held to the last write
         print(summarise(folder, metrics))
     print(f"metrics and plots in {folder}")
 

@@ -29,8 +29,10 @@ the embedded Rotten Tomatoes sentences; the flip lands exactly at step 1000; the
 multi-domain stream really changes).
 """
 
+import functools
 import math
-import time
+import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -151,58 +153,35 @@ class TextStream:
 # ----------------------------------------------------------------------------------------------
 # Flags shared by every text stage
 # ----------------------------------------------------------------------------------------------
-STREAM_DEFAULTS = dict(dataset="rt", batch_size=16, max_length=128, steps_per_domain=1000)
+@dataclass(frozen=True)
+class StreamSettings(common.Settings):
+    """The stream's settings, each declared once (stage 8's presets fill some of them)."""
 
-
-def add_stream_args(parser, **defaults):
-    """The stream's flags, with `defaults` (STREAM_DEFAULTS for a stage run on its own; stage 8
-    leaves out what its presets fill)."""
-
-    def text(key, what):
-        return common.default_help(what, defaults, key)
-
-    parser.add_argument(
-        "--dataset",
-        default=defaults.get("dataset"),
-        help=text(
-            "dataset",
-            "rt (embedded Rotten Tomatoes sentences) | imdb | multidomain "
-            "(VADER: amazon, movies, nyt, tweets) | sst2 (hub) | your own: a .csv or .jsonl file, a "
-            "save_to_disk folder or a hub dataset name (rotten_tomatoes, glue/sst2)",
-        ),
+    dataset: str = common.setting(
+        "rt",
+        help="rt (embedded Rotten Tomatoes sentences) | imdb | multidomain (VADER: amazon, movies, nyt, "
+        "tweets) | sst2 (hub) | your own: a .csv or .jsonl file, a save_to_disk folder or a hub dataset "
+        "name (rotten_tomatoes, glue/sst2)",
     )
-    parser.add_argument("--text-column", help="your data's text column (default: 'text', else 'sentence')")
-    parser.add_argument(
-        "--label-column", help="your data's label column, 0/1 or two names (default: 'label')"
+    text_column: str = common.setting(None, help="your data's text column (default: 'text', else 'sentence')")
+    label_column: str = common.setting(
+        None, help="your data's label column, 0/1 or two names (default: 'label')"
     )
-    parser.add_argument(
-        "--domain-column",
-        help="your data's domain column: several domains take turns (default: 'domain' if there is one)",
+    domain_column: str = common.setting(
+        None, help="your data's domain column: several domains take turns (default: 'domain' if there is one)"
     )
-    parser.add_argument(
-        "--batch-size",
-        type=common.positive_int,
-        default=defaults.get("batch_size"),
-        help=text("batch_size", "examples per batch"),
+    batch_size: int = common.setting(16, common.positive_int, "examples per batch")
+    max_length: int = common.setting(
+        128, common.positive_int, "max text tokens per example incl. [CLS]/[SEP]"
     )
-    parser.add_argument(
-        "--max-length",
-        type=common.positive_int,
-        default=defaults.get("max_length"),
-        help=text("max_length", "max text tokens per example incl. [CLS]/[SEP]"),
+    flip_interval: int = common.setting(
+        None,
+        common.positive_int,
+        "steps between label flips (default: 1000 for single-domain data, none for multi-domain data)",
     )
-    parser.add_argument(
-        "--flip-interval",
-        type=common.positive_int,
-        default=None,
-        help="steps between label flips (default: 1000 for single-domain data, none for multi-domain data)",
-    )
-    parser.add_argument("--no-flip", action="store_true", help="never flip labels")
-    parser.add_argument(
-        "--steps-per-domain",
-        type=common.positive_int,
-        default=defaults.get("steps_per_domain"),
-        help=text("steps_per_domain", "steps per domain when the data has several"),
+    no_flip: bool = common.setting(False, help="never flip labels")
+    steps_per_domain: int = common.setting(
+        1000, common.positive_int, "steps per domain when the data has several"
     )
 
 
@@ -231,15 +210,17 @@ def build_stream(args, tokenizer, max_length=None):
 # ----------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------
-def run_tests():
-    t0 = time.time()
-    tok = load_tokenizer("minilm")
-    rt = common.load_text_data("rt")
-    texts, labels = rt["rt"]
+@functools.cache
+def _rt():
+    """For the checks: the tokenizer, the embedded rt data, and its first 5000 batches (flips every 1000)."""
+    tok, rt = load_tokenizer("minilm"), common.load_text_data("rt")
     stream = TextStream(rt, tok, batch_size=16, flip_every_n=1000, seed=0)
-    n = len(texts)
+    return tok, rt, stream, [b for _, b in zip(range(5000), stream.iterate())]
 
-    batches = [b for _, b in zip(range(5000), stream.iterate())]
+
+def test_label_flips():
+    _, rt, _, batches = _rt()
+    texts, labels = rt["rt"]
     for s in (999, 1000, 1001):
         b = batches[s]
         i = int(b["index"][0])
@@ -260,8 +241,12 @@ def run_tests():
     assert batches[999]["regime"] == 0 and batches[1000]["regime"] == 1, "flip is not exactly at step 1000"
     print("  ok: labels flip exactly at steps 1000, 2000, ...; regimes 0..4 over 5000 steps")
 
-    # Cycling: 5000 x 16 examples is ~9.4 passes over 8,530; each pass covers every example once,
-    # and each pass is a fresh shuffle.
+
+def test_cycling():
+    """5000 x 16 examples is ~9.4 passes over 8,530; each pass covers every example once, and each
+    pass is a fresh shuffle."""
+    tok, rt, stream, batches = _rt()
+    n = len(rt["rt"][0])
     order = torch.cat([b["index"] for b in batches])
     assert len(order) > 9 * n
     for e in range(9):
@@ -272,8 +257,11 @@ def run_tests():
     assert not torch.equal(other.batch(0)["index"], batches[0]["index"]), "seed is ignored"
     print(f"  ok: 5000 batches cycle through {n} sentences {len(order) / n:.1f} times, reshuffled each pass")
 
-    # Domains: the batch's tokens come from the domain it claims, which changes at each boundary.
-    md = common.load_text_data("multidomain")
+
+def test_domains():
+    """The batch's tokens come from the domain it claims, which changes at each boundary; with flips
+    too, concept = 2 * domain + flipped."""
+    tok, md = _rt()[0], common.load_text_data("multidomain")
     ms = TextStream(md, tok, batch_size=8, flip_every_n=None, steps_per_domain=50, seed=0)
     seen = []
     for s in range(0, 450, 1):
@@ -300,17 +288,17 @@ def run_tests():
     concepts = [both.batch(s)["concept"] for s in steps]
     assert concepts == [0, 1, 3, 2, 5, 4, 0, 0], concepts
     print("  ok: concept = 2 * domain + flipped with both flips and domains; it recurs when the rules do")
-    check_own_data(tok, rt["rt"], md)
-    print(f"stage 2 checks passed in {time.time() - t0:.1f}s")
 
 
-def check_own_data(tok, rt, md):
+def test_own_data():
     """Your own data: CSV, JSONL and save_to_disk give the batches the same rows give in memory;
     hub names take the same path; bad files end in one clear line."""
     import csv
     import json
     import os
     import tempfile
+
+    tok, rt = _rt()[0], _rt()[1]["rt"]
     from pathlib import Path
     from unittest import mock
 
@@ -420,10 +408,16 @@ def check_own_data(tok, rt, md):
     )
 
 
+def run_tests():
+    common.run_checks(sys.modules[__name__])
+
+
 def build_parser():
     p = common.Parser(description="Stage 2: print a few batches of the changing stream.")
-    add_stream_args(p, **STREAM_DEFAULTS)
-    p.add_argument("--backbone", default="minilm", help="whose tokenizer to use (default: minilm)")
+    common.add_settings(p, StreamSettings)
+    p.add_argument(
+        "--tokenizer", default="minilm", help="the tokenizer of this backbone (stage 3) (default: minilm)"
+    )
     p.add_argument(
         "--show", type=common.positive_int, default=3, help="how many batches to print (default: 3)"
     )
@@ -435,7 +429,7 @@ def build_parser():
 def main(args):
     if args.test:
         return run_tests()
-    tok = load_tokenizer(args.backbone)
+    tok = load_tokenizer(args.tokenizer)
     stream = build_stream(args, tok)
     for s in range(args.start, args.start + args.show):
         b = stream.batch(s)

@@ -29,8 +29,11 @@ Run `python stage3_backbone.py` to load a backbone and time a forward, `--test` 
 (shapes; gradients reach the prompt only; batched == looped; too-long inputs fail clearly).
 """
 
+import functools
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
-from stage2_stream import load_tokenizer
+from stage2_stream import StreamSettings, load_tokenizer
 
 
 class FrozenBackbone(nn.Module):
@@ -242,17 +245,19 @@ def count_params(module):
 # ----------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------
-def run_tests():
-    t0 = time.time()
+def _tiny():
+    """For the checks: random tiny-bert with the [CLS] read-out, a padded batch of two and a prompt."""
     torch.manual_seed(0)
     model, tok = load_backbone("random:tiny-bert", pooling="cls")
     enc = tok(
         ["a fine film .", "dull and far too long , with nothing to say"], padding=True, return_tensors="pt"
     )
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    batch = {"input_ids": ids, "attention_mask": mask}
-    D = model.embed_dim
-    prompt = nn.Parameter(torch.randn(5, D) * 0.02)
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    return model, tok, batch, nn.Parameter(torch.randn(5, model.embed_dim) * 0.02)
+
+
+def test_prompt_gradient():
+    model, _, batch, prompt = _tiny()
     logits = forward_with_prompt(model, batch, prompt)
     assert logits.shape == (2, 2), logits.shape
     logits.logsumexp(-1).sum().backward()
@@ -262,7 +267,10 @@ def run_tests():
     )
     print("  ok: logits [B, C]; the gradient reaches the prompt and no backbone parameter")
 
-    # [CLS] stays first: the prompt sits at positions 1..P, and the pooler reads position 0.
+
+def test_cls_first():
+    """[CLS] stays first: the prompt sits at positions 1..P, and the pooler reads position 0."""
+    model, tok, batch, prompt = _tiny()
     seen = {}
     hook = model.encoder.embeddings.register_forward_hook(
         lambda m, a, kw, out: seen.update(x=kw["inputs_embeds"]), with_kwargs=True
@@ -273,6 +281,11 @@ def run_tests():
     assert torch.equal(seen["x"][0, 0], cls) and torch.equal(seen["x"][0, 1:6], prompt.detach())
     print("  ok: the input is [CLS], prompt, text")
 
+
+def test_batched_prompts():
+    """K prompts in one pass (in chunks) equal K passes; the mean read-out ignores padding."""
+    model, tok, batch, prompt = _tiny()
+    D = model.embed_dim
     for pooling in ("cls", "mean"):
         model.pooling = pooling
         prompts = torch.randn(7, 5, D) * 0.5
@@ -292,7 +305,10 @@ def run_tests():
     b = forward_with_prompt(model, batch, prompt.detach())[:1]
     assert (a - b).abs().max() < 1e-5, "padding changed the mean read-out"
 
-    # Too long for the position table (tiny-bert has 128): a clear error, never an index error.
+
+def test_too_long():
+    """Too long for the position table (tiny-bert has 128): a clear error, never an index error."""
+    model, tok, _, prompt = _tiny()
     long_ids = torch.full((1, 125), 1000)
     long_ids[0, 0] = tok.cls_token_id
     try:
@@ -305,26 +321,40 @@ def run_tests():
     assert text_budget(model, 5) == 123
     print("  ok: prompt + text beyond the position table fails with a clear message")
 
-    # The real embedded backbone: frozen, eval mode, and the default read-out is the mean.
-    mini, _ = load_backbone("minilm")
+
+@functools.cache
+def _minilm():
+    return load_backbone("minilm")
+
+
+def test_minilm_frozen():
+    """The real embedded backbone: frozen, eval mode, and the default read-out is the mean."""
+    mini, _ = _minilm()
     tr, fr = count_params(mini)
     assert mini.pooling == "mean" and tr == 0 and fr > 22_000_000 and not mini.training
     print(f"  ok: minilm loads frozen ({fr:,} parameters), read-out 'mean'")
 
-    # bf16 autocast: the encoder really runs in bf16 (logits change) and stays close to fp32.
+
+def test_bf16():
+    """bf16 autocast: the encoder really runs in bf16 (logits change) and stays close to fp32."""
+    mini, tok = _minilm()
     enc = tok(["a fine film .", "dull and far too long"], padding=True, return_tensors="pt")
     p = torch.randn(5, mini.embed_dim) * 0.02
     full = forward_with_prompt(mini, enc, p)
     mini.precision = "bf16"
     half = forward_with_prompt(mini, enc, p)
+    mini.precision = "fp32"
     diff = (full - half).abs().max().item()
     assert half.dtype == torch.float32 and 0 < diff < 0.05 * full.abs().max().item(), diff
     print(
         f"  ok: bf16 autocast changes the logits by at most {diff:.1e} (of up to "
         f"{full.abs().max():.2f}), output fp32"
     )
-    # Rows of like length in chunks, each trimmed to its longest row: the same logits and gradients.
-    mini.precision = "fp32"
+
+
+def test_length_chunks():
+    """Rows of like length in chunks, each trimmed to its longest row: the same logits and gradients."""
+    mini, tok = _minilm()
     texts = [
         "fine .",
         "a long , winding and in the end rather pointless story about nothing",
@@ -349,7 +379,9 @@ def run_tests():
         f"{mask.shape[1]} tokens) give the unchunked logits and gradients"
     )
 
-    # --precision auto measures (here: a stand-in measurement), keeps the answer, and says it.
+
+def test_precision_auto():
+    """--precision auto measures (here: a stand-in measurement), keeps the answer, and says it."""
     saved_cache = common.CACHE
     with tempfile.TemporaryDirectory() as tmp:
         common.CACHE = Path(tmp)
@@ -374,29 +406,40 @@ def run_tests():
         "  ok: --precision auto takes the faster of fp32 and bf16 as measured (bf16 2x slower: fp32), "
         "measures once per CPU, torch and model"
     )
-    print(f"stage 3 checks passed in {time.time() - t0:.1f}s")
+
+
+def run_tests():
+    common.run_checks(sys.modules[__name__])
+
+
+@dataclass(frozen=True)
+class ModelSettings(common.Settings):
+    """The frozen backbone and the prompt's length, each declared once."""
+
+    backbone: str = common.setting(
+        "minilm", help="minilm (embedded) | random:tiny-bert | random:bert-base | hub id | folder"
+    )
+    pooling: str = common.setting(
+        None,
+        choices=["cls", "mean"],
+        help="read-out: [CLS] via the pooler, or mean of text tokens (default: mean for minilm, else cls)",
+    )
+    prompt_length: int = common.setting(10, common.positive_int, "soft tokens per prompt")
+    precision: str = common.setting(
+        "auto",
+        choices=["auto", "fp32", "bf16"],
+        help="encoder arithmetic: bf16 autocast or fp32; auto = the faster of the two, measured once on "
+        "this machine where bf16 is native, else fp32",
+    )
 
 
 def build_parser():
     p = common.Parser(description="Stage 3: load a frozen backbone and time a prompted forward pass.")
+    common.add_settings(p, ModelSettings)
     p.add_argument(
-        "--backbone",
-        default="minilm",
-        help="minilm (embedded, default) | random:tiny-bert | random:bert-base | hub id | folder",
+        "--experts", type=common.positive_int, default=8, help="K prompts in the batched pass (default: 8)"
     )
-    p.add_argument(
-        "--pooling",
-        choices=["cls", "mean"],
-        default=None,
-        help="read-out: [CLS] via the pooler, or mean of text tokens (default: mean for minilm, else cls)",
-    )
-    p.add_argument("--prompt-length", type=common.positive_int, default=10, help="soft tokens (default: 10)")
-    p.add_argument(
-        "--num-prompts", type=common.positive_int, default=8, help="K for the batched pass (default: 8)"
-    )
-    p.add_argument(
-        "--batch-size", type=common.positive_int, default=16, help="examples per batch (default: 16)"
-    )
+    common.add_settings(p, StreamSettings, only=("batch_size",))
     common.add_common_args(p, run_name="backbone")
     return p
 
@@ -415,11 +458,12 @@ def main(args):
     )
     texts = ["a gripping, beautifully acted film ."] * args.batch_size
     enc = {k: v.to(device) for k, v in tok(texts, return_tensors="pt").items()}
-    prompts = torch.randn(args.num_prompts, args.prompt_length, model.embed_dim, device=device) * 0.02
+    print(f"  precision: {choose_precision(model, enc, args.precision, args.prompt_length)}")
+    prompts = torch.randn(args.experts, args.prompt_length, model.embed_dim, device=device) * 0.02
     with torch.no_grad():
         for name, fn in [
             ("one prompt", lambda: forward_with_prompt(model, enc, prompts[0])),
-            (f"{args.num_prompts} prompts batched", lambda: forward_with_prompts(model, enc, prompts)),
+            (f"{args.experts} prompts batched", lambda: forward_with_prompts(model, enc, prompts)),
         ]:
             fn()
             t = time.perf_counter()

@@ -71,9 +71,10 @@ Run `python stage4_pool.py` for a small simulation, `--test` for the arithmetic 
 """
 
 import math
+import sys
 import tempfile
-import time
 from collections import deque
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,40 @@ from stage3_backbone import forward_with_prompt, forward_with_prompts, load_back
 
 PRUNING = ["none", "flh2", "diverse", "reservoir"]
 WEIGHTINGS = ["flh", "fixed_share", "mpp"]
+setting = common.setting
+
+
+@dataclass(frozen=True)
+class PoolSettings(common.Settings):
+    """How the pool weights and prunes its experts: the one place these settings and their defaults
+    live (stage 5 extends it with how the prompts learn)."""
+
+    alpha: float = setting(0.1, common.nonneg_float, "FLH learning rate alpha in w_i <- w_i exp(-alpha l_i)")
+    share: float = setting(
+        0.0,
+        common.unit_float,
+        "Fixed Share floor: w <- (1 - share) w + share / K after each update; 0 = plain FLH",
+    )
+    weighting: str = setting(
+        "flh",
+        choices=WEIGHTINGS,
+        help="flh (newcomer 1/t, floor share/K) | fixed_share (newcomer at the floor) | mpp (mixing past "
+        "posteriors: the floor mixes towards a decaying mix of earlier weights)",
+    )
+    mpp_decay: float = setting(
+        0.9, common.unit_float, "mpp: u <- decay u + (1 - decay) v, the past mix the floor goes to"
+    )
+    prune: str = setting(
+        "none",
+        choices=PRUNING,
+        help="FLH pool pruning: none | flh2 (by age) | diverse (the most alike pair on recent batches) | "
+        "reservoir (the expert the pool misses least on a sample of the whole past); the last two "
+        "need --max-prompts",
+    )
+    max_prompts: int = setting(0, common.nonneg_int, "cap on FLH's live prompts; 0 = none")
+    merge_window: int = setting(
+        10, common.positive_int, "recent batches whose predictions decide which experts are alike"
+    )
 
 
 def flh2_lifetime(j):
@@ -109,43 +144,28 @@ def mean_js(a, b):
 class FLHPromptPool(nn.Module):
     """Soft prompts [P, D] with FLH weights, a Fixed Share floor and pruning (see the docstring above)."""
 
-    def __init__(
-        self,
-        prompt_length,
-        embed_dim,
-        alpha=0.1,
-        prune="none",
-        max_prompts=None,
-        init_std=0.02,
-        device="cpu",
-        share=0.0,
-        window=10,
-        weighting="flh",
-        decay=0.9,
-    ):
+    def __init__(self, prompt_length, embed_dim, settings=PoolSettings(), init_std=0.02, device="cpu"):
         super().__init__()
-        if weighting not in WEIGHTINGS:
-            raise common.UserError(f"unknown weighting {weighting!r}; choose from {', '.join(WEIGHTINGS)}")
-        if weighting != "flh" and share <= 0:
-            raise common.UserError(f"--weighting {weighting} mixes by the floor: give --share > 0")
-        if not 0 <= decay < 1:
-            raise common.UserError(f"--decay must be in [0, 1), got {decay}")
-        self.weighting, self.decay = weighting, decay
+        s = settings  # each value checked by its declaration; here what two settings say together
+        if s.weighting != "flh" and s.share <= 0:
+            raise common.UserError(f"--weighting {s.weighting} mixes by the floor: give --share > 0")
+        if s.prune in ("diverse", "reservoir") and not s.max_prompts:
+            raise common.UserError(f"--prune {s.prune} needs a cap: give --max-prompts")
+        self.settings, self.weighting, self.decay = s, s.weighting, s.mpp_decay
         self.log_u = torch.zeros(0, dtype=torch.float64)  # mpp: the running mix of past posteriors
-        if prune not in PRUNING:
-            raise common.UserError(f"unknown pruning {prune!r}; choose from {', '.join(PRUNING)}")
-        if prune in ("diverse", "reservoir") and not max_prompts:
-            raise common.UserError(f"--prune {prune} needs a cap: give --max-prompts")
-        if not 0 <= share < 1:
-            raise common.UserError(f"share must be in [0, 1), got {share}")
-        self.prompt_length, self.embed_dim, self.alpha, self.share = prompt_length, embed_dim, alpha, share
-        self.prune, self.max_prompts, self.init_std = prune, max_prompts, init_std
+        self.prompt_length, self.embed_dim, self.alpha, self.share = (
+            prompt_length,
+            embed_dim,
+            s.alpha,
+            s.share,
+        )
+        self.prune, self.max_prompts, self.init_std = s.prune, s.max_prompts or None, init_std
         self.device = torch.device(device)  # where prompts live; weights stay on the CPU in float64
         self.prompts = nn.ParameterList()
         self.log_w = torch.zeros(0, dtype=torch.float64)
         self.birth_ids = []  # the birth index t of each live prompt (1-based, ever increasing)
         self.num_births = 0
-        self.window = window  # batches of predictions kept per expert for `diverse`
+        self.window = s.merge_window  # batches of predictions kept per expert for `diverse`
         self.recent = {}  # birth id -> deque of (step, probabilities [B, C] as float32 numpy)
         self.born_at = {}  # birth id -> the step it first predicted at
 
@@ -350,17 +370,7 @@ class FLHPromptPool(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         common.save_state(folder / "pool.safetensors", self.state())
-        settings = dict(
-            prompt_length=self.prompt_length,
-            embed_dim=self.embed_dim,
-            alpha=self.alpha,
-            share=self.share,
-            weighting=self.weighting,
-            decay=self.decay,
-            prune=self.prune,
-            max_prompts=self.max_prompts,
-            window=self.window,
-        )
+        settings = dict(prompt_length=self.prompt_length, embed_dim=self.embed_dim, **asdict(self.settings))
         common.write_json(folder / "pool.json", {"settings": settings, "experts": self.experts()})
 
     def load(self, folder):
@@ -393,11 +403,9 @@ def per_prompt_losses(logits, labels):
 # ----------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------
-def run_tests():
-    t0 = time.time()
-    torch.manual_seed(0)
-    # The plan's test: three prompts, losses [0.5, 1.0, 2.0] -> weight moves to the first.
-    pool = FLHPromptPool(prompt_length=4, embed_dim=8, alpha=1.0)
+def test_plan():
+    """The plan's test: three prompts, losses [0.5, 1.0, 2.0] -> weight moves to the first."""
+    pool = FLHPromptPool(4, 8, PoolSettings(alpha=1.0))
     for _ in range(3):
         pool.birth_prompt()
     before = pool.weights
@@ -408,8 +416,10 @@ def run_tests():
     assert all(abs(a - e / sum(expected)) < 1e-12 for a, e in zip(after, expected))
     print(f"  ok: plan's test: weights {[round(w, 3) for w in before]} -> {[round(w, 3) for w in after]}")
 
-    # Exact birth arithmetic: newcomer 1/t, the others scaled by (1 - 1/t), after an update.
-    pool = FLHPromptPool(4, 8, alpha=0.5)
+
+def test_birth_arithmetic():
+    """Exact birth arithmetic: newcomer 1/t, the others scaled by (1 - 1/t), after an update."""
+    pool = FLHPromptPool(4, 8, PoolSettings(alpha=0.5))
     for t in range(1, 8):
         old = pool.weights
         pool.birth_prompt()
@@ -426,8 +436,10 @@ def run_tests():
     assert torch.isfinite(pool.log_w).all() and torch.isfinite(w).all() and abs(w.sum() - 1) < 1e-9
     print(f"  ok: 10,000 updates with losses in [0, 20]: weights finite, sum = {w.sum():.12f}")
 
-    # FLH2: after 1,000 births at most 2 log2(1000) + 4 prompts live, and the newest always does.
-    pool = FLHPromptPool(2, 2, prune="flh2")
+
+def test_flh2():
+    """FLH2: after 1,000 births at most 2 log2(1000) + 4 prompts live, and the newest always does."""
+    pool = FLHPromptPool(2, 2, PoolSettings(prune="flh2"))
     most = 0
     for t in range(1, 1001):
         pool.birth_prompt()
@@ -441,9 +453,11 @@ def run_tests():
         "newest never pruned"
     )
 
-    # Fixed Share against a hand computation: weights [0.7, 0.2, 0.1], losses [1, 0, 2], alpha 1,
-    # share 0.1: v = w e^-l / sum = [0.7/e, 0.2, 0.1/e^2] / Z, then 0.9 v + 0.1 / 3.
-    pool = FLHPromptPool(2, 2, alpha=1.0, share=0.1)
+
+def test_fixed_share():
+    """Fixed Share against a hand computation: weights [0.7, 0.2, 0.1], losses [1, 0, 2], alpha 1, share 0.1:
+    v = w e^-l / sum = [0.7/e, 0.2, 0.1/e^2] / Z, then 0.9 v + 0.1 / 3."""
+    pool = FLHPromptPool(2, 2, PoolSettings(alpha=1.0, share=0.1))
     for _ in range(3):
         pool.birth_prompt()
     pool.log_w = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64).log()
@@ -455,7 +469,10 @@ def run_tests():
         pool.update_weights([0.0, 50.0, 0.0])
     assert min(pool.weights) >= 0.1 / 3 - 1e-12 and abs(sum(pool.weights) - 1) < 1e-12
     # share = 0 is the plan's FLH exactly: the same weights, bit for bit, as without the argument.
-    a, b = FLHPromptPool(2, 2, alpha=0.5), FLHPromptPool(2, 2, alpha=0.5, share=0.0)
+    a, b = (
+        FLHPromptPool(2, 2, PoolSettings(alpha=0.5)),
+        FLHPromptPool(2, 2, PoolSettings(alpha=0.5, share=0.0)),
+    )
     g = torch.Generator().manual_seed(0)
     for t in range(30):
         if t % 5 == 0:
@@ -468,9 +485,12 @@ def run_tests():
         ">= share/K, and share=0 is bit-identical to plain FLH"
     )
 
-    # Fixed Share and MPP against hand computations (share 0.1, alpha 1, decay 0.5).
+
+def test_weightings():
+    """Fixed Share and MPP against hand computations (share 0.1, alpha 1, decay 0.5)."""
     fs, mpp = (
-        FLHPromptPool(2, 2, alpha=1.0, share=0.1, weighting=r, decay=0.5) for r in ("fixed_share", "mpp")
+        FLHPromptPool(2, 2, PoolSettings(alpha=1.0, share=0.1, weighting=r, mpp_decay=0.5))
+        for r in ("fixed_share", "mpp")
     )
     for pool in (fs, mpp):
         pool.birth_prompt(), pool.birth_prompt()
@@ -498,7 +518,7 @@ def run_tests():
     )
     for rule in ("fixed_share", "mpp"):
         try:
-            FLHPromptPool(2, 2, share=0.0, weighting=rule)
+            FLHPromptPool(2, 2, PoolSettings(share=0.0, weighting=rule))
             raise AssertionError(f"{rule} accepted share 0")
         except common.UserError:
             pass
@@ -507,8 +527,11 @@ def run_tests():
         "past mix) equal hand computations to 1e-12, births included"
     )
 
-    # diverse: of two identical experts the redundant (lighter) one goes; never the leader or the live prompt.
-    pool = FLHPromptPool(2, 2, prune="diverse", max_prompts=4, window=3)
+
+def test_diverse():
+    """diverse: of two identical experts the redundant (lighter) one goes; never the leader or the live
+    prompt."""
+    pool = FLHPromptPool(2, 2, PoolSettings(prune="diverse", max_prompts=4, merge_window=3))
     for _ in range(4):
         pool.birth_prompt()
     pool.log_w = torch.tensor([0.1, 0.5, 0.15, 0.25], dtype=torch.float64).log()
@@ -521,7 +544,7 @@ def run_tests():
     assert pool.birth_ids == [2, 3, 4, 5], pool.birth_ids  # id 1 (0.10) was lighter than its twin id 3 (0.15)
     # The leader (id 2) and the live prompt (id 4, the newest before the birth) predict the same;
     # neither may go, so the next most alike removable pair decides.
-    pool = FLHPromptPool(2, 2, prune="diverse", max_prompts=4, window=3)
+    pool = FLHPromptPool(2, 2, PoolSettings(prune="diverse", max_prompts=4, merge_window=3))
     for _ in range(4):
         pool.birth_prompt()
     pool.log_w = torch.tensor([0.2, 0.5, 0.05, 0.25], dtype=torch.float64).log()
@@ -534,7 +557,7 @@ def run_tests():
     assert pool.birth_ids == [1, 2, 4, 5] and abs(sum(pool.weights) - 1) < 1e-12, pool.birth_ids
     assert 3 not in pool.recent
     for trial in range(200):  # random weights and predictions: leader and live always survive
-        pool = FLHPromptPool(2, 2, prune="diverse", max_prompts=3, window=2)
+        pool = FLHPromptPool(2, 2, PoolSettings(prune="diverse", max_prompts=3, merge_window=2))
         for t in range(1, 9):
             before_leader = pool.birth_ids[int(pool.log_w.argmax())] if len(pool) else None
             live = pool.birth_ids[-1] if len(pool) else None
@@ -548,10 +571,11 @@ def run_tests():
         "live prompt"
     )
 
-    # reservoir: the expert whose removal raises the pool's best loss on the past the least goes,
-    # however heavy; the lighter on a tie; never the leader or the live prompt; the probe runs only
-    # at the cap.
-    pool, calls = FLHPromptPool(2, 2, prune="reservoir", max_prompts=5), []
+
+def test_reservoir():
+    """reservoir: the expert whose removal raises the pool's best loss on the past the least goes, however
+    heavy; the lighter on a tie; never the leader or the live prompt; the probe runs only at the cap."""
+    pool, calls = FLHPromptPool(2, 2, PoolSettings(prune="reservoir", max_prompts=5)), []
     for _ in range(5):
         pool.birth_prompt(probe=lambda: calls.append(1))
     assert not calls, "the probe ran below the cap"
@@ -577,8 +601,10 @@ def run_tests():
         "the leader or the live prompt"
     )
 
-    # A cap keeps the heaviest; the newcomer is always added.
-    pool = FLHPromptPool(2, 2, max_prompts=3, alpha=1.0)
+
+def test_cap():
+    """A cap keeps the heaviest; the newcomer is always added."""
+    pool = FLHPromptPool(2, 2, PoolSettings(max_prompts=3, alpha=1.0))
     for t in range(1, 4):
         pool.birth_prompt()
     pool.update_weights([0.0, 5.0, 1.0])  # expert 2 (born second) becomes lightest
@@ -586,8 +612,10 @@ def run_tests():
     assert pool.birth_ids == [1, 3, 4] and abs(sum(pool.weights) - 1) < 1e-12
     print("  ok: max_prompts=3 drops the lightest prompt at the 4th birth")
 
-    # Selection modes.
-    pool = FLHPromptPool(3, 4, alpha=1.0)
+
+def test_selection():
+    """Selection modes."""
+    pool = FLHPromptPool(3, 4, PoolSettings(alpha=1.0))
     for _ in range(3):
         pool.birth_prompt()
     pool.update_weights([1.0, 0.0, 2.0])
@@ -605,7 +633,9 @@ def run_tests():
         f"{(draws / 4000).tolist()} ~ w"
     )
 
-    # get_all_losses: one batched no-grad pass equals per-prompt forwards; mixture is a distribution.
+
+def test_batched_losses_and_save():
+    """get_all_losses: one batched no-grad pass equals per-prompt forwards; mixture is a distribution."""
     model, tok = load_backbone("random:tiny-bert")
     pool = FLHPromptPool(5, model.embed_dim, init_std=0.5)
     for _ in range(4):
@@ -637,7 +667,10 @@ def run_tests():
     )
     assert saved["experts"] == pool.experts() and saved["settings"]["embed_dim"] == model.embed_dim
     print("  ok: save/load through a folder keeps prompts, log-weights, births (index, step), predictions")
-    # The heaviest experts holding >= 1 - epsilon, and the bound on their mixture.
+
+
+def test_heaviest():
+    """The heaviest experts holding >= 1 - epsilon, and the bound on their mixture."""
     pool = FLHPromptPool(4, 8)
     for _ in range(4):
         pool.birth_prompt()
@@ -654,16 +687,16 @@ def run_tests():
     print(
         "  ok: the heaviest experts holding >= 1 - epsilon; their mixture is within epsilon of the full one"
     )
-    print(f"stage 4 checks passed in {time.time() - t0:.1f}s")
+
+
+def run_tests():
+    common.run_checks(sys.modules[__name__])
 
 
 def build_parser():
     p = common.Parser(description="Stage 4: simulate FLH weights on synthetic losses (no model).")
     p.add_argument(
-        "--alpha", type=common.nonneg_float, default=1.0, help="FLH learning rate alpha (default: 1.0)"
-    )
-    p.add_argument(
-        "--birth-interval", type=common.positive_int, default=10, help="steps between births (default: 10)"
+        "--births-every", type=common.positive_int, default=10, help="steps between births (default: 10)"
     )
     p.add_argument(
         "--change-every",
@@ -671,14 +704,10 @@ def build_parser():
         default=40,
         help="steps between rule changes (default: 40)",
     )
-    p.add_argument("--steps", type=common.positive_int, default=160, help="steps to simulate (default: 160)")
-    p.add_argument("--prune", choices=["none", "flh2"], default="flh2", help="pruning rule (default: flh2)")
     p.add_argument(
-        "--share",
-        type=common.unit_float,
-        default=0.0,
-        help="Fixed Share floor: after each update w <- (1 - share) w + share / K (default: 0)",
+        "--simulate", type=common.positive_int, default=160, help="steps to simulate (default: 160)"
     )
+    common.add_settings(p, PoolSettings, alpha=1.0, prune="flh2")  # the simulation's own values
     common.add_common_args(p, run_name="pool")
     return p
 
@@ -688,14 +717,16 @@ def main(args):
     (with --share, also watch an old expert's weight stay above the floor)."""
     if args.test:
         return run_tests()
-    pool = FLHPromptPool(1, 1, alpha=args.alpha, prune=args.prune, share=args.share)
-    for step in range(args.steps):
-        if step % args.birth_interval == 0:
+    if args.prune in ("diverse", "reservoir"):
+        raise common.UserError(f"--prune {args.prune} judges experts by their predictions: none here")
+    pool = FLHPromptPool(1, 1, common.settings(PoolSettings, args))
+    for step in range(args.simulate):
+        if step % args.births_every == 0:
             pool.birth_prompt()
-        born = [(j - 1) * args.birth_interval for j in pool.birth_ids]
+        born = [(j - 1) * args.births_every for j in pool.birth_ids]
         change = step - step % args.change_every
         pool.update_weights([0.3 if b >= change else 1.0 for b in born])
-        if step % args.birth_interval == args.birth_interval - 1:
+        if step % args.births_every == args.births_every - 1:
             cells = " ".join(f"{b:>4}:{w:.2f}" for b, w in zip(born, pool.weights))
             print(f"step {step:4d} (rules since {change:4d})  born:weight  {cells}")
 

@@ -61,23 +61,27 @@ snapshot births copy the live prompt and freeze the old one). Timings: `python b
 """
 
 import copy
+import functools
 import hashlib
 import math
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 import common
-from stage2_stream import STREAM_DEFAULTS, TextStream, add_stream_args, build_stream
+from stage2_stream import StreamSettings, TextStream, build_stream
 from stage3_backbone import (
+    ModelSettings,
     choose_precision,
     forward_with_prompt,
     forward_with_prompts,
     load_backbone,
     text_budget,
 )
-from stage4_pool import PRUNING, WEIGHTINGS, FLHPromptPool, per_prompt_losses
+from stage4_pool import FLHPromptPool, PoolSettings, per_prompt_losses
 
 
 def to_device(batch, device):
@@ -199,6 +203,61 @@ def pad_cat(a, b):
 
 TRAIN_MODES = ["weighted_sum", "independent", "snapshot"]
 BIRTH_FROM = ["live", "leader", "random"]
+setting = common.setting
+
+
+@dataclass(frozen=True)
+class RunSettings(common.Settings):
+    """How long a run learns, and how fast (stage 8's presets fill both)."""
+
+    steps: int = setting(300, common.positive_int, "batches in the stream")
+    lr: float = setting(1e-3, common.positive_float, "AdamW learning rate")
+
+
+def offset_arg(text):
+    return text if text == "half" else common.nonneg_int(text)
+
+
+@dataclass(frozen=True)
+class FLHSettings(PoolSettings):
+    """FLH's settings: how the pool weights and prunes (stage 4's PoolSettings), and how its prompts
+    are born and learn. The one place each of them and its default is declared."""
+
+    birth_interval: int = setting(100, common.positive_int, "steps between FLH births")
+    birth_offset: object = setting(
+        0,
+        offset_arg,
+        "FLH births at step 0 and then at offset + k * interval; "
+        "'half' = interval // 2, off the change points when those fall on multiples",
+    )
+    train_mode: str = setting(
+        "weighted_sum",
+        choices=TRAIN_MODES,
+        help="weighted_sum (the plan's) | independent | snapshot (frozen experts)",
+    )
+    birth_from: str = setting(
+        "live",
+        choices=BIRTH_FROM,
+        help="snapshot mode: a newborn copies the live prompt, the leader, or starts at random",
+    )
+    reservoir_size: int = setting(
+        32, common.positive_int, "--prune reservoir: past examples (with their labels) kept to judge experts"
+    )
+    fresh_threshold: float = setting(
+        0.0,
+        common.nonneg_float,
+        "fresh births: when a Page-Hinkley test sees the best expert's loss rise by this many nats "
+        "(summed over batches), a prompt is born from random, which needs no unlearning; 0 = never",
+    )
+    loss_batch: int = setting(
+        0, common.nonneg_int, "score FLH's experts on the first N examples of each batch only; 0 = all"
+    )
+    mixture_epsilon: float = setting(
+        0.05,
+        common.unit_float,
+        "beyond the loss batch, predict with the heaviest experts holding >= 1 - epsilon of the "
+        "weight (every class probability within epsilon of the full mixture); 0 = every expert",
+    )
 
 
 class FLHLearner:
@@ -208,56 +267,15 @@ class FLHLearner:
 
     name = "flh"
 
-    def __init__(
-        self,
-        model,
-        prompt_length,
-        lr=1e-3,
-        alpha=0.1,
-        birth_interval=500,
-        prune="none",
-        max_prompts=None,
-        weight_decay=0.01,
-        loss_batch=0,
-        train_mode="weighted_sum",
-        share=0.0,
-        birth_offset=0,
-        birth_from="live",
-        merge_window=10,
-        mixture_epsilon=0.05,
-        weighting="flh",
-        mpp_decay=0.9,
-        reservoir_size=32,
-        fresh_threshold=0.0,
-    ):
-        if train_mode not in TRAIN_MODES:
-            raise common.UserError(f"unknown train mode {train_mode!r}; choose from {', '.join(TRAIN_MODES)}")
-        if birth_from not in BIRTH_FROM:
-            raise common.UserError(
-                f"unknown --birth-from {birth_from!r}; choose from {', '.join(BIRTH_FROM)}"
-            )
-        self.model, self.birth_interval, self.loss_batch = model, birth_interval, loss_batch
-        if not 0 <= mixture_epsilon < 1:
-            raise common.UserError(f"--mixture-epsilon must be in [0, 1), got {mixture_epsilon}")
-        self.train_mode, self.birth_offset, self.birth_from = train_mode, birth_offset, birth_from
-        self.mixture_epsilon = mixture_epsilon
-        if not 0 <= fresh_threshold or not math.isfinite(fresh_threshold):
-            raise common.UserError(f"--fresh-threshold must be a number >= 0, got {fresh_threshold}")
-        self.reservoir = Reservoir(reservoir_size) if prune == "reservoir" else None
-        self.fresh_threshold, self.fresh_due, self.drift_losses = fresh_threshold, False, []
-        self.detector = rise_detector(fresh_threshold) if fresh_threshold else None
-        self.pool = FLHPromptPool(
-            prompt_length,
-            model.embed_dim,
-            alpha,
-            prune,
-            max_prompts,
-            device=model.device,
-            share=share,
-            window=merge_window,
-            weighting=weighting,
-            decay=mpp_decay,
-        )
+    def __init__(self, model, prompt_length, lr, settings=FLHSettings(), weight_decay=0.01):
+        s = self.settings = settings  # checked by its declaration
+        self.model, self.birth_interval, self.loss_batch = model, s.birth_interval, s.loss_batch
+        self.train_mode, self.birth_from, self.mixture_epsilon = s.train_mode, s.birth_from, s.mixture_epsilon
+        self.birth_offset = s.birth_interval // 2 if s.birth_offset == "half" else s.birth_offset
+        self.reservoir = Reservoir(s.reservoir_size) if s.prune == "reservoir" else None
+        self.fresh_threshold, self.fresh_due, self.drift_losses = s.fresh_threshold, False, []
+        self.detector = rise_detector(s.fresh_threshold) if s.fresh_threshold else None
+        self.pool = FLHPromptPool(prompt_length, model.embed_dim, s, device=model.device)
         # AdamW needs at least one parameter: start with a placeholder group, dropped at the 1st birth.
         self._placeholder = torch.nn.Parameter(torch.zeros(1))
         self.lr, self.weight_decay = lr, weight_decay
@@ -484,15 +502,18 @@ def run_stream(learner, stream, steps, log, start=0, every=None, callback=None, 
 # ----------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------
-def run_tests():
-    t0 = time.time()
-    torch.manual_seed(0)
+@functools.cache
+def _minilm_rt():
+    """For the checks: the embedded MiniLM, its tokenizer, the rt data and a stream of it without flips."""
     model, tok = load_backbone("minilm")
     rt = common.load_text_data("rt")
-    stream = TextStream(rt, tok, batch_size=8, flip_every_n=None, seed=0)
+    return model, tok, rt, TextStream(rt, tok, batch_size=8, flip_every_n=None, seed=0)
 
-    # The plan's overfit check: 10 fixed batches, no flips; the loss falls below half its start.
-    learner = FLHLearner(model, prompt_length=10, lr=3e-2, birth_interval=10**9)
+
+def test_overfit():
+    """The plan's overfit check: 10 fixed batches, no flips; the loss falls below half its start."""
+    model, tok, rt, stream = _minilm_rt()
+    learner = FLHLearner(model, 10, 3e-2, FLHSettings(birth_interval=10**9))
     batches = [stream.batch(s) for s in range(10)]
     epoch_loss = []
     for epoch in range(8):
@@ -504,8 +525,11 @@ def run_tests():
         "8 epochs"
     )
 
-    # Prequential: a step's logged accuracies are those of the parameters before the step.
-    learner = FLHLearner(model, prompt_length=10, lr=5e-2, alpha=0.5, birth_interval=3)
+
+def test_prequential():
+    """Prequential: a step's logged accuracies are those of the parameters before the step."""
+    model, tok, rt, stream = _minilm_rt()
+    learner = FLHLearner(model, 10, 5e-2, FLHSettings(alpha=0.5, birth_interval=3))
     for s in range(7):  # births at 0, 3, 6: step 6 checks the case of a fresh newcomer too
         b = stream.batch(100 + s)
         b["step"] = s
@@ -544,8 +568,11 @@ def run_tests():
         "after a birth)"
     )
 
-    # --loss-batch m: the experts' losses come from the first m examples only; training uses all.
-    learner = FLHLearner(model, prompt_length=10, lr=5e-2, birth_interval=2, loss_batch=3)
+
+def test_loss_batch():
+    """--loss-batch m: the experts' losses come from the first m examples only; training uses all."""
+    model, tok, rt, stream = _minilm_rt()
+    learner = FLHLearner(model, 10, 5e-2, FLHSettings(birth_interval=2, loss_batch=3))
     for s in range(3):
         b = {**stream.batch(200 + s), "step": s}
         snapshot, rng = copy.deepcopy(learner), torch.get_rng_state()
@@ -564,9 +591,12 @@ def run_tests():
         )
     print("  ok: --loss-batch 3 gives each expert its loss on the batch's first 3 examples")
 
-    # Optimiser follows the pool through FLH2 pruning: one group per live prompt, same objects.
+
+def test_optimiser_follows_pool():
+    """Optimiser follows the pool through FLH2 pruning: one group per live prompt, same objects."""
+    model, tok, rt, stream = _minilm_rt()
     tiny, _ = load_backbone("random:tiny-bert")
-    learner = FLHLearner(tiny, prompt_length=2, birth_interval=1, prune="flh2")
+    learner = FLHLearner(tiny, 2, 1e-3, FLHSettings(birth_interval=1, prune="flh2"))
     small = TextStream(rt, tok, batch_size=2, max_length=16, flip_every_n=None)
     for s in range(40):
         learner.step(small.batch(s))
@@ -574,20 +604,26 @@ def run_tests():
     assert len(groups) == len(learner.pool) < 40 and all(a is b for a, b in zip(groups, learner.pool.prompts))
     print(f"  ok: after 40 births with FLH2 the optimiser holds exactly the {len(learner.pool)} live prompts")
 
-    # Snapshot: the live prompt alone learns; a birth freezes it and continues from a copy, Adam moments too.
+
+def test_snapshot():
+    """Snapshot: the live prompt alone learns; a birth freezes it and continues from a copy, Adam moments
+    too."""
+    model, tok, rt, stream = _minilm_rt()
     learner = FLHLearner(
         model,
-        prompt_length=10,
-        lr=5e-2,
-        alpha=1.0,
-        birth_interval=4,
-        birth_offset=2,
-        train_mode="snapshot",
-        loss_batch=4,
-        share=0.01,
-        prune="diverse",
-        max_prompts=3,
-        mixture_epsilon=0.3,
+        10,
+        5e-2,
+        FLHSettings(
+            alpha=1.0,
+            birth_interval=4,
+            birth_offset=2,
+            train_mode="snapshot",
+            loss_batch=4,
+            share=0.01,
+            prune="diverse",
+            max_prompts=3,
+            mixture_epsilon=0.3,
+        ),
     )
     births, frozen, gaps = [], {}, []
     for s in range(12):
@@ -644,9 +680,12 @@ def run_tests():
         "moments; frozen experts never move; acc is the pre-update mixture"
     )
 
-    # birth_from='leader' copies the heaviest expert; 'random' starts from noise.
+
+def test_birth_from():
+    """birth_from='leader' copies the heaviest expert; 'random' starts from noise."""
+    model, tok, rt, stream = _minilm_rt()
     learner = FLHLearner(
-        model, prompt_length=10, lr=5e-2, birth_interval=10**9, train_mode="snapshot", birth_from="leader"
+        model, 10, 5e-2, FLHSettings(birth_interval=10**9, train_mode="snapshot", birth_from="leader")
     )
     for s in range(3):
         learner.step({**stream.batch(400 + s), "step": s})
@@ -662,8 +701,11 @@ def run_tests():
     )
     print("  ok: --birth-from leader copies the heaviest expert; random starts from noise")
 
-    # The reservoir: a uniform sample of the whole past, the same however the steps arrive; its padded
-    # rows give each expert the same losses as the examples had in their own batches.
+
+def test_reservoir():
+    """The reservoir: a uniform sample of the whole past, the same however the steps arrive; its padded rows
+    give each expert the same losses as the examples had in their own batches."""
+    model, tok, rt, stream = _minilm_rt()
     flips = TextStream(rt, tok, batch_size=8, flip_every_n=50, seed=0)
     a, b = Reservoir(32), Reservoir(32)
     for s in range(200):
@@ -698,10 +740,21 @@ def run_tests():
         "its padded rows score each example as its own batch did"
     )
 
-    # Fresh births: a rise of the best expert's loss makes the next step's newborn random, not a copy.
-    learner = FLHLearner(model, prompt_length=10, lr=5e-2, birth_interval=10**9, train_mode="snapshot",
-                         prune="reservoir", max_prompts=3, fresh_threshold=2.0)  # fmt: skip
-    rows = [learner.step(flips.batch(s)) for s in range(3)]
+
+def test_fresh_births():
+    """Fresh births: a rise of the best expert's loss makes the next step's newborn random, not a copy."""
+    model, tok, rt, stream = _minilm_rt()
+    learner = FLHLearner(
+        model,
+        10,
+        5e-2,
+        FLHSettings(
+            birth_interval=10**9, train_mode="snapshot", prune="reservoir", max_prompts=3, fresh_threshold=2.0
+        ),
+    )
+    flips = TextStream(rt, tok, batch_size=8, flip_every_n=50, seed=0)
+    for s in range(3):
+        learner.step(flips.batch(s))
     for loss in [0.3] * 40 + [1.5] * 30:  # the losses a flip gives: ADWIN raises the alarm
         if learner.rise_detected(loss):
             break
@@ -722,22 +775,29 @@ def run_tests():
                 learner.fresh_due = False  # as the next step's fresh birth does
         return found
 
-    whole, cut, resumed = (FLHLearner(model, 10, birth_interval=10**9, fresh_threshold=2.0) for _ in range(3))
+    whole, cut, resumed = (
+        FLHLearner(model, 10, 1e-3, FLHSettings(birth_interval=10**9, fresh_threshold=2.0)) for _ in range(3)
+    )
     found, before = alarms(whole), alarms(cut, 0, 70)
     for learner in (cut, resumed):
         learner.pool.birth_prompt()  # a pool to save
     resumed.load_state_dict(cut.state_dict())  # a detector restored mid-stream, by replaying its losses
     again = alarms(resumed, 70)
     assert found[0] in range(50, 65) and found == before + again and 150 <= again[0] < 165, (found, again)
-    falls = FLHLearner(model, prompt_length=10, birth_interval=10**9, fresh_threshold=2.0)
+    falls = FLHLearner(model, 10, 1e-3, FLHSettings(birth_interval=10**9, fresh_threshold=2.0))
     assert not any(falls.rise_detected(x) for x in [1.5] * 40 + [0.3] * 30), "a fall raised a fresh birth"
     print(
         f"  ok: fresh births: a rise of the best expert's loss births a random prompt, the live one is kept "
         f"frozen; a fall does not; rises at 50 and 150 alarm at {found}, the same after a restore"
     )
 
-    # independent: one backward on the sum gives every prompt the gradient of its own loss.
-    learner = FLHLearner(tiny, prompt_length=3, birth_interval=10**9, train_mode="independent")
+
+def test_independent():
+    """independent: one backward on the sum gives every prompt the gradient of its own loss."""
+    _, tok, rt, _ = _minilm_rt()
+    tiny, _ = load_backbone("random:tiny-bert")
+    small = TextStream(rt, tok, batch_size=2, max_length=16, flip_every_n=None)
+    learner = FLHLearner(tiny, 3, 1e-3, FLHSettings(birth_interval=10**9, train_mode="independent"))
     for _ in range(3):
         learner.pool.birth_prompt()
     b = small.batch(5)
@@ -752,45 +812,9 @@ def run_tests():
         "  ok: independent mode: each prompt's gradient equals that of its own loss, from one backward pass"
     )
 
-    print(f"stage 5 checks passed in {time.time() - t0:.1f}s")
 
-
-MODEL_DEFAULTS = dict(backbone="minilm", prompt_length=10, precision="auto")
-
-
-def add_model_args(parser, **defaults):
-    """The backbone's flags, with `defaults` (MODEL_DEFAULTS for a stage run on its own)."""
-
-    def text(key, what):
-        return common.default_help(what, defaults, key)
-
-    parser.add_argument(
-        "--backbone",
-        default=defaults.get("backbone"),
-        help=text("backbone", "minilm (embedded) | random:tiny-bert | random:bert-base | hub id | folder"),
-    )
-    parser.add_argument(
-        "--pooling",
-        choices=["cls", "mean"],
-        default=None,
-        help="read-out (default: mean for minilm, cls for BERT models)",
-    )
-    parser.add_argument(
-        "--prompt-length",
-        type=common.positive_int,
-        default=defaults.get("prompt_length"),
-        help=text("prompt_length", "soft tokens per prompt"),
-    )
-    parser.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16"],
-        default=defaults.get("precision"),
-        help=text(
-            "precision",
-            "encoder arithmetic: bf16 autocast or fp32; auto = bf16 where the "
-            "device has native bf16 (recent CPUs and GPUs), else fp32",
-        ),
-    )
+def run_tests():
+    common.run_checks(sys.modules[__name__])
 
 
 def prepare(args):
@@ -819,187 +843,12 @@ def fresh_run(learner, stream, args):
         return common.read_jsonl(out / "log.jsonl")
 
 
-def offset_arg(text):
-    return text if text == "half" else common.nonneg_int(text)
-
-
-def add_flh_args(p, **defaults):
-    """FLH's flags. Stage 5 gives its defaults; stages 8-10 leave them None for a preset to fill."""
-
-    def text(key, what):
-        return common.default_help(what, defaults, key)
-
-    p.add_argument(
-        "--birth-interval",
-        type=common.positive_int,
-        default=defaults.get("birth_interval"),
-        help=text("birth_interval", "steps between FLH births"),
-    )
-    p.add_argument(
-        "--birth-offset",
-        type=offset_arg,
-        default=defaults.get("birth_offset"),
-        help=text(
-            "birth_offset",
-            "FLH births at step 0 and then at offset + k * interval; "
-            "'half' = interval // 2, off the change points when those fall on multiples",
-        ),
-    )
-    p.add_argument(
-        "--alpha",
-        type=common.nonneg_float,
-        default=defaults.get("alpha"),
-        help=text("alpha", "FLH learning rate alpha in w_i <- w_i exp(-alpha l_i)"),
-    )
-    p.add_argument(
-        "--share",
-        type=common.unit_float,
-        default=defaults.get("share"),
-        help=text(
-            "share", "Fixed Share floor: w <- (1 - share) w + share / K after each update; 0 = plain FLH"
-        ),
-    )
-    p.add_argument(
-        "--weighting",
-        choices=WEIGHTINGS,
-        default=defaults.get("weighting"),
-        help=text(
-            "weighting",
-            "flh (newcomer 1/t, floor share/K) | fixed_share (newcomer at the floor) | mpp (mixing past "
-            "posteriors: the floor mixes towards a decaying mix of earlier weights)",
-        ),
-    )
-    p.add_argument(
-        "--mpp-decay",
-        type=common.unit_float,
-        default=defaults.get("mpp_decay"),
-        help=text("mpp_decay", "mpp: u <- decay u + (1 - decay) v, the past mix the floor goes to"),
-    )
-    p.add_argument(
-        "--train-mode",
-        choices=TRAIN_MODES,
-        default=defaults.get("train_mode"),
-        help=text("train_mode", "weighted_sum (the plan's) | independent | snapshot (frozen experts)"),
-    )
-    p.add_argument(
-        "--birth-from",
-        choices=BIRTH_FROM,
-        default=defaults.get("birth_from"),
-        help=text(
-            "birth_from", "snapshot mode: a newborn copies the live prompt, the leader, or starts at random"
-        ),
-    )
-    p.add_argument(
-        "--prune",
-        choices=PRUNING,
-        default=defaults.get("prune"),
-        help=text(
-            "prune",
-            "FLH pool pruning: none | flh2 (by age) | diverse (the most alike pair on recent batches) | "
-            "reservoir (the expert the pool misses least on a sample of the whole past); the last two "
-            "need --max-prompts",
-        ),
-    )
-    p.add_argument(
-        "--reservoir-size",
-        type=common.positive_int,
-        default=defaults.get("reservoir_size"),
-        help=text(
-            "reservoir_size", "--prune reservoir: past examples (with their labels) kept to judge experts"
-        ),
-    )
-    p.add_argument(
-        "--fresh-threshold",
-        type=common.nonneg_float,
-        default=defaults.get("fresh_threshold"),
-        help=text(
-            "fresh_threshold",
-            "fresh births: when a Page-Hinkley test sees the best expert's loss rise by this many nats "
-            "(summed over batches), a prompt is born from random, which needs no unlearning; 0 = never",
-        ),
-    )
-    p.add_argument(
-        "--max-prompts",
-        type=common.nonneg_int,
-        default=defaults.get("max_prompts"),
-        help=text("max_prompts", "cap on FLH's live prompts; 0 = none"),
-    )
-    p.add_argument(
-        "--merge-window",
-        type=common.positive_int,
-        default=defaults.get("merge_window"),
-        help=text("merge_window", "recent batches whose predictions decide which experts are alike"),
-    )
-    p.add_argument(
-        "--loss-batch",
-        type=common.nonneg_int,
-        default=defaults.get("loss_batch"),
-        help=text("loss_batch", "score FLH's experts on the first N examples of each batch only; 0 = all"),
-    )
-    p.add_argument(
-        "--mixture-epsilon",
-        type=common.unit_float,
-        default=defaults.get("mixture_epsilon"),
-        help=text(
-            "mixture_epsilon",
-            "beyond the loss batch, predict with the heaviest experts holding >= 1 - epsilon of the "
-            "weight (every class probability within epsilon of the full mixture); 0 = every expert",
-        ),
-    )
-
-
-FLH_DEFAULTS = dict(
-    birth_interval=100,
-    birth_offset=0,
-    alpha=0.1,
-    share=0.0,
-    train_mode="weighted_sum",
-    birth_from="live",
-    prune="none",
-    max_prompts=0,
-    merge_window=10,
-    loss_batch=0,
-    mixture_epsilon=0.05,
-    weighting="flh",
-    mpp_decay=0.9,
-    reservoir_size=32,
-    fresh_threshold=0.0,
-)
-
-
-def flh_kwargs(args):
-    """FLHLearner's keyword arguments from parsed flags."""
-    return dict(
-        lr=args.lr,
-        alpha=args.alpha,
-        birth_interval=args.birth_interval,
-        prune=args.prune,
-        max_prompts=args.max_prompts or None,
-        loss_batch=args.loss_batch,
-        train_mode=args.train_mode,
-        share=args.share,
-        birth_from=args.birth_from,
-        birth_offset=args.birth_interval // 2 if args.birth_offset == "half" else args.birth_offset,
-        merge_window=args.merge_window,
-        mixture_epsilon=getattr(args, "mixture_epsilon", 0.0),  # 0: a run saved before the flag existed
-        weighting=getattr(args, "weighting", "flh"),  # runs saved before these two flags existed
-        mpp_decay=getattr(args, "mpp_decay", 0.9),
-        reservoir_size=getattr(args, "reservoir_size", 32),  # runs saved before these two flags existed
-        fresh_threshold=getattr(args, "fresh_threshold", 0.0),
-    )
-
-
 def build_parser():
     p = common.Parser(description="Stage 5: run FLH on the changing stream and write one log row per step.")
-    add_stream_args(p, **STREAM_DEFAULTS)
-    add_model_args(p, **MODEL_DEFAULTS)
-    p.add_argument(
-        "--steps", type=common.positive_int, default=300, help="batches to train on (default: 300)"
-    )
-    p.add_argument(
-        "--lr", type=common.positive_float, default=1e-3, help="AdamW learning rate (default: 1e-3)"
-    )
-    add_flh_args(p, **FLH_DEFAULTS)
+    common.add_settings(p, StreamSettings)
+    common.add_settings(p, ModelSettings)
+    common.add_settings(p, RunSettings)
+    common.add_settings(p, FLHSettings)
     common.add_common_args(p, run_name="flh")
     return p
 
@@ -1008,7 +857,7 @@ def main(args):
     if args.test:
         return run_tests()
     model, stream = prepare(args)
-    learner = FLHLearner(model, args.prompt_length, **flh_kwargs(args))
+    learner = FLHLearner(model, args.prompt_length, args.lr, common.settings(FLHSettings, args))
     t0 = time.time()
     rows = fresh_run(learner, stream, args)
     last = rows[-100:]

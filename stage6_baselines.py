@@ -36,9 +36,11 @@ parameters it has, then learns from the batch's labels, and returns one log row;
 Run `python stage6_baselines.py --method similarity` for a short run, `--test` for the checks.
 """
 
+import functools
+import sys
 import tempfile
-import time
 from collections import deque
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -46,8 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
-from stage2_stream import STREAM_DEFAULTS, TextStream, add_stream_args
+from stage2_stream import StreamSettings, TextStream
 from stage3_backbone import (
+    ModelSettings,
     forward_with_example_prompts,
     forward_with_prompt,
     forward_with_prompts,
@@ -56,14 +59,11 @@ from stage3_backbone import (
 )
 from stage4_pool import per_prompt_losses
 from stage5_train import (
-    FLH_DEFAULTS,
-    MODEL_DEFAULTS,
     FLHLearner,
+    FLHSettings,
+    RunSettings,
     accuracy,
-    add_flh_args,
-    add_model_args,
     base_row,
-    flh_kwargs,
     fresh_run,
     prepare,
     r6,
@@ -71,7 +71,22 @@ from stage5_train import (
 )
 
 METHODS = ["flh", "flh_sum", "single", "reset", "oracle", "leader", "detect", "random", "similarity"]
-DETECT_DEFAULTS = dict(detect_delta=0.002, detect_probe=5)  # ADWIN's default delta; 5 batches of probe
+
+
+@dataclass(frozen=True)
+class BaselineSettings(common.Settings):
+    """The baselines' own settings, each declared once (they share FLH's where they use a pool)."""
+
+    num_prompts: int = common.setting(10, common.positive_int, "pool size K of random and similarity")
+    leader_window: int = common.setting(
+        10, common.positive_int, "leader: batches over which the expert of lowest mean loss is chosen"
+    )
+    detect_delta: float = common.setting(  # ADWIN's own default
+        0.002, common.probability, "detect: ADWIN's confidence delta (smaller: fewer, surer alarms)"
+    )
+    detect_probe: int = common.setting(
+        5, common.positive_int, "detect: batches after an alarm on which the stored and fresh prompts compete"
+    )
 
 
 class PromptLearner:
@@ -119,7 +134,7 @@ def kmeans_pp(x, k):
 class SingleLearner(PromptLearner):
     name = "single"
 
-    def __init__(self, model, prompt_length, lr=1e-3):
+    def __init__(self, model, prompt_length, lr):
         self.prompt = new_prompt(model, prompt_length)
         super().__init__(model, [self.prompt], lr)
 
@@ -137,7 +152,7 @@ class ResetLearner(SingleLearner):
 
     name = "reset"
 
-    def __init__(self, model, prompt_length, lr=1e-3):
+    def __init__(self, model, prompt_length, lr):
         super().__init__(model, prompt_length, lr)
         self.regime = None
 
@@ -174,7 +189,7 @@ class DetectLearner(SingleLearner):
 
     name = "detect"
 
-    def __init__(self, model, prompt_length, lr=1e-3, max_prompts=8, probe=5, delta=0.002):
+    def __init__(self, model, prompt_length, lr, max_prompts, probe, delta):
         super().__init__(model, prompt_length, lr)
         self.max_prompts, self.probe, self.delta = max_prompts, probe, delta
         self.stored, self.stored_at = [], []  # frozen prompts, and the step each was stored at
@@ -261,7 +276,7 @@ class OracleLearner(PromptLearner):
 
     name = "oracle"
 
-    def __init__(self, model, prompt_length, lr=1e-3):
+    def __init__(self, model, prompt_length, lr):
         self.model, self.params, self.prompt_length, self.concepts = model, [], prompt_length, []
         self.optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=lr, weight_decay=0.01)
 
@@ -300,8 +315,8 @@ class LeaderLearner(FLHLearner):
 
     name = "leader"
 
-    def __init__(self, model, prompt_length, leader_window=10, **kw):
-        super().__init__(model, prompt_length, **{**kw, "train_mode": "snapshot"})
+    def __init__(self, model, prompt_length, lr, settings, leader_window):
+        super().__init__(model, prompt_length, lr, replace(settings, train_mode="snapshot"))
         self.window, self.history = leader_window, {}  # birth id -> deque of its recent losses
 
     def leader(self):
@@ -346,7 +361,7 @@ class RandomPoolLearner(PromptLearner):
 
     name = "random"
 
-    def __init__(self, model, prompt_length, num_prompts=10, lr=1e-3):
+    def __init__(self, model, prompt_length, num_prompts, lr):
         self.prompts = [new_prompt(model, prompt_length) for _ in range(num_prompts)]
         super().__init__(model, self.prompts, lr)
 
@@ -372,7 +387,7 @@ class SimilarityLearner(PromptLearner):
 
     name = "similarity"
 
-    def __init__(self, model, prompt_length, num_prompts=10, lr=1e-3, key_weight=0.1):
+    def __init__(self, model, prompt_length, num_prompts, lr, key_weight=0.1):
         self.prompts = [new_prompt(model, prompt_length) for _ in range(num_prompts)]
         self.keys = [nn.Parameter(torch.zeros(model.embed_dim).to(model.device)) for _ in range(num_prompts)]
         self.key_weight = key_weight
@@ -418,17 +433,15 @@ class SimilarityLearner(PromptLearner):
 def make_learner(method, model, args):
     """Any method as a learner, from parsed flags (prompt_length, lr, num_prompts, leader_window and
     FLH's flags of stage 5)."""
-    P, lr = args.prompt_length, args.lr
+    P, lr, flh = args.prompt_length, args.lr, common.settings(FLHSettings, args)
     if method in ("flh", "flh_sum"):
         learner = FLHLearner(
-            model,
-            P,
-            **{**flh_kwargs(args), **({"train_mode": "weighted_sum"} if method == "flh_sum" else {})},
+            model, P, lr, replace(flh, train_mode="weighted_sum") if method == "flh_sum" else flh
         )
         learner.name = method
         return learner
     if method == "leader":
-        return LeaderLearner(model, P, leader_window=args.leader_window, **flh_kwargs(args))
+        return LeaderLearner(model, P, lr, flh, args.leader_window)
     if method in ("single", "reset", "oracle"):
         return {"single": SingleLearner, "reset": ResetLearner, "oracle": OracleLearner}[method](model, P, lr)
     if method == "detect":
@@ -511,40 +524,6 @@ def load_learner(folder, device="auto"):
     return learner, tok, max_length, about
 
 
-def add_baseline_args(p, **defaults):
-    """The baselines' own flags (None defaults: a preset fills them)."""
-
-    def text(key, what):
-        return common.default_help(what, defaults, key)
-
-    p.add_argument(
-        "--num-prompts",
-        type=common.positive_int,
-        default=defaults.get("num_prompts"),
-        help=text("num_prompts", "pool size K of random and similarity"),
-    )
-    p.add_argument(
-        "--leader-window",
-        type=common.positive_int,
-        default=defaults.get("leader_window"),
-        help=text("leader_window", "leader: batches over which the expert of lowest mean loss is chosen"),
-    )
-    p.add_argument(
-        "--detect-delta",
-        type=common.probability,
-        default=defaults.get("detect_delta"),
-        help=text("detect_delta", "detect: ADWIN's confidence delta (smaller: fewer, surer alarms)"),
-    )
-    p.add_argument(
-        "--detect-probe",
-        type=common.positive_int,
-        default=defaults.get("detect_probe"),
-        help=text(
-            "detect_probe", "detect: batches after an alarm on which the stored and fresh prompts compete"
-        ),
-    )
-
-
 # ----------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------
@@ -554,8 +533,8 @@ def test_args(**kw):
 
     return argparse.Namespace(
         **{
-            **FLH_DEFAULTS,
-            **DETECT_DEFAULTS,
+            **asdict(FLHSettings()),
+            **asdict(BaselineSettings()),
             "prompt_length": 8,
             "lr": 3e-2,
             "num_prompts": 2,
@@ -565,13 +544,27 @@ def test_args(**kw):
     )
 
 
-def run_tests():
-    t0 = time.time()
+@functools.cache
+def _minilm_rt():
+    """For the checks: the embedded MiniLM, its tokenizer, the rt texts and labels, and streams of
+    them without flips and with flips every 3 steps."""
     model, tok = load_backbone("minilm")
     texts, labels = common.load_text_data("rt")["rt"]
-    # A fixed-label stream over 80 sentences, 40 of each class (the file is sorted by label),
-    # so that 100 batches of 8 pass over each 10 times.
-    pick = [i for i, y in enumerate(labels) if y == 1][:40] + [i for i, y in enumerate(labels) if y == 0][:40]
+    stream = TextStream({"rt": (texts, labels)}, tok, batch_size=8, max_length=64, flip_every_n=None)
+    flips = TextStream({"rt": (texts, labels)}, tok, batch_size=8, max_length=64, flip_every_n=3)
+    return model, tok, texts, labels, stream, flips
+
+
+def _fixed_80(labels):
+    """80 sentences, 40 of each class (the file is sorted by label)."""
+    return [i for i, y in enumerate(labels) if y == 1][:40] + [i for i, y in enumerate(labels) if y == 0][:40]
+
+
+def test_learns_fixed_labels():
+    """Every learner learns a fixed-label stream over 80 sentences, so that 100 batches of 8 pass over
+    each 10 times."""
+    model, tok, texts, labels, stream, flips = _minilm_rt()
+    pick = _fixed_80(labels)
     small = TextStream(
         {"rt": ([texts[i] for i in pick], [labels[i] for i in pick])},
         tok,
@@ -588,12 +581,13 @@ def run_tests():
         print(
             f"  ok: {method} learns a fixed-label stream: prequential accuracy over steps 50-99 = {late:.2f}"
         )
-    stream = TextStream({"rt": (texts, labels)}, tok, batch_size=8, max_length=64, flip_every_n=None)
-    flips = TextStream({"rt": (texts, labels)}, tok, batch_size=8, max_length=64, flip_every_n=3)
 
-    # Detect: ADWIN (checked at every batch) fires on a jump of the loss; after an alarm the probe
-    # hands a new rule to a fresh prompt and an old rule back to the prompt stored when it ended.
-    torch.manual_seed(0)
+
+def test_detect():
+    """Detect: ADWIN (checked at every batch) fires on a jump of the loss; after an alarm the probe hands a
+    new rule to a fresh prompt and an old rule back to the prompt stored when it ended."""
+    model, tok, texts, labels, stream, flips = _minilm_rt()
+    pick = _fixed_80(labels)
     few = {"rt": ([texts[i] for i in pick], [labels[i] for i in pick])}
     back = TextStream(few, tok, batch_size=8, max_length=64, flip_every_n=100)  # flipped in 100..199
     detect = make_learner("detect", model, test_args())
@@ -623,7 +617,10 @@ def run_tests():
         "fresh prompt takes the new rule, the prompt stored at step 99 takes rule 0 back; resumes exactly"
     )
 
-    # Oracle: one prompt per concept; a concept's prompt does not move while the other concept is on.
+
+def test_oracle():
+    """Oracle: one prompt per concept; a concept's prompt does not move while the other concept is on."""
+    model, tok, texts, labels, stream, flips = _minilm_rt()
     torch.manual_seed(0)
     oracle = make_learner("oracle", model, test_args())
     for s in range(3):
@@ -643,7 +640,10 @@ def run_tests():
         "then resumes"
     )
 
-    # Reset: at every regime change the prompt is re-drawn and its Adam state starts again.
+
+def test_reset():
+    """Reset: at every regime change the prompt is re-drawn and its Adam state starts again."""
+    model, tok, texts, labels, stream, flips = _minilm_rt()
     torch.manual_seed(0)
     reset = make_learner("reset", model, test_args())
     for s in range(3):
@@ -654,7 +654,10 @@ def run_tests():
     assert (reset.prompt.detach() - before).abs().max() > 0.01 and reset.prompt.detach().std() < 0.05
     print("  ok: reset re-draws its prompt and clears its Adam state at the regime change (step 3)")
 
-    # Leader: predicts with the expert of lowest mean loss over its last window of batches.
+
+def test_leader():
+    """Leader: predicts with the expert of lowest mean loss over its last window of batches."""
+    model, tok, texts, labels, stream, flips = _minilm_rt()
     torch.manual_seed(0)
     leader = make_learner("leader", model, test_args(birth_interval=2, leader_window=3))
     seen = {}
@@ -675,15 +678,21 @@ def run_tests():
             seen.setdefault(j, []).append(loss)
     print("  ok: leader predicts with the expert of lowest mean loss over its last 3 batches")
 
-    # Random selection is uniform: 10 prompts, 5,000 draws, every count within 15% of 500.
+
+def test_random_uniform():
+    """Random selection is uniform: 10 prompts, 5,000 draws, every count within 15% of 500."""
+    model, tok, texts, labels, stream, flips = _minilm_rt()
     torch.manual_seed(0)
-    learner = RandomPoolLearner(model, 2, num_prompts=10)
+    learner = RandomPoolLearner(model, 2, 10, 1e-3)
     counts = torch.bincount(torch.tensor([learner.draw() for _ in range(5000)]), minlength=10)
     assert ((counts - 500).abs() < 75).all(), counts
     print(f"  ok: random draws are uniform: counts {counts.tolist()}")
 
-    # Similarity: keys start at K distinct queries of the first batch; it picks the nearest key, and
-    # the keys move towards their queries.
+
+def test_similarity():
+    """Similarity: keys start at K distinct queries of the first batch; it picks the nearest key, and the
+    keys move towards their queries."""
+    model, tok, texts, labels, stream, flips = _minilm_rt()
     torch.manual_seed(0)
     learner = SimilarityLearner(model, prompt_length=4, num_prompts=4, lr=5e-2)
     batch = stream.batch(0)
@@ -706,20 +715,18 @@ def run_tests():
         f"  ok: similarity keys start at 4 distinct queries (k-means++); it picks the nearest key; "
         f"5 steps raise cos(query, its key) {before:.3f} -> {after:.3f}"
     )
-    print(f"stage 6 checks passed in {time.time() - t0:.1f}s")
+
+
+def run_tests():
+    common.run_checks(sys.modules[__name__])
 
 
 def build_parser():
     p = common.Parser(description="Stage 6: run one baseline on the changing stream (stage 8 runs them all).")
     p.add_argument("--method", choices=METHODS, default="single", help="which learner (default: single)")
-    add_stream_args(p, **STREAM_DEFAULTS)
-    add_model_args(p, **MODEL_DEFAULTS)
-    p.add_argument("--steps", type=common.positive_int, default=300, help="batches (default: 300)")
-    p.add_argument(
-        "--lr", type=common.positive_float, default=1e-2, help="AdamW learning rate (default: 1e-2)"
-    )
-    add_baseline_args(p, num_prompts=10, leader_window=10, **DETECT_DEFAULTS)
-    add_flh_args(p, **FLH_DEFAULTS)
+    for settings in (StreamSettings, ModelSettings, BaselineSettings, FLHSettings):
+        common.add_settings(p, settings)
+    common.add_settings(p, RunSettings, lr=1e-2)  # this stage's own learning rate
     common.add_common_args(p, run_name="baseline")
     return p
 

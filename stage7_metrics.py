@@ -55,7 +55,7 @@ import os
 import shutil
 import sys
 import tempfile
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -94,7 +94,21 @@ def trailing_mean(x, w):
     return (c[1:] - c[np.arange(1, len(x) + 1) - n]) / n
 
 
-def recovery_times(rows, threshold=0.8, window=50):
+@dataclass(frozen=True)
+class MetricSettings(common.Settings):
+    """What counts as recovered, and over how many steps accuracy is averaged: declared once (the
+    defaults are the plan's; stage 8's presets set their own)."""
+
+    recovery_threshold: float = common.setting(
+        0.8, common.accuracy_arg, "accuracy that counts as recovered, in (0, 1]"
+    )
+    recovery_window: int = common.setting(
+        50, common.positive_int, "steps in the rolling accuracy for recovery"
+    )
+    window: int = common.setting(500, common.positive_int, "N of the windowed accuracy / adaptive regret")
+
+
+def recovery_times(rows, threshold, window):
     """Per shift: steps until the `window`-step accuracy inside the new regime reaches `threshold`."""
     acc = np.array([r["acc"] for r in rows], float)
     steps = [r["step"] for r in rows]
@@ -397,8 +411,13 @@ def per_run_table(summary, names, baseline="single"):
     return "\n".join(lines) if len(lines) > 2 else ""  # nothing to show: no run had that baseline
 
 
-def compute_metrics(rows, threshold=0.8, window=500, recovery_window=50):
+def compute_metrics(rows, settings):
     """All metrics of one method's log."""
+    threshold, window, recovery_window = (
+        settings.recovery_threshold,
+        settings.window,
+        settings.recovery_window,
+    )
     acc = np.array([r["acc"] for r in rows], float)
     rec = recovery_times(rows, threshold, recovery_window)
     done = [r["steps"] for r in rec if r["recovered"]]
@@ -667,12 +686,12 @@ def find_logs(folder):
     return dict(sorted(logs.items(), key=lambda kv: order.get(kv[0], 99)))
 
 
-def analyse(folder, threshold=0.8, window=500, recovery_window=50, smooth=50, logs=None):
+def analyse(folder, settings, smooth=50, logs=None):
     """Write metrics.json and the plots into a run folder (from `logs` where the caller has read
     them already); returns the metrics."""
-    folder = Path(folder)
+    folder, threshold = Path(folder), settings.recovery_threshold
     logs = {k: v for k, v in (logs or find_logs(folder)).items() if v}
-    metrics = {name: compute_metrics(rows, threshold, window, recovery_window) for name, rows in logs.items()}
+    metrics = {name: compute_metrics(rows, settings) for name, rows in logs.items()}
     common.write_json(folder / "metrics.json", metrics)
     plot_accuracy(
         logs, folder / "accuracy.png", smooth, threshold, title=f"{folder.name}: accuracy over time"
@@ -756,29 +775,35 @@ def _fake_rows(acc, interval, weights=None):
     return rows
 
 
-def run_tests():
-    t0 = time.time()
-    # Regimes of 200 steps. After shift 200: accuracy 0.5 for 30 steps, then 1.0 -> the 50-step mean
-    # first reaches 0.8 at the window [c+n-50, c+n) with 20 steps of 0.5 and 30 of 1.0 -> n = 60.
-    # After shift 400: 0.5 forever -> censored. Shift 600: perfect at once -> n = 50 (the window).
+def _recovering_acc():
     acc = np.ones(800)
     acc[200:230] = 0.5
     acc[400:600] = 0.5
+    return acc
+
+
+def test_recovery_times():
+    """Regimes of 200 steps. After shift 200: accuracy 0.5 for 30 steps, then 1.0 -> the 50-step mean first
+    reaches 0.8 at the window [c+n-50, c+n) with 20 steps of 0.5 and 30 of 1.0 -> n = 60. After shift 400:
+    0.5 forever -> censored. Shift 600: perfect at once -> n = 50 (the window)."""
+    acc = _recovering_acc()
     rows = _fake_rows(acc, 200)
     rec = recovery_times(rows, threshold=0.8, window=50)
     assert [r["shift"] for r in rec] == [200, 400, 600]
     assert rec[0]["steps"] == 60 and rec[0]["recovered"]
     assert rec[1]["steps"] is None and not rec[1]["recovered"] and rec[1]["regime_length"] == 200
     assert rec[2]["steps"] == 50
-    m = compute_metrics(rows, threshold=0.8, window=100)
+    m = compute_metrics(rows, MetricSettings(window=100))
     assert m["shifts_recovered"] == 2 and m["mean_recovery_time"] == 55 and m["windowed_accuracy"] == 1.0
     assert abs(m["mean_log_loss"] - np.mean([r["loss"] for r in rows])) < 1e-12 and m["mean_log_loss"] > 0
     print("  ok: recovery times 60 and 50 steps where known; a regime that never recovers is censored (null)")
 
-    # Kinds, first-50 accuracy and switch time. Concepts 0, 1, 0, 1 over 200-step regimes: the shift at
-    # 200 is first-time, those at 400 and 600 recur. Three experts: born at 0 (concept 0), 200 (concept 1)
-    # and 400 (concept 0). After 400 the expert born at 0 gets weight 0.6 from step 407 on: switch 7.
-    # After 600 the expert born at 200 never holds more than 0.4: censored.
+
+def test_shift_kinds():
+    """Kinds, first-50 accuracy and switch time. Concepts 0, 1, 0, 1 over 200-step regimes: the shift at 200
+    is first-time, those at 400 and 600 recur. Three experts: born at 0 (concept 0), 200 (concept 1) and
+    400 (concept 0). After 400 the expert born at 0 gets weight 0.6 from step 407 on: switch 7. After 600
+    the expert born at 200 never holds more than 0.4: censored."""
     acc2 = np.ones(800)
     acc2[200:250], acc2[400:450], acc2[600:650] = 0.2, np.r_[np.zeros(25), np.ones(25)], 0.9
     rows = _fake_rows(acc2, 200)
@@ -834,7 +859,10 @@ def run_tests():
         "switch follows the expert it chose (20 and 10 steps); an expert frozen after a shift is no "
         "memory of the concept it was born in"
     )
-    # Paired differences: a method exactly 0.1 better than single on every shift; bootstrap intervals.
+
+
+def test_paired_differences():
+    """Paired differences: a method exactly 0.1 better than single on every shift; bootstrap intervals."""
     x = np.random.default_rng(1).normal(0.6, 0.1, 400)
     lo, hi = bootstrap_interval(x)
     assert (
@@ -874,13 +902,16 @@ def run_tests():
         "pooled by kind (75 steps, 4/4; never, 0/2)"
     )
 
-    K = 5
+
+def test_regret_and_plots():
+    """Weight entropy; true adaptive regret: a method 0.3 worse than its best expert on 40 steps of a
+    50-step window has regret 0.3 * 40; then metrics.json and the plots of a run folder."""
+    acc, K = _recovering_acc(), 5
     rows = _fake_rows(np.full(300, 0.7), 100, weights=[1 / K] * K)
-    m = compute_metrics(rows, window=50)
+    m = compute_metrics(rows, MetricSettings(window=50))
     assert abs(m["weight_entropy"][0] - math.log(K)) < 1e-12
     print(f"  ok: entropy of uniform weights over {K} prompts = log {K} = {math.log(K):.4f}")
     assert abs(m["true_adaptive_regret"]) < 1e-9, m["true_adaptive_regret"]
-    # A method 0.3 worse than its best expert on 40 steps of a 50-step window has regret 0.3 * 40.
     for r in rows[100:140]:
         r["mixture_loss"] += 0.3
     assert abs(true_adaptive_regret(rows, 50) - 12.0) < 1e-9
@@ -892,7 +923,7 @@ def run_tests():
             with open(Path(tmp) / name / "log.jsonl", "w") as f:
                 for r in _fake_rows(acc, 200, [0.5, 0.5]) if name == "flh" else _fake_rows(acc[::-1], 200):
                     f.write(json.dumps(r) + "\n")
-        metrics = analyse(tmp, window=100)
+        metrics = analyse(tmp, MetricSettings(window=100))
         assert set(metrics) == {"flh", "single"}
         for png in ("accuracy.png", "recovery.png", "prompts.png", "weights_flh.png", "first50.png"):
             p = Path(tmp) / png
@@ -947,7 +978,10 @@ def run_tests():
         "reported; empty, foreign and garbage logs are one clear error"
     )
     print("  ok: a run folder gives metrics.json and 4 non-empty PNGs; the seed summary averages right")
-    print(f"stage 7 checks passed in {time.time() - t0:.1f}s")
+
+
+def run_tests():
+    common.run_checks(sys.modules[__name__])
 
 
 def build_parser():
@@ -955,24 +989,7 @@ def build_parser():
         description="Stage 7: metrics and plots from run folders (several = seeds, summarised)."
     )
     p.add_argument("runs", nargs="*", help="run folders (each with log.jsonl, or one sub-folder per method)")
-    p.add_argument(
-        "--recovery-threshold",
-        type=common.accuracy_arg,
-        default=0.8,
-        help="accuracy a shift must recover to (default: 0.8)",
-    )
-    p.add_argument(
-        "--recovery-window",
-        type=common.positive_int,
-        default=50,
-        help="steps in the rolling accuracy for recovery (default: 50)",
-    )
-    p.add_argument(
-        "--window",
-        type=common.positive_int,
-        default=500,
-        help="N of the windowed accuracy / adaptive regret (default: 500)",
-    )
+    common.add_settings(p, MetricSettings)
     p.add_argument(
         "--summary", default=None, help="folder for summary.json/summary.md over all runs (default: none)"
     )
@@ -994,7 +1011,7 @@ def main(args):
         raise common.UserError("give at least one run folder")
     per_run, run_logs = [], [find_logs(run) for run in args.runs]
     for run, logs in zip(args.runs, run_logs):
-        m = analyse(run, args.recovery_threshold, args.window, args.recovery_window, logs=logs)
+        m = analyse(run, common.settings(MetricSettings, args), logs=logs)
         per_run.append(m)
         print(f"{run}:\n{summary_table([m])[0]}\n")
     if args.summary:

@@ -35,76 +35,72 @@ Run `--test` for the checks (a tiny run of all methods writes every output; resu
 """
 
 import argparse
+import atexit
 import contextlib
+import functools
 import io
 import itertools
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import common
-from stage2_stream import add_stream_args, encode_texts
-from stage5_train import add_flh_args, add_model_args, prepare, run_stream
-from stage6_baselines import (
-    DETECT_DEFAULTS,
-    METHODS,
-    add_baseline_args,
-    load_learner,
-    make_learner,
-    save_learner,
-)
-from stage7_metrics import analyse
+from stage2_stream import StreamSettings, encode_texts
+from stage3_backbone import ModelSettings
+from stage5_train import FLHSettings, RunSettings, prepare, run_stream
+from stage6_baselines import METHODS, BaselineSettings, load_learner, make_learner, save_learner
+from stage7_metrics import MetricSettings, analyse
 
-PLAN_FLH = dict(
-    train_mode="weighted_sum",
-    alpha=0.1,
-    share=0.0,
-    birth_from="live",
-    max_prompts=0,
-    merge_window=10,
-    mixture_epsilon=0.05,
-    weighting="flh",
-    mpp_decay=0.9,
-    reservoir_size=32,
-    fresh_threshold=0.0,
+
+@dataclass(frozen=True)
+class ExperimentSettings(common.Settings):
+    """How often a run saves; only the presets give a value."""
+
+    checkpoint_every: int = common.setting(None, common.positive_int, "steps between checkpoints")
+
+
+SETTINGS = (
+    StreamSettings,
+    ModelSettings,
+    RunSettings,
+    FLHSettings,
+    BaselineSettings,
+    MetricSettings,
+    ExperimentSettings,
 )
+PLAN_FLH = FLHSettings(birth_interval=500)  # the plan's FLH: stage 5's defaults, births every 500
 # FLH that remembers, chosen on tuning seeds 100-102 by the lowest mean log loss of FLH's mixture
 # (stage 9's --grid tuning and tuning2; then reservoir against diverse pruning on rt and on images;
 # the README has the tables), then frozen before any reporting run.
-TUNED_FLH = dict(
+TUNED_FLH = FLHSettings(
     train_mode="snapshot",
     alpha=8.0,
     share=0.01,
-    birth_from="live",
     prune="reservoir",
     max_prompts=8,
-    merge_window=10,
-    mixture_epsilon=0.05,
-    weighting="flh",
-    mpp_decay=0.9,
-    reservoir_size=32,
-    fresh_threshold=0.0,
+    birth_offset="half",
+    loss_batch=8,
 )
+BASELINES = asdict(BaselineSettings())
 # fmt: off
 PRESETS = {
     "quick": dict(backbone="minilm", dataset="rt", steps=1600, flip_interval=400, steps_per_domain=400,
-                  birth_interval=100, birth_offset="half", prompt_length=10, batch_size=16, lr=1e-2,
-                  **TUNED_FLH, num_prompts=10, leader_window=10, **DETECT_DEFAULTS, loss_batch=8,
+                  prompt_length=10, batch_size=16, lr=1e-2, **asdict(TUNED_FLH), **BASELINES,
                   recovery_threshold=0.7, window=400, checkpoint_every=400),
     "paper": dict(backbone="bert-base-uncased", dataset="sst2", steps=10000, flip_interval=1000,
-                  steps_per_domain=1000, birth_interval=500, birth_offset=0, prompt_length=20, batch_size=32,
-                  lr=1e-3, **PLAN_FLH, num_prompts=10, leader_window=10, prune="none", loss_batch=0,
-                  **DETECT_DEFAULTS,
-                  recovery_threshold=0.8, window=500, checkpoint_every=1000),
+                  steps_per_domain=1000, prompt_length=20, batch_size=32, lr=1e-3, **asdict(PLAN_FLH),
+                  **BASELINES, recovery_threshold=0.8, window=500, checkpoint_every=1000),
 }
 # fmt: on
 
@@ -302,163 +298,192 @@ def summarise(folder, metrics):
 # ----------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------
-def run_tests():
-    t0 = time.time()
-    tiny = (
-        "--backbone random:tiny-bert --batch-size 4 --flip-interval 10 --birth-interval 5 --num-prompts 3 "
-        "--checkpoint-every 10 --train-mode snapshot --prune diverse --max-prompts 3 --share 0.01 --alpha 2 "
-        "--leader-window 3"
-    ).split()
-    with tempfile.TemporaryDirectory() as tmp:
+TINY = (
+    "--backbone random:tiny-bert --batch-size 4 --flip-interval 10 --birth-interval 5 --num-prompts 3 "
+    "--checkpoint-every 10 --train-mode snapshot --prune diverse --max-prompts 3 --share 0.01 --alpha 2 "
+    "--leader-window 3"
+).split()
 
-        def run(words):  # a tiny run in tmp: main(tiny flags + words)
-            return main(build_parser().parse_args([*tiny, *words.split(), "--out", tmp]))
 
-        # A tiny run of all methods writes every output.
-        run("--method all --steps 30 --run-name all")
-        run_folder = Path(tmp) / "all"
-        metrics = common.read_json(run_folder / "metrics.json")
-        assert sorted(metrics) == sorted(METHODS), list(metrics)
-        for m in METHODS:
-            rows = common.read_jsonl(run_folder / m / "log.jsonl")
-            assert [r["step"] for r in rows] == list(range(30))
-            assert (run_folder / m / "checkpoints" / "step_30.safetensors").exists()
-        pngs = {"accuracy.png", "recovery.png", "prompts.png", "weights_flh.png", "first50.png"}
-        assert {p.name for p in run_folder.glob("*.png")} >= pngs
-        assert metrics["oracle"]["by_kind"]["recurring"]["shifts"] == 1
-        assert "switch" in metrics["flh"]["shift_details"][1]
-        criteria = common.read_json(run_folder / "criteria.json")
-        assert len(criteria) == 5 and criteria["1_all_methods_run"]["met"]
-        table = criteria_table({"seed0": criteria, "seed1": criteria})
-        assert table.count("\n") == 6 and "| all methods run | **met**: 30 steps each |" in table
-        # Same batches for every method: the regimes (and the logged steps) line up.
-        regimes = {
-            tuple(r["regime"] for r in common.read_jsonl(run_folder / m / "log.jsonl")) for m in METHODS
-        }
-        assert len(regimes) == 1
-        print(
-            f"  ok: --method all writes metrics.json ({len(METHODS)} methods), {len(METHODS)} logs of "
-            "30 rows, checkpoints and plots"
+@functools.cache
+def _tiny():
+    """For the checks: a temporary folder (removed at exit) holding a tiny run of every method, and
+    run(words), which runs main with the tiny flags + words into that folder."""
+    tmp = tempfile.mkdtemp()
+    atexit.register(shutil.rmtree, tmp, True)
+
+    def run(words):
+        return main(build_parser().parse_args([*TINY, *words.split(), "--out", tmp]))
+
+    run("--method all --steps 30 --run-name all")
+    return tmp, run, Path(tmp) / "all"
+
+
+def test_run_all_methods():
+    """A tiny run of all methods writes every output; every method saw the same batches."""
+    tmp, run, run_folder = _tiny()
+    run_folder = Path(tmp) / "all"
+    metrics = common.read_json(run_folder / "metrics.json")
+    assert sorted(metrics) == sorted(METHODS), list(metrics)
+    for m in METHODS:
+        rows = common.read_jsonl(run_folder / m / "log.jsonl")
+        assert [r["step"] for r in rows] == list(range(30))
+        assert (run_folder / m / "checkpoints" / "step_30.safetensors").exists()
+    pngs = {"accuracy.png", "recovery.png", "prompts.png", "weights_flh.png", "first50.png"}
+    assert {p.name for p in run_folder.glob("*.png")} >= pngs
+    assert metrics["oracle"]["by_kind"]["recurring"]["shifts"] == 1
+    assert "switch" in metrics["flh"]["shift_details"][1]
+    criteria = common.read_json(run_folder / "criteria.json")
+    assert len(criteria) == 5 and criteria["1_all_methods_run"]["met"]
+    table = criteria_table({"seed0": criteria, "seed1": criteria})
+    assert table.count("\n") == 6 and "| all methods run | **met**: 30 steps each |" in table
+    # Same batches for every method: the regimes (and the logged steps) line up.
+    regimes = {tuple(r["regime"] for r in common.read_jsonl(run_folder / m / "log.jsonl")) for m in METHODS}
+    assert len(regimes) == 1
+    print(
+        f"  ok: --method all writes metrics.json ({len(METHODS)} methods), {len(METHODS)} logs of "
+        "30 rows, checkpoints and plots"
+    )
+
+
+def test_methods_join_later():
+    """A setting may change when no method the folder keeps reads it: baselines first, FLH later."""
+    tmp, run, run_folder = _tiny()
+    run("--method single --steps 30 --run-name later")
+    run("--method oracle --steps 30 --run-name later")
+    run("--method flh --alpha 4 --share 0 --steps 30 --run-name later")
+    cfg = common.read_json(Path(tmp) / "later" / "config.json")
+    assert cfg["methods"] == ["flh", "single", "oracle"] and cfg["alpha"] == 4, cfg
+    whole = common.read_jsonl(Path(tmp) / "later" / "single" / "log.jsonl")
+    assert whole == common.read_jsonl(run_folder / "single" / "log.jsonl")  # same as with --method all
+    print(
+        "  ok: single and oracle first, then flh with another alpha: one run folder; single's log "
+        "equals its log from --method all"
+    )
+
+
+def test_fresh_run_changes_own_settings_only():
+    """A fresh run of a method may change a setting only that method reads; a shared one may not change."""
+    tmp, run, run_folder = _tiny()
+    run("--method leader --leader-window 2 --steps 30 --run-name all")
+    assert common.read_json(run_folder / "config.json")["methods"] == METHODS
+    assert sorted(common.read_json(run_folder / "metrics.json")) == sorted(METHODS)
+    for method, change, name in (("single", "--lr 0.5", "lr"), ("flh", "--loss-batch 2", "loss_batch")):
+        try:  # flh alone may not change its loss batch: flh_sum and leader read it too
+            run(f"--method {method} {change} --leader-window 2 --steps 30 --run-name all")
+            raise AssertionError(f"a changed shared setting ({name}) was accepted in an existing run folder")
+        except common.UserError as e:
+            assert f"({name})" in str(e), e
+    print(
+        "  ok: a run folder takes a fresh leader run with another window, refuses another lr, "
+        "and refuses another loss batch for flh alone"
+    )
+
+
+@functools.cache
+def _resumed():
+    """Resume: kill a run after a checkpoint, resume it, compare with an uninterrupted run; for every
+    method with a state and every weighting rule. Returns the folder of the uninterrupted runs."""
+    tmp, run, _ = _tiny()
+    tiny = TINY
+    cases = [(m, "") for m in ("flh", "leader", "oracle", "reset", "similarity", "detect")]
+    cases += [("flh", "--weighting fixed_share"), ("flh", "--weighting mpp --mpp-decay 0.8")]
+    cases += [("flh", "--prune reservoir --max-prompts 3 --fresh-threshold 0.3")]
+    for method, rule in cases:
+        tag = rule.split()[1] if rule else ""  # each weighting rule in folders of its own
+        args = [*tiny, *rule.split(), "--method", method, "--steps", "300", "--out", tmp]
+        run(f"{rule} --method {method} --steps 300 --run-name whole{tag}")
+        whole = (Path(tmp) / f"whole{tag}" / method / "log.jsonl").read_text()
+        cmd = [sys.executable, __file__, *args, "--run-name", f"killed{tag}", "--checkpoint-every", "50"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ckpt = Path(tmp) / f"killed{tag}" / method / "checkpoints" / "step_100.safetensors"
+        while not ckpt.exists() and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+        cut = len(common.read_jsonl(Path(tmp) / f"killed{tag}" / method / "log.jsonl"))
+        assert cut < 300
+        newest = max(
+            (Path(tmp) / f"killed{tag}" / method / "checkpoints").glob("*.safetensors"),
+            key=lambda p: int(p.stem[5:]),
         )
-
-        check_predict(tmp)
-
-        # A setting may change when no method the folder keeps reads it: baselines first, FLH later.
-        run("--method single --steps 30 --run-name later")
-        run("--method oracle --steps 30 --run-name later")
-        run("--method flh --alpha 4 --share 0 --steps 30 --run-name later")
-        cfg = common.read_json(Path(tmp) / "later" / "config.json")
-        assert cfg["methods"] == ["flh", "single", "oracle"] and cfg["alpha"] == 4, cfg
-        whole = common.read_jsonl(Path(tmp) / "later" / "single" / "log.jsonl")
-        assert whole == common.read_jsonl(run_folder / "single" / "log.jsonl")  # same as with --method all
+        truncate = method == "flh" and not rule
+        if truncate:  # a truncated newest checkpoint: resume falls back to the one before, says so
+            newest.write_bytes(newest.read_bytes()[:100])
+        err, again = io.StringIO(), f"--steps 300 --run-name killed{tag} --checkpoint-every 50 --resume"
+        with contextlib.redirect_stderr(err):
+            run(f"{rule} --method {method} {again}")
+        resumed = (Path(tmp) / f"killed{tag}" / method / "log.jsonl").read_text()
+        assert resumed == whole, f"{method} {rule}: the resumed log differs from the uninterrupted one"
+        assert ("falling back to the previous checkpoint" in err.getvalue()) == truncate, err.getvalue()
         print(
-            "  ok: single and oracle first, then flh with another alpha: one run folder; single's log "
-            "equals its log from --method all"
+            f"  ok: {method} {rule}: killed after {cut} logged steps, resumed from its checkpoint"
+            + (" (the newest one truncated: fell back to the one before)" if truncate else "")
+            + "; log identical to an uninterrupted run"
         )
-        # A fresh run of a method may change a setting only that method reads; a shared one may not change.
-        run("--method leader --leader-window 2 --steps 30 --run-name all")
-        assert common.read_json(run_folder / "config.json")["methods"] == METHODS
-        assert sorted(common.read_json(run_folder / "metrics.json")) == sorted(METHODS)
-        for method, change, name in (("single", "--lr 0.5", "lr"), ("flh", "--loss-batch 2", "loss_batch")):
-            try:  # flh alone may not change its loss batch: flh_sum and leader read it too
-                run(f"--method {method} {change} --leader-window 2 --steps 30 --run-name all")
-                raise AssertionError(
-                    f"a changed shared setting ({name}) was accepted in an existing run folder"
-                )
-            except common.UserError as e:
-                assert f"({name})" in str(e), e
-        print(
-            "  ok: a run folder takes a fresh leader run with another window, refuses another lr, "
-            "and refuses another loss batch for flh alone"
-        )
+    return tmp, run
 
-        # Resume: kill a run after a checkpoint, resume it, compare with an uninterrupted run.
-        cases = [(m, "") for m in ("flh", "leader", "oracle", "reset", "similarity", "detect")]
-        cases += [("flh", "--weighting fixed_share"), ("flh", "--weighting mpp --mpp-decay 0.8")]
-        cases += [("flh", "--prune reservoir --max-prompts 3 --fresh-threshold 0.3")]
-        for method, rule in cases:
-            tag = rule.split()[1] if rule else ""  # each weighting rule in folders of its own
-            args = [*tiny, *rule.split(), "--method", method, "--steps", "300", "--out", tmp]
-            run(f"{rule} --method {method} --steps 300 --run-name whole{tag}")
-            whole = (Path(tmp) / f"whole{tag}" / method / "log.jsonl").read_text()
-            cmd = [sys.executable, __file__, *args, "--run-name", f"killed{tag}", "--checkpoint-every", "50"]
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            ckpt = Path(tmp) / f"killed{tag}" / method / "checkpoints" / "step_100.safetensors"
-            while not ckpt.exists() and proc.poll() is None:
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGKILL)
-            assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-            cut = len(common.read_jsonl(Path(tmp) / f"killed{tag}" / method / "log.jsonl"))
-            assert cut < 300
-            newest = max(
-                (Path(tmp) / f"killed{tag}" / method / "checkpoints").glob("*.safetensors"),
-                key=lambda p: int(p.stem[5:]),
-            )
-            truncate = method == "flh" and not rule
-            if truncate:  # a truncated newest checkpoint: resume falls back to the one before, says so
-                newest.write_bytes(newest.read_bytes()[:100])
-            err, again = io.StringIO(), f"--steps 300 --run-name killed{tag} --checkpoint-every 50 --resume"
-            with contextlib.redirect_stderr(err):
-                run(f"{rule} --method {method} {again}")
-            resumed = (Path(tmp) / f"killed{tag}" / method / "log.jsonl").read_text()
-            assert resumed == whole, f"{method} {rule}: the resumed log differs from the uninterrupted one"
-            assert ("falling back to the previous checkpoint" in err.getvalue()) == truncate, err.getvalue()
-            print(
-                f"  ok: {method} {rule}: killed after {cut} logged steps, resumed from its checkpoint"
-                + (" (the newest one truncated: fell back to the one before)" if truncate else "")
-                + "; log identical to an uninterrupted run"
-            )
 
-        check_hostile_checkpoints(Path(tmp) / "whole" / "flh", run)
+def test_resume_is_exact():
+    _resumed()
 
-        # Log and checkpoint must agree: a log shorter than the checkpoint's step is refused, untouched.
-        log = Path(tmp) / "whole" / "flh" / "log.jsonl"
-        lines = log.read_text().splitlines(keepends=True)
-        log.write_text("".join(lines[:250]))
-        for name, says in (("whole", "rows were lost"), ("never-ran", "no run")):
-            try:
-                run(f"--method flh --steps 300 --resume --run-name {name}")
-                raise AssertionError(f"--resume accepted {name}")
-            except common.UserError as e:
-                assert says in str(e), e
-        assert log.read_text() == "".join(lines[:250])
-        # The rewrite at resume is atomic: a crash before its rename leaves the old log whole.
-        jl = common.JsonlLog(log)
-        real_replace = os.replace
-        os.replace = lambda *a: (_ for _ in ()).throw(OSError("crash"))
+
+def test_hostile_checkpoints():
+    tmp, run = _resumed()
+    check_hostile_checkpoints(Path(tmp) / "whole" / "flh", run)
+
+
+def test_resume_refuses_lost_rows():
+    """Log and checkpoint must agree: a log shorter than the checkpoint's step is refused, untouched;
+    the rewrite at resume is atomic: a crash before its rename leaves the old log whole."""
+    tmp, run = _resumed()
+    log = Path(tmp) / "whole" / "flh" / "log.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:250]))
+    for name, says in (("whole", "rows were lost"), ("never-ran", "no run")):
         try:
-            jl.truncate_to(100)
-        except OSError:
-            pass
-        finally:
-            os.replace = real_replace
-            jl.close()
-        assert log.read_text() == "".join(lines[:250]) and not list(log.parent.glob(".log.jsonl.*"))
-        print(
-            "  ok: --resume refuses a log shorter than its checkpoint and a run that never existed; "
-            "the log rewrite is atomic"
-        )
-
-        # A run folder is locked: a second process with the same --run-name refuses in one line.
-        with common.locked(Path(tmp) / "whole"):
-            cmd = [
-                sys.executable,
-                __file__,
-                *tiny,
-                *"--method single --steps 5 --run-name whole".split(),
-                "--out",
-                tmp,
-            ]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [x for x in r.stderr.splitlines() if x.strip()]
-        assert r.returncode == 2 and len(lines) == 1 and "in use by another process" in lines[0], r.stderr
-        print(
-            "  ok: a second run with the same --run-name refuses in one line while the first holds the folder"
-        )
-    print(f"stage 8 checks passed in {time.time() - t0:.1f}s")
+            run(f"--method flh --steps 300 --resume --run-name {name}")
+            raise AssertionError(f"--resume accepted {name}")
+        except common.UserError as e:
+            assert says in str(e), e
+    assert log.read_text() == "".join(lines[:250])
+    jl = common.JsonlLog(log)
+    real_replace = os.replace
+    os.replace = lambda *a: (_ for _ in ()).throw(OSError("crash"))
+    try:
+        jl.truncate_to(100)
+    except OSError:
+        pass
+    finally:
+        os.replace = real_replace
+        jl.close()
+    assert log.read_text() == "".join(lines[:250]) and not list(log.parent.glob(".log.jsonl.*"))
+    print(
+        "  ok: --resume refuses a log shorter than its checkpoint and a run that never existed; "
+        "the log rewrite is atomic"
+    )
 
 
-def check_predict(tmp):
+def test_run_folder_locked():
+    """A run folder is locked: a second process with the same --run-name refuses in one line."""
+    tmp, run = _resumed()
+    tiny = TINY
+    with common.locked(Path(tmp) / "whole"):
+        cmd = [
+            sys.executable,
+            __file__,
+            *tiny,
+            *"--method single --steps 5 --run-name whole".split(),
+            "--out",
+            tmp,
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "in use by another process" in lines[0], r.stderr
+    print("  ok: a second run with the same --run-name refuses in one line while the first holds the folder")
+
+
+def test_predict():
     """--predict on a finished 13-step run predicts batch 13 as the run itself does at step 13 (a
     14-step run of the same seed logs that loss; step 13 has no birth and no change of rules); the
     CLI prints what predict computes. On MiniLM in fp32: a random tiny model predicts about 0.5 for
@@ -467,6 +492,7 @@ def check_predict(tmp):
 
     from stage5_train import prepare
 
+    tmp = _tiny()[0]
     flags = (
         "--batch-size 4 --flip-interval 10 --birth-interval 5 --num-prompts 3 --train-mode snapshot "
         f"--prune diverse --max-prompts 3 --share 0.01 --alpha 2 --precision fp32 --out {tmp}"
@@ -552,32 +578,22 @@ def check_hostile_checkpoints(folder, run):
     )
 
 
-def add_experiment_args(p):
-    """The flags a preset fills, with both presets' values in their help (stage 9 reuses them)."""
+def run_tests():
+    common.run_checks(sys.modules[__name__])
+
+
+def add_experiment_args(p, presets=PRESETS, settings=SETTINGS):
+    """--preset, and a flag per setting; those a preset fills show every preset's value in their
+    help (stages 9 and 10 reuse this)."""
     p.add_argument(
         "--preset",
         default="quick",
-        choices=list(PRESETS),
+        choices=list(presets),
         help="quick: CPU-sized, embedded MiniLM + rt (default); paper: the plan's BERT/SST-2 setting",
     )
-    add_stream_args(p, max_length=128)  # the presets fill the others
-    add_model_args(p, precision="auto")
-    add_method_args(p)
-    common.preset_help(p, PRESETS)
-
-
-def add_method_args(p):
-    """The flags of a run that stages 8, 9 and 10 share (a preset fills them): steps, lr, FLH's and
-    the baselines' settings, the metrics' threshold and window, checkpoints."""
-    p.add_argument("--steps", type=common.positive_int, help="batches in the stream")
-    p.add_argument("--lr", type=common.positive_float, help="AdamW learning rate")
-    add_flh_args(p)
-    add_baseline_args(p)
-    p.add_argument(
-        "--recovery-threshold", type=common.accuracy_arg, help="accuracy that counts as recovered, in (0, 1]"
-    )
-    p.add_argument("--window", type=common.positive_int, help="N of the windowed accuracy")
-    p.add_argument("--checkpoint-every", type=common.positive_int, help="steps between checkpoints")
+    for cls in settings:
+        common.add_settings(p, cls, preset=presets["quick"])
+    common.preset_help(p, presets)
 
 
 def add_resume_arg(p):
@@ -659,27 +675,11 @@ def run_all(args, methods, folder):
 
 
 # The settings only some methods read: a fresh run of all of those may change them in a run folder.
-FLH_KEYS = (
-    "birth_interval",
-    "birth_offset",
-    "alpha",
-    "share",
-    "train_mode",
-    "birth_from",
-    "prune",
-    "max_prompts",
-    "merge_window",
-    "loss_batch",
-    "mixture_epsilon",
-    "weighting",
-    "mpp_decay",
-    "reservoir_size",
-    "fresh_threshold",
-)
 READ_BY = {
-    **{k: {"flh", "flh_sum", "leader"} for k in FLH_KEYS},
+    **{f.name: {"flh", "flh_sum", "leader"} for f in fields(FLHSettings)},
     "max_prompts": {"flh", "flh_sum", "leader", "detect"},
-    **{k: {"detect"} for k in DETECT_DEFAULTS},
+    "detect_delta": {"detect"},
+    "detect_probe": {"detect"},
     "num_prompts": {"random", "similarity"},
     "leader_window": {"leader"},
 }
@@ -719,7 +719,7 @@ def report(folder):
     if not (folder / "config.json").exists():
         raise common.UserError(f"{folder} is not a stage 8 run folder (no config.json)")
     cfg = common.read_json(folder / "config.json")
-    metrics = analyse(folder, cfg["recovery_threshold"], cfg["window"])
+    metrics = analyse(folder, common.settings(MetricSettings, cfg))
     criteria = plan_criteria(folder, metrics)
     common.write_json(folder / "criteria.json", criteria)
     print(summarise(folder, metrics))

@@ -41,9 +41,11 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +53,22 @@ import torch
 import torch.nn.functional as F
 
 import common
+from stage2_stream import TextStream
+from stage3_backbone import load_backbone, load_tokenizer
 from stage4_pool import mean_js
-from stage5_train import FLHLearner, flh_kwargs, follow_pool, prepare, r6, run_stream
-from stage7_metrics import compute_metrics, summary_table
+from stage5_train import FLHLearner, FLHSettings, follow_pool, prepare, r6, run_stream
+from stage7_metrics import MetricSettings, compute_metrics, summary_table
 from stage8_run import add_experiment_args, apply_preset
 
 GRIDS = ["birth", "alpha", "length", "merge", "train_mode"]  # the plan's ablations (--grid all)
 TUNING = ["tuning", "tuning2"]  # choosing snapshot FLH's settings
-ABLATION_DEFAULTS = dict(birth="fixed", merge="none")
+ABLATION_FLAGS = (
+    "entropy_threshold",
+    "birth_gap",
+    "merge_every",
+    "merge_cos",
+    "merge_js",
+)  # the grids set the rest
 SNAPSHOT = dict(train_mode="snapshot", prune="diverse", max_prompts=8, birth_from="live")
 
 
@@ -121,7 +131,7 @@ def folder_key(grid, label, overrides, args):
 
 def run_key(overrides, args):
     """The folder name of a setting: what differs from the base run, or 'base'."""
-    base = {**ABLATION_DEFAULTS, **vars(args)}
+    base = {**asdict(AblationSettings()), **vars(args)}
     diff = {k: v for k, v in sorted(overrides.items()) if base.get(k) != v}
     return ",".join(f"{k}={v}" for k, v in diff.items()) or "base"
 
@@ -183,28 +193,45 @@ def record_plan(sweep, plan):
 # ----------------------------------------------------------------------------------------------
 # FLH with the ablated parts
 # ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AblationSettings(common.Settings):
+    """The ablated parts, both off by default (the grids switch them on), each declared once."""
+
+    birth: str = common.setting(
+        "fixed", choices=["fixed", "adaptive"], help="births every interval, or on entropy"
+    )
+    entropy_threshold: float = common.setting(
+        0.9,
+        common.accuracy_arg,
+        "adaptive birth: mean prediction entropy, as a fraction of log C, that calls a birth",
+    )
+    birth_gap: int = common.setting(
+        None, common.positive_int, "adaptive birth: fewest steps between births (default: flip interval / 4)"
+    )
+    merge: str = common.setting("none", choices=["none", "param", "js"], help="which pairs of prompts merge")
+    merge_every: int = common.setting(
+        None, common.positive_int, "steps between merge checks (default: the birth interval)"
+    )
+    merge_cos: float = common.setting(
+        0.95, common.accuracy_arg, "param merging: cosine similarity above which a pair merges"
+    )
+    merge_js: float = common.setting(
+        0.01,
+        common.nonneg_float,
+        "js merging: mean Jensen-Shannon divergence (bits) below which a pair merges",
+    )
+
+
 class AblationLearner(FLHLearner):
     """FLHLearner (stage 5, all its training modes) + adaptive birth and merging, both off by
     default. The step is FLH's own; this class only decides births differently and merges after it."""
 
-    def __init__(
-        self,
-        model,
-        prompt_length,
-        birth="fixed",
-        entropy_threshold=0.9,
-        birth_gap=50,
-        merge="none",
-        merge_every=50,
-        merge_cos=0.95,
-        merge_js=0.01,
-        history=100,
-        **flh,
-    ):
-        super().__init__(model, prompt_length, **flh)
-        self.birth_rule, self.merge = birth, merge
-        self.entropy_threshold, self.birth_gap = entropy_threshold, birth_gap
-        self.merge_every, self.merge_cos, self.merge_js = merge_every, merge_cos, merge_js
+    def __init__(self, model, prompt_length, lr, flh, ablation=AblationSettings(), history=100):
+        super().__init__(model, prompt_length, lr, flh)
+        a = ablation
+        self.birth_rule, self.merge = a.birth, a.merge
+        self.entropy_threshold, self.birth_gap = a.entropy_threshold, a.birth_gap
+        self.merge_every, self.merge_cos, self.merge_js = a.merge_every, a.merge_cos, a.merge_js
         self.last_entropy, self.last_birth = None, None
         self.losses, self.history = {}, history  # birth id -> deque of its last `history` batch losses
 
@@ -286,7 +313,7 @@ class AblationLearner(FLHLearner):
 # ----------------------------------------------------------------------------------------------
 def ablation_args(args, overrides, seed):
     """The argparse namespace of one run: the sweep's flags, the setting's overrides, the seed."""
-    return argparse.Namespace(**{**ABLATION_DEFAULTS, **vars(args), **overrides, "seed": seed})
+    return argparse.Namespace(**{**asdict(AblationSettings()), **vars(args), **overrides, "seed": seed})
 
 
 def run_one(job, args, threads):
@@ -299,18 +326,13 @@ def run_one(job, args, threads):
         return key, seed, "skipped"
     torch.set_num_threads(threads)
     model, stream = prepare(a)
-    learner = AblationLearner(
-        model,
-        a.prompt_length,
-        birth=a.birth,
-        entropy_threshold=a.entropy_threshold,
+    ablation = common.settings(
+        AblationSettings,
+        a,
         birth_gap=a.birth_gap or (a.flip_interval or a.steps_per_domain) // 4,
-        merge=a.merge,
         merge_every=a.merge_every or a.birth_interval,
-        merge_cos=a.merge_cos,
-        merge_js=a.merge_js,
-        **flh_kwargs(a),
     )
+    learner = AblationLearner(model, a.prompt_length, a.lr, common.settings(FLHSettings, a), ablation)
     folder.mkdir(parents=True, exist_ok=True)
     with common.locked(folder):
         (folder / "run.json").unlink(missing_ok=True)
@@ -391,7 +413,7 @@ def grid_runs(sweep, plan, grid):
             if wrong:
                 raise common.UserError(f"{folder} was run with {wrong}, not as its setting {label!r} says")
             rows = common.read_jsonl(folder / "log.jsonl")
-            m = compute_metrics(rows, cfg["recovery_threshold"], cfg["window"])
+            m = compute_metrics(rows, common.settings(MetricSettings, cfg))
             m["mean_accuracy_mixture"] = float(np.mean([r["acc_mixture"] for r in rows]))
             m["mixture_log_loss"] = float(np.mean([r["mixture_loss"] for r in rows]))
             m["merges"] = sum(1 for r in rows if "merged" in r)
@@ -550,21 +572,15 @@ def summarize(args, grids=None):
 # ----------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------
-def run_tests():
-    import tempfile
-
-    from stage2_stream import TextStream
-    from stage3_backbone import load_backbone, load_tokenizer
-
-    t0 = time.time()
+def test_grids():
+    """The grids' sizes; the base setting (the quick preset's FLH) is in four grids and run once; the
+    alpha grid ({0.01, 0.1, 0.5, 1}) does not hold the preset's alpha 8; shards cover the runs."""
     args = apply_preset(build_parser().parse_args([]))
     sizes = {g: len(grid_settings(g, args)) for g in GRIDS}
     assert sizes == {"birth": 4, "alpha": 4, "length": 4, "merge": 3, "train_mode": 4}, sizes
     assert [o.get("birth_interval") for o in grid_settings("birth", args).values()] == [100, 200, 400, None]
     args.seeds, args.first_seed = 2, 0
     jobs = expand(GRIDS, args)
-    # The base setting (the quick preset's FLH) is in four grids and run once; the alpha grid
-    # ({0.01, 0.1, 0.5, 1}) does not hold the preset's alpha 8.
     assert len(jobs) == 2 * (19 - 3), len(jobs)
     parts = [shard(jobs, i, 3) for i in (1, 2, 3)]
     assert sorted(j for p in parts for j in p) == sorted(jobs) and sum(map(len, parts)) == len(jobs)
@@ -573,20 +589,24 @@ def run_tests():
         "disjoint and cover them"
     )
 
-    torch.manual_seed(0)
+
+def _tiny_stream():
+    """For the checks: random tiny-bert, and a stream of rt without flips in batches of 4."""
     model, _ = load_backbone("random:tiny-bert")
     tok = load_tokenizer("minilm")
-    stream = TextStream(
+    return model, TextStream(
         common.load_text_data("rt"), tok, batch_size=4, max_length=24, flip_every_n=None, seed=0
     )
 
-    # Merging: two identical prompts (same tensors, same predictions) merge, weights summed; two
-    # distinct ones (opposite tensors, opposite predictions) stay apart.
+
+def test_merging():
+    """Merging: two identical prompts (same tensors, same predictions) merge, weights summed; two distinct
+    ones (opposite tensors, opposite predictions) stay apart."""
+    model, stream = _tiny_stream()
     for merge in ("param", "js"):
         for same in (True, False):
-            learner = AblationLearner(
-                model, 3, lr=1e-2, birth_interval=10**9, merge=merge, merge_every=1, merge_window=2
-            )
+            flh = FLHSettings(birth_interval=10**9, merge_window=2)
+            learner = AblationLearner(model, 3, 1e-2, flh, AblationSettings(merge=merge, merge_every=1))
             for _ in range(2):
                 learner.birth()
             logits = torch.tensor([[2.0, -2.0], [-1.0, 1.0]]).expand(2, 2, 2).clone()  # [K, B, C]
@@ -611,12 +631,15 @@ def run_tests():
         "  ok: param and js merging merge two identical prompts (weights summed) and leave two distinct ones"
     )
 
-    # Stage 9 holds no copy of FLH's step: with its parts off, the ablation learner logs what FLH logs.
+
+def test_same_rows_as_flh():
+    """Stage 9 holds no copy of FLH's step: with its parts off, the ablation learner logs what FLH logs."""
+    model, stream = _tiny_stream()
     for mode in ("weighted_sum", "snapshot"):
         logs = []
         for cls in (FLHLearner, AblationLearner):
             torch.manual_seed(0)
-            learner = cls(model, 3, lr=1e-2, birth_interval=2, train_mode=mode, loss_batch=2)
+            learner = cls(model, 3, 1e-2, FLHSettings(birth_interval=2, train_mode=mode, loss_batch=2))
             logs.append([learner.step(stream.batch(s)) for s in range(6)])
         assert [{k: v for k, v in r.items() if k != "prediction_entropy"} for r in logs[1]] == logs[0], mode
     print(
@@ -624,8 +647,12 @@ def run_tests():
         "(weighted_sum, snapshot)"
     )
 
-    # newest (snapshot mode, newborns from noise): only the newest prompt moves.
-    learner = AblationLearner(model, 3, lr=1e-1, birth_interval=2, train_mode="snapshot", birth_from="random")
+
+def test_newest():
+    """newest (snapshot mode, newborns from noise): only the newest prompt moves."""
+    model, stream = _tiny_stream()
+    flh = FLHSettings(birth_interval=2, train_mode="snapshot", birth_from="random")
+    learner = AblationLearner(model, 3, 1e-1, flh)
     learner.step(stream.batch(0) | {"step": 0})
     learner.step(stream.batch(1) | {"step": 1})
     before = [p.detach().clone() for p in learner.pool.prompts]
@@ -634,10 +661,12 @@ def run_tests():
     assert torch.equal(before[0], after[0]) and not torch.equal(after[1], before[0]) and len(after) == 2
     print("  ok: newest mode trains the newest prompt only")
 
-    # Adaptive birth: fires when the last batch's prediction entropy is high, never within the gap.
-    learner = AblationLearner(
-        model, 3, lr=1e-2, birth_interval=10**9, birth="adaptive", entropy_threshold=0.5, birth_gap=5
-    )
+
+def test_adaptive_birth():
+    """Adaptive birth: fires when the last batch's prediction entropy is high, never within the gap."""
+    model, stream = _tiny_stream()
+    adaptive = AblationSettings(birth="adaptive", entropy_threshold=0.5, birth_gap=5)
+    learner = AblationLearner(model, 3, 1e-2, FLHSettings(birth_interval=10**9), adaptive)
     assert learner.should_birth(0)
     learner.last_birth, fired = 0, []
     for s in range(1, 20):
@@ -650,12 +679,14 @@ def run_tests():
     assert not learner.should_birth(100)
     print("  ok: adaptive birth fires on high-entropy batches (steps 5, 10, 15 with gap 5), not on low ones")
 
-    # A tiny sweep: runs, skips finished runs when restarted, and summarises them correctly.
+
+TINY = "--backbone random:tiny-bert --flip-interval 4 --batch-size 2 --max-length 16 --prompt-length 2"
+
+
+def test_sweep():
+    """A tiny sweep: runs, skips finished runs when restarted, and summarises them correctly."""
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = (
-            "--backbone random:tiny-bert --flip-interval 4 --batch-size 2 --max-length 16 --prompt-length 2"
-        )
-        argv = [*f"--grid alpha {tiny} --steps 12 --birth-interval 3 --run-name sw".split(), "--out", tmp]
+        argv = [*f"--grid alpha {TINY} --steps 12 --birth-interval 3 --run-name sw".split(), "--out", tmp]
         a = apply_preset(build_parser().parse_args(argv))
         main(a)
         logs = sorted(Path(tmp, "sw").glob("*/seed0/log.jsonl"))
@@ -722,11 +753,14 @@ def run_tests():
         "--summarize needs only the sweep's name, other flags and misfiled runs are refused"
     )
 
-    # Tuning: five snapshot settings; tuning2 adds FLH2 and leader births at the one of lowest mixture loss.
+
+def test_tuning():
+    """Tuning: five snapshot settings; tuning2 adds FLH2 and leader births at the one of lowest mixture
+    loss."""
     with tempfile.TemporaryDirectory() as tmp:
         seeds = "--first-seed 100 --seeds 2"
         argv = [
-            *f"--grid tuning {tiny} --steps 8 --birth-interval 2 {seeds} --run-name tu".split(),
+            *f"--grid tuning {TINY} --steps 8 --birth-interval 2 {seeds} --run-name tu".split(),
             "--out",
             tmp,
         ]
@@ -771,7 +805,10 @@ def run_tests():
         "of lowest "
         f"mixture log loss ({label})"
     )
-    print(f"stage 9 checks passed in {time.time() - t0:.1f}s")
+
+
+def run_tests():
+    common.run_checks(sys.modules[__name__])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -830,37 +867,7 @@ def build_parser():
         "(sweep.json): only --run-name and --out are needed",
     )
     add_experiment_args(p)
-    p.add_argument(
-        "--entropy-threshold",
-        type=common.accuracy_arg,
-        default=0.9,
-        help="adaptive birth: mean prediction entropy, as a fraction of log C, that calls a birth "
-        "(default: 0.9)",
-    )
-    p.add_argument(
-        "--birth-gap",
-        type=common.positive_int,
-        default=None,
-        help="adaptive birth: fewest steps between births (default: flip interval / 4)",
-    )
-    p.add_argument(
-        "--merge-every",
-        type=common.positive_int,
-        default=None,
-        help="steps between merge checks (default: the birth interval)",
-    )
-    p.add_argument(
-        "--merge-cos",
-        type=common.accuracy_arg,
-        default=0.95,
-        help="param merging: cosine similarity above which a pair merges (default: 0.95)",
-    )
-    p.add_argument(
-        "--merge-js",
-        type=common.nonneg_float,
-        default=0.01,
-        help="js merging: mean Jensen-Shannon divergence (bits) below which a pair merges (default: 0.01)",
-    )
+    common.add_settings(p, AblationSettings, only=ABLATION_FLAGS)
     common.add_common_args(p, run_name="stage9")
     return p
 

@@ -1,12 +1,15 @@
 """Every stage's built-in checks, collected by pytest: `python -m pytest -v test_all.py`.
 
-Each stage file owns its checks in `run_tests()` (real models and data where behaviour matters);
-this file only calls them, plus the command-line contract: good runs write their logs, bad input
-ends with one line and exit code 2.
+Each stage file owns its checks, named functions test_* (real models and data where behaviour
+matters; `python stageN.py --test` runs them all); this file runs each as its own test, plus the
+command-line contract: good runs write their logs, bad input ends with one line and exit code 2.
 """
 
+import dataclasses
+import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +17,7 @@ import sys
 import pytest
 
 import bench
+import common
 import sandbox
 import stage2_stream
 import stage3_backbone
@@ -26,49 +30,83 @@ import stage9_ablate
 import stage10_vision
 import stage11_codegen
 
+SETTINGS = [
+    stage2_stream.StreamSettings,
+    stage3_backbone.ModelSettings,
+    stage4_pool.PoolSettings,
+    stage5_train.RunSettings,
+    stage5_train.FLHSettings,
+    stage6_baselines.BaselineSettings,
+    stage7_metrics.MetricSettings,
+    stage8_run.ExperimentSettings,
+    stage9_ablate.AblationSettings,
+    stage10_vision.VisionSettings,
+]
 
-def test_stage2_stream():
-    stage2_stream.run_tests()
+
+def test_each_setting_declared_once():
+    """A setting's default lives in its declaration alone: every flag of stages 2-10 that names a
+    setting is made from it (its parser and help), no two declarations share a name unless one
+    extends the other, and no constructor gives a setting a default of its own."""
+    declared = {}  # name -> its declarations (a vision backbone is not a text backbone)
+    for cls in SETTINGS:
+        for name in cls.__annotations__:
+            f = cls.__dataclass_fields__[name]
+            twice = [g for g in declared.get(name, []) if g.default is not None and f.default is not None]
+            assert not twice, f"{name}'s default is declared twice ({cls.__name__})"
+            declared.setdefault(name, []).append(f)
+    stages = [stage2_stream, stage3_backbone, stage4_pool, stage5_train, stage6_baselines, stage7_metrics]
+    for stage in [*stages, stage8_run, stage9_ablate, stage10_vision]:
+        for action in stage.build_parser()._actions:
+            assert (
+                any(
+                    action.type is f.metadata["type"]
+                    and action.help.startswith(re.sub(r"\s*\(default[^)]*\)$", "", f.metadata["help"]))
+                    for f in declared.get(action.dest, [])
+                )
+                or action.dest not in declared
+            ), f"{stage.__name__}: --{action.dest} is not its declaration's"
+    field = {f.name: f for cls in SETTINGS for f in dataclasses.fields(cls)}
+    learners = [
+        stage4_pool.FLHPromptPool,
+        stage5_train.FLHLearner,
+        stage9_ablate.AblationLearner,
+        *[
+            c
+            for c in vars(stage6_baselines).values()
+            if inspect.isclass(c) and c.__name__.endswith("Learner")
+        ],
+    ]
+    for cls in learners:
+        for p in inspect.signature(cls).parameters.values():
+            assert p.default is p.empty or p.name not in field, f"{cls.__name__}({p.name}={p.default})"
 
 
-def test_stage3_backbone():
-    stage3_backbone.run_tests()
+# The stages' checks, each a named function of its stage (test_*): one pytest test per check.
+NAMED = [
+    stage2_stream,
+    stage3_backbone,
+    stage4_pool,
+    stage5_train,
+    stage6_baselines,
+    stage7_metrics,
+    stage8_run,
+    stage9_ablate,
+    stage10_vision,
+]
 
 
-def test_stage4_pool():
-    stage4_pool.run_tests()
-
-
-def test_stage5_train():
-    stage5_train.run_tests()
+@pytest.mark.parametrize(
+    "check", [c for m in NAMED for c in common.checks(m)], ids=lambda c: f"{c.__module__}.{c.__name__}"
+)
+def test_check(check):
+    common.run_check(check)
 
 
 def test_bench():
     """The benchmark's alternation, and its table on a tiny model (with and without native bf16)
     where peft is installed."""
     bench.run_tests()
-
-
-def test_stage6_baselines():
-    stage6_baselines.run_tests()
-
-
-def test_stage7_metrics():
-    stage7_metrics.run_tests()
-
-
-def test_stage8_run_and_resume():
-    """A tiny run of all four methods, and the resume check (kill after a checkpoint, resume, compare)."""
-    stage8_run.run_tests()
-
-
-def test_stage9_ablate():
-    stage9_ablate.run_tests()
-
-
-def test_stage10_vision():
-    """random:tiny-vit and generated images; the real-image check runs when fashion-mnist is installed."""
-    stage10_vision.run_tests()
 
 
 def test_sandbox():
