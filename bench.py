@@ -139,94 +139,110 @@ def matmul_peak(device, dtype, n=2048, reps=5):
     return 2 * n**3 / timed(lambda _: a @ b, [None] * reps, device)
 
 
-def bench_backbone(name, device, quick, loss_batch, P=10, B=16, K=20, bf16=None):
-    """The table's rows for one backbone on one device: dicts with what, seconds and a ratio to `versus`."""
-    from torch.utils.flop_counter import FlopCounterMode
+class Rows(list):
+    """The table's rows for one backbone on one device: add() keeps each time under its key, so that
+    a later row can be a ratio to an earlier one (`versus`)."""
 
-    model, tok = load_backbone(name, device=device)
-    batches = text_batches(model, tok, B, 3 if quick else 10)
-    tokens = sum(b["attention_mask"].shape[1] + P for b in batches) / len(batches) * B
-    bf16 = common.fast_bf16(device) if bf16 is None else bf16
-    fastest = "bf16" if bf16 else "fp32"
-    rows, t = [], {}
+    def __init__(self, backbone, device):
+        super().__init__()
+        self.backbone, self.device, self.seconds = backbone, device, {}
 
-    def add(key, what, seconds, versus=None, **extra):
-        t[key] = seconds
-        rows.append(
+    def add(self, key, what, seconds, versus=None, **extra):
+        self.seconds[key] = seconds
+        ratio = seconds / self.seconds[versus] if versus else None
+        self.append(
             {
-                "backbone": name,
-                "device": device.type,
+                "backbone": self.backbone,
+                "device": self.device.type,
                 "what": what,
                 "seconds": seconds,
                 "key": key,
-                "ratio": seconds / t[versus] if versus else None,
+                "ratio": ratio,
                 "versus": versus,
                 **extra,
             }
         )
 
+
+def bench_backbone(name, device, quick, loss_batch, P=10, B=16, K=20, bf16=None):
+    """The table's rows for one backbone on one device: dicts with what, seconds and a ratio to `versus`."""
+    model, tok = load_backbone(name, device=device)
+    batches = text_batches(model, tok, B, 3 if quick else 10)
+    bf16 = common.fast_bf16(device) if bf16 is None else bf16
+    rows = Rows(name, device)
     for prec in ("fp32", "bf16") if bf16 else ("fp32",):
         with precision(model, prec):
-            prompt = torch.nn.Parameter(torch.randn(P, model.embed_dim, device=device) * 0.02)
-            optimizer = torch.optim.AdamW([prompt], lr=1e-2)
-            ours, theirs = timed_side_by_side(
-                [lambda b: train_step(model, prompt, optimizer, b), peft_single_step(model, P)],
-                batches,
-                device,
-                rounds=5,
-            )
-            t[f"peft_{prec}"] = theirs
-            add(f"single_{prec}", f"single-prompt step, ours ({prec})", ours, f"peft_{prec}")
-            add(f"peft_{prec}", f"single-prompt step, HF PEFT prompt tuning ({prec})", theirs)
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                forward_with_prompt(model, batches[0], prompt)
-            flops = counter.get_total_flops() / batches[0]["input_ids"].shape[0] * B
-            with torch.no_grad():
-                seconds = timed(lambda b: forward_with_prompt(model, b, prompt), batches, device)
-            peak = matmul_peak(device, torch.float32 if prec == "fp32" else torch.bfloat16)
-            add(
-                f"gflops_{prec}",
-                f"forward pass, achieved GFLOP/s ({prec})",
-                seconds,
-                gflops=flops / seconds / 1e9,
-                peak_gflops=peak / 1e9,
-                tokens_per_s=tokens / t[f"single_{prec}"],
-            )
-            rows[-1].update(ratio=flops / seconds / peak, versus="matmul peak")
+            single_rows(rows, model, batches, P, B, prec)
             if quick and name != "minilm":
                 continue  # the FLH rows on a 110M model take minutes; the full benchmark has them
-            setups = [
-                ("flh_none", "FLH step, 20 births, no pruning", dict(prune="none")),
-                ("flh_flh2", "FLH step, 20 births, FLH2", dict(prune="flh2")),
-            ]
-            if prec == fastest:  # the settings a real run uses, in the fastest precision here
-                setups += [
-                    (
-                        "flh_fast",
-                        f"FLH step, 20 births, FLH2 + loss batch {loss_batch}",
-                        dict(prune="flh2", loss_batch=loss_batch),
-                    )
-                ]
-            for key, what, kw in setups:
-                learner = grown_flh(model, P, 20, **kw)
-                add(
-                    f"{key}_{prec}",
-                    f"{what} ({prec}, K={len(learner.pool)})",
-                    timed(learner.step, batches, device),
-                    f"single_{prec}",
-                )
-            if prec == fastest:
-                for weight in ("live", "even"):
-                    add(
-                        f"flh_snapshot_{weight}_{prec}",
-                        f"snapshot FLH step, every example predicted, cap 8 + loss batch {loss_batch}, "
-                        f"{SNAPSHOT_WEIGHTS[weight]} ({prec})",
-                        timed(snapshot_step(model, P, 8, loss_batch, weight), batches, device),
-                        f"single_{prec}",
-                    )
+            flh_rows(rows, model, batches, P, prec, prec == ("bf16" if bf16 else "fp32"), loss_batch)
             if prec == "fp32":
-                loss_pass_rows(model, batches, device, P, K, loss_batch, bf16, add)
-    return rows
+                loss_pass_rows(model, batches, device, P, K, loss_batch, bf16, rows.add)
+    return list(rows)
+
+
+def single_rows(rows, model, batches, P, B, prec):
+    """Our single-prompt step against HF PEFT's, alternated; the forward pass's GFLOP/s against the
+    matrix-product peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = model.device
+    prompt = torch.nn.Parameter(torch.randn(P, model.embed_dim, device=device) * 0.02)
+    optimizer = torch.optim.AdamW([prompt], lr=1e-2)
+    ours, theirs = timed_side_by_side(
+        [lambda b: train_step(model, prompt, optimizer, b), peft_single_step(model, P)],
+        batches,
+        device,
+        rounds=5,
+    )
+    rows.seconds[f"peft_{prec}"] = theirs
+    rows.add(f"single_{prec}", f"single-prompt step, ours ({prec})", ours, f"peft_{prec}")
+    rows.add(f"peft_{prec}", f"single-prompt step, HF PEFT prompt tuning ({prec})", theirs)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        forward_with_prompt(model, batches[0], prompt)
+    flops = counter.get_total_flops() / batches[0]["input_ids"].shape[0] * B
+    with torch.no_grad():
+        seconds = timed(lambda b: forward_with_prompt(model, b, prompt), batches, device)
+    peak = matmul_peak(device, torch.float32 if prec == "fp32" else torch.bfloat16)
+    tokens = sum(b["attention_mask"].shape[1] + P for b in batches) / len(batches) * B
+    rows.add(
+        f"gflops_{prec}",
+        f"forward pass, achieved GFLOP/s ({prec})",
+        seconds,
+        gflops=flops / seconds / 1e9,
+        peak_gflops=peak / 1e9,
+        tokens_per_s=tokens / rows.seconds[f"single_{prec}"],
+    )
+    rows[-1].update(ratio=flops / seconds / peak, versus="matmul peak")
+
+
+def flh_rows(rows, model, batches, P, prec, fastest, loss_batch):
+    """FLH steps after 20 births, unpruned and with FLH2, and where `fastest` (the precision a real
+    run uses here) with the loss batch, and the snapshot pool of FLH that remembers."""
+    setups = [
+        ("flh_none", "FLH step, 20 births, no pruning", dict(prune="none")),
+        ("flh_flh2", "FLH step, 20 births, FLH2", dict(prune="flh2")),
+    ]
+    if fastest:
+        setups += [
+            (
+                "flh_fast",
+                f"FLH step, 20 births, FLH2 + loss batch {loss_batch}",
+                dict(prune="flh2", loss_batch=loss_batch),
+            )
+        ]
+    for key, what, kw in setups:
+        learner = grown_flh(model, P, 20, **kw)
+        seconds = timed(learner.step, batches, model.device)
+        rows.add(f"{key}_{prec}", f"{what} ({prec}, K={len(learner.pool)})", seconds, f"single_{prec}")
+    for weight in ("live", "even") if fastest else ():
+        rows.add(
+            f"flh_snapshot_{weight}_{prec}",
+            f"snapshot FLH step, every example predicted, cap 8 + loss batch {loss_batch}, "
+            f"{SNAPSHOT_WEIGHTS[weight]} ({prec})",
+            timed(snapshot_step(model, P, 8, loss_batch, weight), batches, model.device),
+            f"single_{prec}",
+        )
 
 
 def loss_pass_rows(model, batches, device, P, K, loss_batch, bf16, add):
@@ -351,30 +367,13 @@ def scaling_rows(domain, model, make_batches, loss_batch, quick):
     return rows
 
 
-def scaling(args):
-    """scaling.json and scaling.png: the FLH step's seconds against K, batch and prompt length,
-    beside the single prompt's, for text (minilm, rt) and images (dinov2-small, Fashion-MNIST)."""
+def plot_scaling(rows, meta, loss_batch, path):
+    """scaling.png: for text and images, seconds per step against K, batch and prompt length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import stage10_vision
-    from stage3_backbone import choose_precision
-
-    torch.manual_seed(args.seed)
-    model, tok = load_backbone("minilm")
-    choose_precision(model, text_batches(model, tok, 16, 1)[0], "auto")
-    rows = scaling_rows(
-        "text", model, lambda B, n: text_batches(model, tok, B, n), args.loss_batch, args.quick
-    )
-    preset = stage10_vision.PRESETS["quick"]
-    vit = stage10_vision.load_vision_backbone(preset["backbone"], preset["image_size"])
-    choose_precision(vit, image_batches(16, 1)[0], "auto")
-    rows += scaling_rows("images", vit, image_batches, args.loss_batch, args.quick)
-    out = common.run_dir(args.out, args.run_name)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": common.cpu_name()}
-    common.write_json(out / "scaling.json", {"machine": meta, "loss_batch": args.loss_batch, "rows": rows})
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), squeeze=False)
     for i, domain in enumerate(("text", "images")):
         for j, axis in enumerate(SCALING):
@@ -405,12 +404,34 @@ def scaling(args):
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(
-        f"What a snapshot FLH step costs (loss batch {args.loss_batch}, epsilon 0.05; others at "
+        f"What a snapshot FLH step costs (loss batch {loss_batch}, epsilon 0.05; others at "
         f"K={BASE['K']}, B={BASE['B']}, P={BASE['P']}); {meta['cpu']}, {meta['threads']} threads",
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=110)
+    fig.savefig(path, dpi=110)
+
+
+def scaling(args):
+    """scaling.json and scaling.png: the FLH step's seconds against K, batch and prompt length,
+    beside the single prompt's, for text (minilm, rt) and images (dinov2-small, Fashion-MNIST)."""
+    import stage10_vision
+    from stage3_backbone import choose_precision
+
+    torch.manual_seed(args.seed)
+    model, tok = load_backbone("minilm")
+    choose_precision(model, text_batches(model, tok, 16, 1)[0], "auto")
+    rows = scaling_rows(
+        "text", model, lambda B, n: text_batches(model, tok, B, n), args.loss_batch, args.quick
+    )
+    preset = stage10_vision.PRESETS["quick"]
+    vit = stage10_vision.load_vision_backbone(preset["backbone"], preset["image_size"])
+    choose_precision(vit, image_batches(16, 1)[0], "auto")
+    rows += scaling_rows("images", vit, image_batches, args.loss_batch, args.quick)
+    out = common.run_dir(args.out, args.run_name)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": common.cpu_name()}
+    common.write_json(out / "scaling.json", {"machine": meta, "loss_batch": args.loss_batch, "rows": rows})
+    plot_scaling(rows, meta, args.loss_batch, out / "scaling.png")
     print(f"-> {out / 'scaling.json'}, {out / 'scaling.png'}")
 
 

@@ -517,11 +517,10 @@ def _cmdline(p):
         return ""
 
 
-def run_tests():
-    t0 = time.time()
+def test_no_sandbox_keeps_the_user():
+    """--no-sandbox runs programs as whoever started it (root stays root: user nobody may not even
+    be able to read a Python installed under root's home)."""
     problems = load_problems()
-    # --no-sandbox runs programs as whoever started it (root stays root: user nobody may not even
-    # be able to read a Python installed under root's home).
     p = problems["HumanEval/2"]
     assert check_program(p, p["canonical_solution"], 5.0, sandbox=False)["result"] == "passed"
     program = Program("def f():\n    return __import__('os').getuid()\n", "f", 5.0, sandbox=False)
@@ -531,11 +530,14 @@ def run_tests():
         program.close()
     print(f"  ok: --no-sandbox runs programs as this user (uid {os.getuid()}), a reference solution passes")
 
-    # The evaluator, through the real sandbox: every reference solution passes, no empty one does,
-    # and every hostile program fails without harming anything (check_sandbox asserts it all).
+
+def test_reference_solutions():
+    """Through the real sandbox every reference solution passes, and no empty one does."""
     if shutil.which("bwrap") is None:
-        print("  skipped: the sandbox checks (bubblewrap is not installed: sudo apt-get install bubblewrap)")
-        return
+        return print(
+            "  skipped: the sandbox checks (bubblewrap is not installed: sudo apt-get install bubblewrap)"
+        )
+    problems = load_problems()
     t1 = time.time()
     results = check_programs(
         problems,
@@ -551,6 +553,14 @@ def run_tests():
         "  ok: in the sandbox all 164 reference solutions pass and no empty completion does "
         f"({time.time() - t1:.1f}s)"
     )
+
+
+def test_from_a_venv():
+    """A program checked from a virtual environment runs in the sandbox (its base Python)."""
+    if shutil.which("bwrap") is None:
+        return print(
+            "  skipped: the sandbox checks (bubblewrap is not installed: sudo apt-get install bubblewrap)"
+        )
     with tempfile.TemporaryDirectory() as tmp:  # from a virtual environment too (here under /tmp)
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", f"{tmp}/venv"], check=True)
         line = "from sandbox import *; p = load_problems()['HumanEval/0']; "
@@ -560,6 +570,14 @@ def run_tests():
         out = subprocess.run([f"{tmp}/venv/bin/python", "-c", line], capture_output=True, text=True, env=env)
         assert out.stdout.strip() == "passed", (out.stdout, out.stderr[-500:])
     print("  ok: a program checked from a virtual environment runs in the sandbox (its base Python)")
+
+
+def test_hostile_programs():
+    """Every hostile program fails without harming anything (check_sandbox asserts it all)."""
+    if shutil.which("bwrap") is None:
+        return print(
+            "  skipped: the sandbox checks (bubblewrap is not installed: sudo apt-get install bubblewrap)"
+        )
     verdicts, took = check_sandbox()
     print(
         f"  ok: {len(verdicts) - 1} hostile programs (file writes and deletes, process tricks, "
@@ -570,7 +588,10 @@ def run_tests():
         "beside them "
         f"pass ({took:.1f}s)"
     )
-    print(f"sandbox checks passed in {time.time() - t0:.0f}s")
+
+
+def run_tests():
+    common.run_checks(sys.modules[__name__])
 
 
 if __name__ == "__main__":

@@ -67,9 +67,8 @@ from stage8_run import (
     TUNED_FLH,
     ExperimentSettings,
     add_resume_arg,
-    check_folder,
     methods_to_run,
-    run_method,
+    run_methods,
     start_run,
     summarise,
 )
@@ -530,10 +529,7 @@ def main(args):
         file=sys.stderr,
     )
     with common.locked(folder):
-        ran = check_folder(folder, args, methods, PRESETS)  # methods may join a run folder later
-        common.write_json(folder / "config.json", {**vars(args), "methods": ran})
-        for method in methods:
-            run_method(method, args, model, stream, folder / method)
+        run_methods(args, methods, folder, model, stream, PRESETS)  # methods may join a run folder later
         metrics = analyse(folder, common.settings(MetricSettings, args))  # the lock is held to the last write
         print(summarise(folder, metrics))
     print(f"metrics and plots in {folder}")

@@ -48,6 +48,7 @@ programs at it), never outside `evaluate`.
 """
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -56,6 +57,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,7 +65,7 @@ import torch.nn.functional as F
 
 import common
 from sandbox import check_programs, load_problems, require_sandbox
-from stage3_backbone import count_params
+from stage3_backbone import ModelSettings, count_params
 
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # HumanEval's (Chen et al., 2021)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -210,6 +212,26 @@ def with_prompt(model, batch, prompt):
     if "labels" in batch:
         out["labels"] = F.pad(batch["labels"], (N, 0), value=-100)
     return out
+
+
+def choose_precision(name, model, device, length=256, rows=4):
+    """--precision: `name`, or for 'auto' the faster of fp32 and bf16 for one forward and backward of
+    a soft prompt over `rows` sequences of `length` tokens (common.resolve_precision measures once per
+    machine, torch and model, and says what it chose)."""
+    ids = [(7 * i + 1) % model.config.vocab_size for i in range(length)]
+    batch = collate([(ids, ids)] * rows, 0, device)
+    prompt = torch.nn.Parameter(torch.zeros(20, model.get_input_embeddings().embedding_dim, device=device))
+
+    def step_seconds(precision):
+        times = []
+        for _ in range(3):  # the first is a warm-up
+            t = time.perf_counter()
+            solution_loss(model, batch, prompt, precision)[0].backward()
+            times.append(time.perf_counter() - t)
+        return min(times[1:])
+
+    what = f"{type(model).__name__} {model.config.hidden_size}x{model.config.num_hidden_layers}"
+    return common.resolve_precision(name, device, what, step_seconds)
 
 
 def solution_loss(model, batch, prompt, precision):
@@ -376,23 +398,18 @@ def train_epoch(model, prompt, batches, optimizer, schedule, log, step, epoch, p
     return step
 
 
-def train(args):
-    """The train sub-command: see the module docstring."""
-    common.seed_everything(args.seed)
-    device = common.resolve_device(args.device)
-    precision = common.resolve_precision(args.precision, device)
-    model, tok = load_lm(args.model)
-    model.to(device)
-    data = training_data(tok, args)
-    generator = torch.Generator().manual_seed(args.seed)
-    prompt = torch.nn.Parameter(init_prompt(model, args.num_virtual_tokens, args.init, generator).to(device))
-    trainable, frozen = prompt.numel(), count_params(model)[1]
-    print(
-        f"{args.model}: {args.num_virtual_tokens} soft tokens, trainable parameters {trainable:,}, "
-        f"frozen {frozen:,} ({100 * trainable / frozen:.4f}%), {precision} on {device}"
-    )
-    per_epoch = math.ceil(len(data["train"]) / (args.batch_size * args.grad_accum))
-    total = per_epoch * args.epochs
+def shuffled_batches(examples, batch_size, pad_id, device, generator):
+    """One epoch's batches, in a fresh order drawn from `generator`."""
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    return [
+        collate([examples[i] for i in order[k : k + batch_size]], pad_id, device)
+        for k in range(0, len(order), batch_size)
+    ]
+
+
+def optimiser(prompt, args, examples):
+    """AdamW on the prompt, and a linear warm-up then linear decay to 0 over the run's optimiser steps."""
+    total = math.ceil(examples / (args.batch_size * args.grad_accum)) * args.epochs
     if args.warmup_steps >= total:
         print(
             f"note: the warm-up ({args.warmup_steps} steps) outlasts the run ({total} optimiser steps): "
@@ -404,6 +421,25 @@ def train(args):
         optimizer,
         lambda s: min((s + 1) / args.warmup_steps, max(0.0, (total - s) / max(1, total - args.warmup_steps))),
     )
+    return optimizer, schedule
+
+
+def train(args):
+    """The train sub-command: see the module docstring."""
+    common.seed_everything(args.seed)
+    device = common.resolve_device(args.device)
+    model, tok = load_lm(args.model)
+    model.to(device)
+    data = training_data(tok, args)
+    generator = torch.Generator().manual_seed(args.seed)
+    prompt = torch.nn.Parameter(init_prompt(model, args.num_virtual_tokens, args.init, generator).to(device))
+    precision = choose_precision(args.precision, model, device)
+    trainable, frozen = prompt.numel(), count_params(model)[1]
+    print(
+        f"{args.model}: {args.num_virtual_tokens} soft tokens, trainable parameters {trainable:,}, "
+        f"frozen {frozen:,} ({100 * trainable / frozen:.4f}%), {precision} on {device}"
+    )
+    optimizer, schedule = optimiser(prompt, args, len(data["train"]))
     folder = common.run_dir(args.out, args.run_name)
     meta = {"model": args.model, "num_virtual_tokens": args.num_virtual_tokens, "init": args.init}
     (folder / "train_log.jsonl").unlink(missing_ok=True)  # a new run starts a new log
@@ -411,54 +447,37 @@ def train(args):
     baseline = evaluate_loss(model, data["val"], None, precision, tok.pad_token_id, device, args.batch_size)
     best, bad_epochs, step, t0 = float("inf"), 0, 0, time.time()
     for epoch in range(1, args.epochs + 1):
-        order = torch.randperm(len(data["train"]), generator=generator).tolist()
-        batches = [
-            collate([data["train"][i] for i in order[k : k + args.batch_size]], tok.pad_token_id, device)
-            for k in range(0, len(order), args.batch_size)
-        ]
+        batches = shuffled_batches(data["train"], args.batch_size, tok.pad_token_id, device, generator)
         step = train_epoch(model, prompt, batches, optimizer, schedule, log, step, epoch, precision, args)
         val = evaluate_loss(model, data["val"], prompt, precision, tok.pad_token_id, device, args.batch_size)
-        row = {
-            "epoch": epoch,
-            "val_loss": round(val, 6),
-            "val_perplexity": round(math.exp(val), 4),
-            "baseline_val_loss": round(baseline, 6),
-            "seconds": round(time.time() - t0, 1),
-        }
-        log.write(row)
+        log.write(
+            {"epoch": epoch, "val_loss": round(val, 6), "val_perplexity": round(math.exp(val), 4)}
+            | {"baseline_val_loss": round(baseline, 6), "seconds": round(time.time() - t0, 1)}
+        )
         save_prompt(
             folder / f"soft_prompts_epoch_{epoch}.pt", prompt, {**meta, "epoch": epoch, "val_loss": val}
         )
-        better = val < best
+        best, bad_epochs = (val, 0) if val < best else (best, bad_epochs + 1)
         print(
             f"epoch {epoch}: validation loss {val:.4f}, perplexity {math.exp(val):.2f} "
-            f"(no soft prompt: {baseline:.4f})" + ("  * best" if better else "")
+            f"(no soft prompt: {baseline:.4f})" + ("  * best" if bad_epochs == 0 else "")
         )
-        if better:
-            best, bad_epochs = val, 0
+        if bad_epochs == 0:
             save_prompt(folder / "best_soft_prompts.pt", prompt, {**meta, "epoch": epoch, "val_loss": val})
-        else:
-            bad_epochs += 1
-            if bad_epochs >= args.patience:
-                print(f"early stop: no better validation loss for {args.patience} epochs")
-                break
+        elif bad_epochs >= args.patience:
+            print(f"early stop: no better validation loss for {args.patience} epochs")
+            break
     log.close()
     best_prompt = load_prompt(folder / "best_soft_prompts.pt")["soft_prompts"]
     export_peft(folder / "peft_adapter", best_prompt, model, args.model, args.init)
-    common.write_json(
-        folder / "train.json",
-        {
-            **vars(args),
-            "precision": precision,
-            "trainable": trainable,
-            "frozen": frozen,
-            "train_examples": len(data["train"]),
-            "val_examples": len(data["val"]),
-            "best_val_loss": best,
-            "baseline_val_loss": baseline,
-            "wall_seconds": round(time.time() - t0, 1),
-        },
-    )
+    about = {**vars(args), "precision": precision, "trainable": trainable, "frozen": frozen}
+    sizes = {f"{k}_examples": len(v) for k, v in data.items()}  # train, val
+    losses = {
+        "best_val_loss": best,
+        "baseline_val_loss": baseline,
+        "wall_seconds": round(time.time() - t0, 1),
+    }
+    common.write_json(folder / "train.json", {**about, **sizes, **losses})
     plot_losses(common.read_jsonl(folder / "train_log.jsonl"), folder / "loss.png")
     print(
         f"best validation loss {best:.4f} (no soft prompt {baseline:.4f}); {time.time() - t0:.0f}s -> "
@@ -550,26 +569,29 @@ def end_ids(tok):
     return {tok.eos_token_id, vocab.get("<|endoftext|>")} - {None}
 
 
+def trained_prompt(checkpoint, folder, model_name):
+    """The soft prompt [N, D] of --checkpoint, or of the run's best epoch; it must be `model_name`'s."""
+    ckpt = Path(checkpoint) if checkpoint else folder / "best_soft_prompts.pt"
+    if not ckpt.exists():
+        raise common.UserError(
+            f"no soft prompt at {ckpt}: run `train` first, pass --checkpoint, or use --no-prompt"
+        )
+    state = load_prompt(ckpt)
+    if state["model"] != model_name:
+        raise common.UserError(f"{ckpt} was trained on {state['model']}, not {model_name}")
+    return state["soft_prompts"]
+
+
 def generate(args):
     """The generate sub-command: see the module docstring."""
     folder = common.run_dir(args.out, args.run_name, create=False)
     info = common.read_json(folder / "train.json") if (folder / "train.json").exists() else {}
     name = args.model or info.get("model", "smollm2-135m")
-    soft = None
-    if not args.no_prompt:
-        ckpt = Path(args.checkpoint) if args.checkpoint else folder / "best_soft_prompts.pt"
-        if not ckpt.exists():
-            raise common.UserError(
-                f"no soft prompt at {ckpt}: run `train` first, pass --checkpoint, or use --no-prompt"
-            )
-        state = load_prompt(ckpt)
-        if state["model"] != name:
-            raise common.UserError(f"{ckpt} was trained on {state['model']}, not {name}")
-        soft = state["soft_prompts"]
+    soft = None if args.no_prompt else trained_prompt(args.checkpoint, folder, name)
     device = common.resolve_device(args.device)
-    precision = common.resolve_precision(args.precision, device)
     model, tok = load_lm(name)
     model.to(device)
+    precision = choose_precision(args.precision, model, device)
     soft = soft.to(device) if soft is not None else None
     problems = load_problems()
     ids = list(problems) if args.split == "all" else split_ids(problems)[args.split]
@@ -754,18 +776,29 @@ def check_peft_export(folder, model, context):
     )
 
 
-def run_tests():
-    t0 = time.time()
-    torch.manual_seed(0)
+@functools.cache
+def _tiny():
+    """For the checks: random tiny-qwen2 with its tokenizer, and HumanEval's problems."""
     model, tok = load_lm("random:tiny-qwen2")
-    problems = load_problems()
+    return model, tok, load_problems()
+
+
+def _soft(model):
+    return torch.nn.Parameter(init_prompt(model, 5, "vocab", torch.Generator().manual_seed(0)))
+
+
+def test_split():
+    problems = _tiny()[2]
     split = split_ids(problems)
     assert len(problems) == 164 and (len(split["train"]), len(split["val"])) == (131, 33)
     assert not set(split["train"]) & set(split["val"]) and split == split_ids(problems)
     print("  ok: HumanEval has 164 problems; the seed-42 split is 131/33, disjoint and fixed")
 
-    # Label masking: the loss is the sum over solution tokens alone, as computed by hand here.
-    prompt = torch.nn.Parameter(init_prompt(model, 5, "vocab", torch.Generator().manual_seed(0)))
+
+def test_label_masking():
+    """Label masking: the loss is the sum over solution tokens alone, as computed by hand here."""
+    model, tok, problems = _tiny()
+    prompt = _soft(model)
     ids, labels = encode_example(tok, problems["HumanEval/2"], 4096, 5)
     n_prompt = len(encode_prompt(tok, problems["HumanEval/2"]["prompt"]))
     assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
@@ -791,7 +824,12 @@ def run_tests():
         "carry -100); only the soft prompt gets a gradient"
     )
 
-    # Generation through the KV cache equals a greedy loop that reruns the whole sequence.
+
+def test_decoding():
+    """Generation through the KV cache equals a greedy loop that reruns the whole sequence; batched
+    decoding gives each row the tokens it gets alone."""
+    model, tok, problems = _tiny()
+    prompt = _soft(model)
     context = encode_prompt(tok, problems["HumanEval/0"]["prompt"])[:40]
     cached = greedy(model, context, prompt.detach(), 12)
     seq = list(context)
@@ -837,7 +875,10 @@ def run_tests():
         "the whole-text one does (40 solutions)"
     )
 
-    # The sandbox has its own checks (python sandbox.py --test); here evaluate runs through it.
+
+def test_end_to_end():
+    """The sandbox has its own checks (python sandbox.py --test); here evaluate runs through it."""
+    model, tok, problems = _tiny()
     sandbox = shutil.which("bwrap") is not None
     if not sandbox:
         print("  skipped: evaluate (bubblewrap is not installed: sudo apt-get install bubblewrap)")
@@ -906,8 +947,11 @@ def run_tests():
                 else ""
             )
         )
-        check_peft_export(folder, model, context)
-    print(f"stage 11 checks passed in {time.time() - t0:.1f}s")
+        check_peft_export(folder, model, encode_prompt(tok, problems["HumanEval/0"]["prompt"])[:40])
+
+
+def run_tests():
+    common.run_checks(sys.modules[__name__])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -920,6 +964,61 @@ def seconds_arg(text):
     return value
 
 
+def at_most(n):
+    """A flag type: an integer from 1 to n."""
+    return functools.partial(common.positive_int, most=n)
+
+
+setting = common.setting
+
+
+@dataclass(frozen=True)
+class TrainSettings(common.Settings):
+    """`train`: the soft prompt, its optimiser and its data."""
+
+    num_virtual_tokens: int = setting(20, common.positive_int, "soft tokens N")
+    init: str = setting("vocab", choices=["vocab", "random"], help="prompt init")
+    lr: float = setting(0.01, common.positive_float, "AdamW learning rate")
+    weight_decay: float = setting(0.01, common.nonneg_float, "AdamW weight decay")
+    warmup_steps: int = setting(100, common.positive_int, "optimiser steps of linear warm-up")
+    max_grad_norm: float = setting(1.0, common.positive_float, "gradient clipping")
+    batch_size: int = setting(4, common.positive_int, "examples per forward pass")
+    grad_accum: int = setting(4, common.positive_int, "batches per optimiser step")
+    epochs: int = setting(10, common.positive_int, "most epochs")
+    patience: int = setting(3, common.positive_int, "epochs without a better validation loss before stopping")
+    max_length: int = setting(
+        1024, common.positive_int, "tokens per example, soft tokens included; longer solutions are cut"
+    )
+    max_train: int = setting(0, common.nonneg_int, "use only the first N training problems; 0 = all 131")
+
+
+@dataclass(frozen=True)
+class GenerateSettings(common.Settings):
+    """`generate`: greedy decoding, with the soft prompt or without."""
+
+    checkpoint: str = setting(None, help="soft prompt file (default: <run>/best_soft_prompts.pt)")
+    no_prompt: bool = setting(False, help="the baseline: no soft prompt, same decoding")
+    max_new_tokens: int = setting(512, common.positive_int, "tokens per completion at most")
+    batch_size: int = setting(
+        8, at_most(256), "problems decoded together (left-padded; each row as if alone), at most 256"
+    )
+    split: str = setting("all", choices=["all", "val", "train"], help="which problems (all: 164)")
+    limit: int = setting(0, common.nonneg_int, "only the first N problems; 0 = all")
+
+
+@dataclass(frozen=True)
+class EvaluateSettings(common.Settings):
+    """`evaluate`: how each generated program is run."""
+
+    timeout: float = setting(3.0, seconds_arg, "wall-clock seconds per program, at most 3600")
+    memory_mb: int = setting(1024, common.positive_int, "address space per program in MiB")
+    no_sandbox: bool = setting(
+        False, help="run programs as plain processes, without bubblewrap: only for code you trust"
+    )
+    workers: int = setting(4, at_most(64), "programs run at once, at most 64")
+    limit: int = setting(0, common.nonneg_int, "only the first N completions per file; 0 = all")
+
+
 def build_parser():
     p = common.Parser(
         description="Stage 11: soft-prompt tuning of a causal code model on HumanEval; pass@1 by execution."
@@ -927,7 +1026,7 @@ def build_parser():
     p.add_argument("--test", action="store_true", help="run this stage's built-in checks and exit")
     sub = p.add_subparsers(dest="command", metavar="{train,generate,evaluate,export}")
 
-    def command(name, help_text):
+    def command(name, help_text, settings):
         c = sub.add_parser(name, help=help_text, description=help_text)
         c.add_argument(
             "--model",
@@ -936,118 +1035,18 @@ def build_parser():
             + ("(default: smollm2-135m)" if name == "train" else "(default: the run's)"),
         )
         common.add_common_args(c, "stage11", test=False)
-        c.add_argument(
-            "--precision",
-            default="auto",
-            choices=["auto", "fp32", "bf16"],
-            help="bf16 autocast for the frozen model, or fp32; auto = bf16 where native (default: auto)",
-        )
-        return c
+        common.add_settings(c, ModelSettings, only=("precision",))
+        common.add_settings(c, settings)
 
-    t = command("train", "train the soft prompt on HumanEval's 131 training problems")
-    t.add_argument(
-        "--num-virtual-tokens", type=common.positive_int, default=20, help="soft tokens N (default: 20)"
-    )
-    t.add_argument(
-        "--init", default="vocab", choices=["vocab", "random"], help="prompt init (default: vocab)"
-    )
-    t.add_argument(
-        "--lr", type=common.positive_float, default=0.01, help="AdamW learning rate (default: 0.01)"
-    )
-    t.add_argument(
-        "--weight-decay", type=common.nonneg_float, default=0.01, help="AdamW weight decay (default: 0.01)"
-    )
-    t.add_argument(
-        "--warmup-steps",
-        type=common.positive_int,
-        default=100,
-        help="optimiser steps of linear warm-up (default: 100)",
-    )
-    t.add_argument(
-        "--max-grad-norm", type=common.positive_float, default=1.0, help="gradient clipping (default: 1.0)"
-    )
-    t.add_argument(
-        "--batch-size", type=common.positive_int, default=4, help="examples per forward pass (default: 4)"
-    )
-    t.add_argument(
-        "--grad-accum", type=common.positive_int, default=4, help="batches per optimiser step (default: 4)"
-    )
-    t.add_argument("--epochs", type=common.positive_int, default=10, help="most epochs (default: 10)")
-    t.add_argument(
-        "--patience",
-        type=common.positive_int,
-        default=3,
-        help="epochs without a better validation loss before stopping (default: 3)",
-    )
-    t.add_argument(
-        "--max-length",
-        type=common.positive_int,
-        default=1024,
-        help="tokens per example, soft tokens included; longer solutions are cut (default: 1024)",
-    )
-    t.add_argument(
-        "--max-train",
-        type=common.nonneg_int,
-        default=0,
-        help="use only the first N training problems; 0 = all 131 (default: 0)",
-    )
-    g = command(
-        "generate", "greedy completions of HumanEval problems, with the trained soft prompt or without"
-    )
-    g.add_argument("--checkpoint", help="soft prompt file (default: <run>/best_soft_prompts.pt)")
-    g.add_argument("--no-prompt", action="store_true", help="the baseline: no soft prompt, same decoding")
-    g.add_argument(
-        "--max-new-tokens",
-        type=common.positive_int,
-        default=512,
-        help="tokens per completion at most (default: 512)",
-    )
-    g.add_argument(
-        "--batch-size",
-        type=lambda t: common.positive_int(t, most=256),
-        default=8,
-        help="problems decoded together (left-padded; each row as if alone), at most 256 (default: 8)",
-    )
-    g.add_argument(
-        "--split", default="all", choices=["all", "val", "train"], help="which problems (default: all 164)"
-    )
-    g.add_argument(
-        "--limit", type=common.nonneg_int, default=0, help="only the first N problems; 0 = all (default: 0)"
-    )
-    e = command("evaluate", "pass@1 of every completions*.jsonl in the run folder, by executing the programs")
-    e.add_argument(
-        "--timeout",
-        type=seconds_arg,
-        default=3.0,
-        help="wall-clock seconds per program, at most 3600 (default: 3.0)",
-    )
-    e.add_argument(
-        "--memory-mb",
-        type=common.positive_int,
-        default=1024,
-        help="address space per program in MiB (default: 1024)",
-    )
-    e.add_argument(
-        "--no-sandbox",
-        action="store_true",
-        help="run programs as plain processes, without bubblewrap: only for code you trust",
-    )
-    e.add_argument(
-        "--workers",
-        type=lambda t: common.positive_int(t, most=64),
-        default=4,
-        help="programs run at once, at most 64 (default: 4)",
-    )
-    e.add_argument(
-        "--limit",
-        type=common.nonneg_int,
-        default=0,
-        help="only the first N completions per file; 0 = all (default: 0)",
-    )
+    command("train", "train the soft prompt on HumanEval's 131 training problems", TrainSettings)
+    what = "greedy completions of HumanEval problems, with the trained soft prompt or without"
+    command("generate", what, GenerateSettings)
+    what = "pass@1 of every completions*.jsonl in the run folder, by executing the programs"
+    command("evaluate", what, EvaluateSettings)
     what = "a soft prompt file as a PEFT adapter (<run>/peft_adapter) whose base loads on this machine"
     x = sub.add_parser("export", help=what, description=what)
     common.add_common_args(x, "stage11", test=False)
-    x.add_argument("--checkpoint", help="soft prompt file (default: <run>/best_soft_prompts.pt)")
+    common.add_settings(x, GenerateSettings, only=("checkpoint",))
     return p
 
 

@@ -37,6 +37,7 @@ Run `python stage6_baselines.py --method similarity` for a short run, `--test` f
 """
 
 import functools
+import itertools
 import sys
 import tempfile
 from collections import deque
@@ -48,7 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
-from stage2_stream import StreamSettings, TextStream
+import runs
+from stage2_stream import StreamSettings, TextStream, encode_texts
 from stage3_backbone import (
     ModelSettings,
     forward_with_example_prompts,
@@ -453,35 +455,6 @@ def make_learner(method, model, args):
     raise common.UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def save_learner(learner, folder, config, steps):
-    """What a run learned, in `folder` (stage 8 writes <method>/pool/ at the end of a run):
-    learner.safetensors, the learner's whole state (prompts, optimiser moments, FLH's weights:
-    common.save_state, no pickle), and learner.json, readable: the method, how many steps it learned
-    from, the run's settings, and for a pool its experts (birth index, birth step, weight).
-    `load_learner` rebuilds the learner from these two files alone."""
-    folder.mkdir(parents=True, exist_ok=True)
-    common.save_state(folder / "learner.safetensors", learner.state_dict())
-    about = {"method": learner.name, "steps": steps, "config": config}
-    if hasattr(learner, "pool"):
-        about["experts"] = learner.pool.experts()
-    common.write_json(folder / "learner.json", about)
-
-
-def check_state(state, prompt_shape, where):
-    """A loaded state, checked before it is used: every float tensor finite (a NaN log-weight or
-    prompt would predict p=nan) and every prompt-like one (2-D or more) of this run's prompt shape."""
-    if isinstance(state, torch.Tensor) and state.is_floating_point():
-        if not torch.isfinite(state).all():
-            raise common.UserError(f"{where} holds NaN or infinite values")
-        if state.ndim >= 2 and tuple(state.shape[-2:]) != prompt_shape:
-            raise common.UserError(
-                f"{where} has shape {tuple(state.shape)}; this run's prompts are {prompt_shape}"
-            )
-    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list) else ()
-    for key, value in items:
-        check_state(value, prompt_shape, f"{where}[{key!r}]")
-
-
 def load_learner(folder, device="auto"):
     """(learner, tokenizer, max_length, about) from a folder written by save_learner: the frozen
     backbone is loaded as the run had it, the learner made and its state loaded. An edited or
@@ -511,7 +484,7 @@ def load_learner(folder, device="auto"):
         args = argparse.Namespace(**about["config"])
         model, tok = load_backbone(args.backbone, pooling=args.pooling, device=common.resolve_device(device))
         model.precision = args.precision
-        check_state(state, (args.prompt_length, model.embed_dim), "learner.safetensors")
+        runs.check_state(state, (args.prompt_length, model.embed_dim), "learner.safetensors")
         learner = make_learner(about["method"], model, args)
         learner.load_state_dict(state)
         max_length = min(args.max_length, text_budget(model, args.prompt_length))
@@ -522,6 +495,77 @@ def load_learner(folder, device="auto"):
             f"({type(e).__name__}: {why}): edited or damaged"
         ) from None
     return learner, tok, max_length, about
+
+
+def file_lines(path):
+    """The non-blank lines of a UTF-8 text file (a byte-order mark is skipped), one at a time: memory
+    stays bounded whatever the file's size. A byte that is not UTF-8 ends it with one line naming it."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").removeprefix("\ufeff" if n == 1 else "").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise common.UserError(
+                    f"--file {path} line {n}: byte {e.start} is not UTF-8 (save it as UTF-8)"
+                )
+            if line.strip():
+                yield line
+
+
+def classify(args, batch_size=64):
+    """Stage 8's --predict: classify new texts with what a run learned, and say which experts answered. The
+    texts go through in batches of `batch_size` (a file of any length in bounded memory); returns
+    the class probabilities [N, C]."""
+    folder = Path(args.predict)
+    if not (folder / "learner.json").exists() and (folder / "pool").is_dir():
+        folder = folder / "pool"  # a method's folder
+    elif not (folder / "learner.json").exists() and (folder / args.method / "pool").is_dir():
+        folder = folder / args.method / "pool"  # a run's folder: --method picks (default flh)
+    if args.file and not Path(args.file).is_file():
+        raise common.UserError(f"--file: no file {args.file}")
+    total = len(args.text or []) + (
+        sum(1 for _ in file_lines(args.file)) if args.file else 0
+    )  # checked first
+    if not total:
+        raise common.UserError("--predict needs texts: give --text (several times if you like) or --file")
+    learner, tok, max_length, about = load_learner(folder, args.device)
+    cfg = about["config"]
+    last = about["steps"] - 1
+    flipped = bool(cfg.get("flip_interval")) and not cfg.get("no_flip") and (last // cfg["flip_interval"]) % 2
+    print(
+        f"{about['method']} from {folder}, after {about['steps']} steps"
+        + (": its last regime flips the labels, so label 1 here is the data's label 0" if flipped else "")
+    )
+    texts = itertools.chain(args.text or [], file_lines(args.file) if args.file else [])
+    device, out, bar = learner.model.device, [], common.progress(total=total, desc="predict", unit="text")
+    while batch := list(itertools.islice(texts, batch_size)):
+        encoded = encode_texts(tok, batch, max_length)
+        probs, who = learner.predict({k: v.to(device) for k, v in encoded.items()})
+        show_predictions(batch, probs, who)
+        out.append(probs.cpu())
+        bar.update(len(batch))
+    bar.close()
+    return torch.cat(out)
+
+
+def show_predictions(texts, probs, who):
+    """Each text's label and probability, and the experts that answered (the heaviest four)."""
+    for text, p, experts in zip(texts, probs.tolist(), who):
+        label = max(range(len(p)), key=p.__getitem__)
+        print(f"label {label}  p={p[label]:.3f}  {text[:70]!r}")
+        top = sorted(experts, key=lambda e: -e["weight"])
+        shown = [
+            (f"expert {e['expert']}" if isinstance(e["expert"], int) else e["expert"])
+            + (f" (born at step {e['born_at']})" if e.get("born_at") is not None else "")
+            + f" w={e['weight']:.3f}"
+            for e in top[:4]
+        ]
+        rest = len(top) - len(shown)
+        print(
+            "    by "
+            + ", ".join(shown)
+            + (f" and {rest} more of weight {sum(e['weight'] for e in top[4:]):.3f}" if rest else "")
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,9 +39,7 @@ import atexit
 import contextlib
 import functools
 import io
-import itertools
 import os
-import random
 import re
 import shutil
 import signal
@@ -56,10 +54,11 @@ import numpy as np
 import torch
 
 import common
+import runs
 from stage2_stream import StreamSettings, encode_texts
 from stage3_backbone import ModelSettings
 from stage5_train import FLHSettings, RunSettings, prepare, run_stream
-from stage6_baselines import METHODS, BaselineSettings, load_learner, make_learner, save_learner
+from stage6_baselines import METHODS, BaselineSettings, classify, load_learner, make_learner
 from stage7_metrics import MetricSettings, analyse
 
 
@@ -115,66 +114,15 @@ def methods_to_run(method, args):
     return [m for m in METHODS if not (m == "flh_sum" and args.train_mode == "weighted_sum")]
 
 
-def rng_state():
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(folder, step, learner):
-    """checkpoints/step_N.safetensors, written atomically: learner state, RNG states, stream position
-    (common.save_state: tensors and JSON, no pickle)."""
-    path = folder / "checkpoints" / f"step_{step}.safetensors"
-    path.parent.mkdir(exist_ok=True)
-    common.save_state(path, {"step": step, "learner": learner.state_dict(), "rng": rng_state()})
-
-
-def load_latest_checkpoint(folder):
-    """The newest readable checkpoint's contents, or None if there is none. An unreadable one (a
-    truncated or edited file, say) is skipped with a message, and the one before it is used; if
-    none can be read, the run is not touched. Pickle checkpoints of older versions are refused:
-    unpickling a file can run any code its author put in it."""
-    old = sorted((folder / "checkpoints").glob("step_*.pt"))
-    if old:
-        raise common.UserError(
-            f"{old[0]} is a pickle checkpoint of an older version; it is not loaded (a pickle can run "
-            "code): start the run again without --resume"
-        )
-    found = sorted(
-        (folder / "checkpoints").glob("step_*.safetensors"),
-        key=lambda p: int(p.stem.split("_")[1]),
-        reverse=True,
-    )
-    for path in found:
-        try:
-            return common.load_state(path)
-        except common.UserError as e:
-            print(f"[flh] {e}; falling back to the previous checkpoint", file=sys.stderr)
-    if found:
-        raise common.UserError(f"--resume: no checkpoint of {folder} can be read; the run is left as it is")
-    return None
-
-
 def run_method(method, args, model, stream, folder):
     """One method over the whole stream (or the rest of it, with --resume). Returns seconds taken."""
     folder.mkdir(parents=True, exist_ok=True)
     common.seed_everything(args.seed)
     learner = make_learner(method, model, args)
-    start, state = 0, load_latest_checkpoint(folder) if args.resume else None
+    start, state = 0, runs.load_latest_checkpoint(folder) if args.resume else None
     if state is not None:
         learner.load_state_dict(state["learner"])
-        set_rng_state(state["rng"])
+        runs.set_rng_state(state["rng"])
         start = state["step"]
     else:
         for old in [folder / "log.jsonl", *(folder / "checkpoints").glob("step_*")]:
@@ -190,15 +138,15 @@ def run_method(method, args, model, stream, folder):
             log,
             start,
             every=args.checkpoint_every,
-            callback=lambda s: save_checkpoint(folder, s, learner),
+            callback=lambda s: runs.save_checkpoint(folder, s, learner),
             desc=method,
         )
     log.close()
     if start == args.steps and (folder / "run.json").exists():
         return None  # finished before; a run whose final save was cut goes on to make it
     if args.steps % args.checkpoint_every:
-        save_checkpoint(folder, args.steps, learner)
-    save_learner(learner, folder / "pool", vars(args), args.steps)  # what --predict reads
+        runs.save_checkpoint(folder, args.steps, learner)
+    runs.save_learner(learner, folder / "pool", vars(args), args.steps)  # what --predict reads
     wall = time.time() - t0
     common.write_json(
         folder / "run.json",
@@ -659,8 +607,6 @@ def check_args(args):
 def run_all(args, methods, folder):
     """Every method of a run folder (locked by the caller), then metrics, plots and criteria."""
     model, stream = prepare(args)  # resolves --precision auto, which the folder's settings compare
-    ran = check_folder(folder, args, methods)
-    common.write_json(folder / "config.json", {**vars(args), "methods": ran})
     print(
         f"{', '.join(methods)} on {args.dataset} with {args.backbone} ({model.pooling} read-out), "
         f"{args.steps} steps, "
@@ -669,9 +615,17 @@ def run_all(args, methods, folder):
         f"-> {folder}",
         file=sys.stderr,
     )
+    run_methods(args, methods, folder, model, stream)
+    report(folder)
+
+
+def run_methods(args, methods, folder, model, stream, presets=PRESETS):
+    """Into a locked run folder: its settings (config.json, naming the methods it will hold, checked
+    against those it holds already), then each method's run (stage 10 calls this too)."""
+    ran = check_folder(folder, args, methods, presets)
+    common.write_json(folder / "config.json", {**vars(args), "methods": ran})
     for method in methods:
         run_method(method, args, model, stream, folder / method)
-    report(folder)
 
 
 # The settings only some methods read: a fresh run of all of those may change them in a run folder.
@@ -762,82 +716,11 @@ def criteria_table(per_run):
     return "\n".join(lines)
 
 
-def file_lines(path):
-    """The non-blank lines of a UTF-8 text file (a byte-order mark is skipped), one at a time: memory
-    stays bounded whatever the file's size. A byte that is not UTF-8 ends it with one line naming it."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").removeprefix("\ufeff" if n == 1 else "").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise common.UserError(
-                    f"--file {path} line {n}: byte {e.start} is not UTF-8 (save it as UTF-8)"
-                )
-            if line.strip():
-                yield line
-
-
-def predict(args, batch_size=64):
-    """--predict: classify new texts with what a run learned, and say which experts answered. The
-    texts go through in batches of `batch_size` (a file of any length in bounded memory); returns
-    the class probabilities [N, C]."""
-    folder = Path(args.predict)
-    if not (folder / "learner.json").exists() and (folder / "pool").is_dir():
-        folder = folder / "pool"  # a method's folder
-    elif not (folder / "learner.json").exists() and (folder / args.method / "pool").is_dir():
-        folder = folder / args.method / "pool"  # a run's folder: --method picks (default flh)
-    if args.file and not Path(args.file).is_file():
-        raise common.UserError(f"--file: no file {args.file}")
-    total = len(args.text or []) + (
-        sum(1 for _ in file_lines(args.file)) if args.file else 0
-    )  # checked first
-    if not total:
-        raise common.UserError("--predict needs texts: give --text (several times if you like) or --file")
-    learner, tok, max_length, about = load_learner(folder, args.device)
-    cfg = about["config"]
-    last = about["steps"] - 1
-    flipped = bool(cfg.get("flip_interval")) and not cfg.get("no_flip") and (last // cfg["flip_interval"]) % 2
-    print(
-        f"{about['method']} from {folder}, after {about['steps']} steps"
-        + (": its last regime flips the labels, so label 1 here is the data's label 0" if flipped else "")
-    )
-    texts = itertools.chain(args.text or [], file_lines(args.file) if args.file else [])
-    device, out, bar = learner.model.device, [], common.progress(total=total, desc="predict", unit="text")
-    while batch := list(itertools.islice(texts, batch_size)):
-        encoded = encode_texts(tok, batch, max_length)
-        probs, who = learner.predict({k: v.to(device) for k, v in encoded.items()})
-        show_predictions(batch, probs, who)
-        out.append(probs.cpu())
-        bar.update(len(batch))
-    bar.close()
-    return torch.cat(out)
-
-
-def show_predictions(texts, probs, who):
-    """Each text's label and probability, and the experts that answered (the heaviest four)."""
-    for text, p, experts in zip(texts, probs.tolist(), who):
-        label = max(range(len(p)), key=p.__getitem__)
-        print(f"label {label}  p={p[label]:.3f}  {text[:70]!r}")
-        top = sorted(experts, key=lambda e: -e["weight"])
-        shown = [
-            (f"expert {e['expert']}" if isinstance(e["expert"], int) else e["expert"])
-            + (f" (born at step {e['born_at']})" if e.get("born_at") is not None else "")
-            + f" w={e['weight']:.3f}"
-            for e in top[:4]
-        ]
-        rest = len(top) - len(shown)
-        print(
-            "    by "
-            + ", ".join(shown)
-            + (f" and {rest} more of weight {sum(e['weight'] for e in top[4:]):.3f}" if rest else "")
-        )
-
-
 def main(args):
     if args.test:
         return run_tests()
     if args.predict:
-        return predict(args)
+        return classify(args)
     if args.analyse:
         criteria = {Path(run).name: report(Path(run)) for run in args.analyse}
         return print(criteria_table(criteria)) if len(criteria) > 1 else None

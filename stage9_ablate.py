@@ -39,12 +39,10 @@ Run `--test` for the checks.
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import runs
 from stage2_stream import TextStream
 from stage3_backbone import load_backbone, load_tokenizer
 from stage4_pool import mean_js
@@ -111,7 +110,7 @@ def best_setting(args, grid):
     for label, overrides in grid_settings(grid, args).items():
         for seed in seed_range(args):
             folder = sweep / folder_key(grid, label, overrides, args) / f"seed{seed}"
-            if not complete(folder, args.steps):
+            if not runs.complete(folder, args.steps):
                 raise common.UserError(f"--grid {grid} has not finished ({folder} is missing): run it first")
             rows = common.read_jsonl(folder / "log.jsonl")
             scores.setdefault(label, []).append(np.mean([r["mixture_loss"] for r in rows]))
@@ -146,11 +145,6 @@ def expand(grids, args):
     return [(key, overrides, seed) for (key, seed), overrides in jobs.items()]
 
 
-def shard(jobs, i, n):
-    """The i-th of n disjoint slices (1 <= i <= n); their union is all jobs."""
-    return jobs[i - 1 :: n]
-
-
 NOT_PLANNED = ("grid", "workers", "shard", "summarize", "out", "run_name", "test", "device")
 
 
@@ -169,25 +163,6 @@ def sweep_plan(args, grids):
         "steps": args.steps,
         "flags": {k: v for k, v in vars(args).items() if k not in NOT_PLANNED},
     }
-
-
-def record_plan(sweep, plan):
-    """Write sweep.json, or add grids to it. A later start (another shard, a restart, a second grid)
-    must use the same flags: a sweep whose runs disagree would be summarised under wrong labels."""
-    path = sweep / "sweep.json"
-    with common.locked(sweep, ".lock-plan"):
-        if path.exists():
-            old = common.read_json(path)
-            changed = sorted(
-                k for k in {*old["flags"], *plan["flags"]} if old["flags"].get(k) != plan["flags"].get(k)
-            )
-            if changed:
-                raise common.UserError(
-                    f"{sweep} was started with other flags ({', '.join(changed)}): give the same flags "
-                    "(its sweep.json has them), or another --run-name"
-                )
-            plan = {**plan, "grids": {**old["grids"], **plan["grids"]}}
-        common.write_json(path, plan)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +297,7 @@ def run_one(job, args, threads):
     key, overrides, seed = job
     folder = Path(args.out) / args.run_name / key / f"seed{seed}"
     a = ablation_args(args, overrides, seed)
-    if complete(folder, a.steps):
+    if runs.complete(folder, a.steps):
         return key, seed, "skipped"
     torch.set_num_threads(threads)
     model, stream = prepare(a)
@@ -357,41 +332,6 @@ def run_one(job, args, threads):
     return key, seed, f"{time.time() - t0:.0f}s"
 
 
-def complete(folder, steps):
-    """A run is complete when run.json exists and its log holds all its rows."""
-    return (folder / "run.json").exists() and len(common.read_jsonl(folder / "log.jsonl")) == steps
-
-
-def _worker(payload):
-    return run_one(*payload)
-
-
-def run_sweep(jobs, args):
-    """Run the jobs, `args.workers` at a time, each worker with cores/workers threads; one line per
-    finished run, flushed at once (a cluster job's log shows progress while it runs)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = max(1, cores // args.workers)
-    payloads = [(job, args, threads) for job in jobs]
-    bar = common.progress(total=len(jobs), desc="runs")
-
-    def done(result):
-        key, seed, what = result
-        bar.write(f"  {key} seed{seed}: {what}")
-        sys.stdout.flush()
-        bar.update()
-
-    if args.workers == 1:
-        for p in payloads:
-            done(_worker(p))
-    else:
-        import multiprocessing
-
-        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(_worker, p) for p in payloads]):
-                done(future.result())
-    bar.close()
-
-
 # ----------------------------------------------------------------------------------------------
 # Summary: tables and plots from whatever runs exist
 # ----------------------------------------------------------------------------------------------
@@ -403,7 +343,7 @@ def grid_runs(sweep, plan, grid):
     for label, setting in plan["grids"][grid].items():
         for seed in plan["seeds"]:
             folder = sweep / setting["folder"] / f"seed{seed}"
-            if not complete(folder, plan["steps"]):
+            if not runs.complete(folder, plan["steps"]):
                 missing.setdefault(label, []).append(seed)
                 continue
             cfg = common.read_json(folder / "config.json")
@@ -423,18 +363,18 @@ def grid_runs(sweep, plan, grid):
     return [{lab: s[lab] for lab in labels} for s in per_seed.values()], labels, missing
 
 
-def grid_stats(runs, labels):
+def grid_stats(by_seed, labels):
     """Mean ± std over seeds of every metric, and recovery and first-50 accuracy by kind of shift."""
-    table, stats = summary_table(runs)
+    table, stats = summary_table(by_seed)
     for lab in labels:
         for key in ("mean_accuracy_mixture", "mixture_log_loss", "merges", "mean_prompts"):
-            vals = [r[lab][key] for r in runs]
+            vals = [r[lab][key] for r in by_seed]
             stats[lab][key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
         for kind in ("first", "recurring"):
-            got = [r[lab]["by_kind"][kind] for r in runs if kind in r[lab]["by_kind"]]
+            got = [r[lab]["by_kind"][kind] for r in by_seed if kind in r[lab]["by_kind"]]
             times = [
                 d["recovery"]
-                for r in runs
+                for r in by_seed
                 for d in r[lab]["shift_details"]
                 if d["kind"] == kind and d["recovery"] is not None
             ]
@@ -447,10 +387,10 @@ def grid_stats(runs, labels):
     return table, stats
 
 
-def grid_markdown(grid, runs, table, stats, labels):
+def grid_markdown(grid, by_seed, table, stats, labels):
     """The grid's two Markdown tables: the headline metrics, then mixture, pool size and recovery by kind."""
     md = [
-        f"## {grid} ({len(runs)} seed{'s' * (len(runs) > 1)})",
+        f"## {grid} ({len(by_seed)} seed{'s' * (len(by_seed) > 1)})",
         "",
         table.replace("| method |", "| setting |"),
         "",
@@ -553,15 +493,15 @@ def summarize(args, grids=None):
         )
     summary, md = {}, [f"# Stage 9 sweep `{args.run_name}`", ""]
     for grid in grids:
-        runs, labels, missing = grid_runs(sweep, plan, grid)
+        by_seed, labels, missing = grid_runs(sweep, plan, grid)
         note = [f"Still missing (setting: seeds without a complete run): {missing}", ""] if missing else []
-        if not runs or not labels:
+        if not by_seed or not labels:
             md += [f"## {grid}", "", "no complete runs yet", "", *note]
             continue
-        table, stats = grid_stats(runs, labels)
-        summary[grid] = {"seeds": len(runs), "settings": stats}
-        md += grid_markdown(grid, runs, table, stats, labels) + note
-        plot_grid(grid, stats, labels, len(runs), sweep / f"{grid}.png")
+        table, stats = grid_stats(by_seed, labels)
+        summary[grid] = {"seeds": len(by_seed), "settings": stats}
+        md += grid_markdown(grid, by_seed, table, stats, labels) + note
+        plot_grid(grid, stats, labels, len(by_seed), sweep / f"{grid}.png")
     common.write_json(sweep / "summary.json", summary)
     (sweep / "summary.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
@@ -582,7 +522,7 @@ def test_grids():
     args.seeds, args.first_seed = 2, 0
     jobs = expand(GRIDS, args)
     assert len(jobs) == 2 * (19 - 3), len(jobs)
-    parts = [shard(jobs, i, 3) for i in (1, 2, 3)]
+    parts = [runs.shard(jobs, i, 3) for i in (1, 2, 3)]
     assert sorted(j for p in parts for j in p) == sorted(jobs) and sum(map(len, parts)) == len(jobs)
     print(
         f"  ok: the grids expand to {sizes}; {len(jobs)} distinct runs for 2 seeds; 3 shards are "
@@ -737,9 +677,9 @@ def test_sweep():
         (folder / "log.jsonl").write_text(
             "".join((folder / "log.jsonl").read_text().splitlines(keepends=True)[:5])
         )
-        assert not complete(folder, 12)
+        assert not runs.complete(folder, 12)
         main(a)
-        assert complete(folder, 12)
+        assert runs.complete(folder, 12)
         import subprocess
         import sys
 
@@ -814,23 +754,6 @@ def run_tests():
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-def workers_arg(text):
-    value, most = common.positive_int(text), 4 * (os.cpu_count() or 1)
-    if value > most:
-        raise argparse.ArgumentTypeError(f"at most {most} (4 per core), got {value}")
-    return value
-
-
-def shard_arg(text):
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected i/n such as 1/4, got {text!r}")
-    if not 1 <= i <= n:
-        raise argparse.ArgumentTypeError(f"need 1 <= i <= n, got {text}")
-    return i, n
-
-
 def build_parser():
     p = common.Parser(
         description="Stage 9: ablation grids over the stage 8 FLH run (several seeds, workers, shards)."
@@ -850,13 +773,13 @@ def build_parser():
     )
     p.add_argument(
         "--workers",
-        type=workers_arg,
+        type=runs.workers_arg,
         default=1,
         help="runs at a time on this machine, each with cores/N threads, at most 4 x cores (default: 1)",
     )
     p.add_argument(
         "--shard",
-        type=shard_arg,
+        type=runs.shard_arg,
         default=(1, 1),
         help="run only the i-th of n disjoint slices of the sweep, 1 <= i <= n, e.g. 2/4 (default: 1/1, all)",
     )
@@ -880,14 +803,14 @@ def main(args):
     if args.summarize:
         return summarize(args, grids)
     grids = grids or GRIDS
-    jobs = shard(expand(grids, args), *args.shard)
+    jobs = runs.shard(expand(grids, args), *args.shard)
     sweep = common.run_dir(args.out, args.run_name)
-    record_plan(sweep, sweep_plan(args, grids))
+    runs.record_plan(sweep, sweep_plan(args, grids))
     print(
         f"{len(jobs)} runs (shard {args.shard[0]}/{args.shard[1]}) with {args.workers} worker(s) -> {sweep}"
     )
     with common.locked(sweep, f".lock-shard-{args.shard[0]}-of-{args.shard[1]}"):
-        run_sweep(jobs, args)
+        runs.run_jobs(run_one, jobs, args)
     if args.shard[1] > 1:
         return print("this shard is done; run with --summarize once every shard has finished")
     summarize(args, grids)

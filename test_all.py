@@ -93,6 +93,8 @@ NAMED = [
     stage8_run,
     stage9_ablate,
     stage10_vision,
+    stage11_codegen,
+    sandbox,
 ]
 
 
@@ -107,18 +109,6 @@ def test_bench():
     """The benchmark's alternation, and its table on a tiny model (with and without native bf16)
     where peft is installed."""
     bench.run_tests()
-
-
-def test_sandbox():
-    """The harness that runs generated programs: reference solutions pass, --no-sandbox keeps the
-    user, a venv's Python still runs in the sandbox, hostile programs all fail and harm nothing."""
-    sandbox.run_tests()
-
-
-def test_stage11_codegen():
-    """random:tiny-qwen2 on HumanEval: label masking, cached generation, evaluate through the
-    sandbox, PEFT export."""
-    stage11_codegen.run_tests()
 
 
 def test_sandbox_installed_in_ci():
