@@ -17,6 +17,11 @@ Each grid changes one thing in the stage 8 FLH run and keeps the rest of the pre
   train_mode  weighted_sum (the plan's), independent, snapshot (stage 5) and newest (snapshot mode
               whose newborns start from noise instead of a copy of the live prompt).
               Recovery is reported separately for first-time and recurring shifts (stage 7).
+And the parts the FLH that remembers added (the quick preset's snapshot pool, reservoir cap 8):
+  share       the floor w <- (1 - share) w + share / K: 0, 0.001, 0.01, 0.1.
+  cap         at most 4, 8 or 16 experts (reservoir pruning), or none (no pruning).
+  weighting   flh, fixed_share, mpp (stage 4's three rules on the same pool).
+  birth_from  a newborn copies the live prompt, the heaviest expert, or starts at random.
 
 Tuning (not an ablation: how the quick preset's FLH was chosen). `--grid tuning` runs snapshot FLH
 with the diverse cap of 8 at alpha in {1, 8} x share in {0, 0.01}, and alpha 0.1 with share 0.01;
@@ -54,12 +59,13 @@ import common
 import runs
 from stage2_stream import TextStream
 from stage3_backbone import load_backbone, load_tokenizer
-from stage4_pool import mean_js
-from stage5_train import FLHLearner, FLHSettings, follow_pool, prepare, r6, run_stream
+from stage4_pool import WEIGHTINGS, mean_js
+from stage5_train import BIRTH_FROM, FLHLearner, FLHSettings, follow_pool, prepare, r6, run_stream
 from stage7_metrics import MetricSettings, compute_metrics, summary_table
 from stage8_run import add_experiment_args, apply_preset
 
-GRIDS = ["birth", "alpha", "length", "merge", "train_mode"]  # the plan's ablations (--grid all)
+PLAN_GRIDS = ["birth", "alpha", "length", "merge", "train_mode"]  # the plan's ablations
+GRIDS = [*PLAN_GRIDS, "share", "cap", "weighting", "birth_from"]  # and today's FLH's (--grid all)
 TUNING = ["tuning", "tuning2"]  # choosing snapshot FLH's settings
 ABLATION_FLAGS = (
     "entropy_threshold",
@@ -86,6 +92,14 @@ def grid_settings(grid, args):
     if grid == "train_mode":
         out = {f"train_mode={m}": {"train_mode": m} for m in ("weighted_sum", "independent", "snapshot")}
         return {**out, "train_mode=newest": {"train_mode": "snapshot", "birth_from": "random"}}
+    if grid == "share":
+        return {f"share={x}": {"share": x} for x in (0.0, 0.001, 0.01, 0.1)}
+    if grid == "cap":
+        out = {f"cap={n}": {"max_prompts": n, "prune": "reservoir"} for n in (4, 8, 16)}
+        return {**out, "cap=none": {"max_prompts": 0, "prune": "none"}}
+    if grid in ("weighting", "birth_from"):
+        values = WEIGHTINGS if grid == "weighting" else BIRTH_FROM
+        return {f"{grid}={v}": {grid: v} for v in values}
     if grid == "tuning":
         out = {
             f"alpha={a},share={sh}": {**SNAPSHOT, "alpha": a, "share": sh}
@@ -513,15 +527,16 @@ def summarize(args, grids=None):
 # Checks
 # ----------------------------------------------------------------------------------------------
 def test_grids():
-    """The grids' sizes; the base setting (the quick preset's FLH) is in four grids and run once; the
-    alpha grid ({0.01, 0.1, 0.5, 1}) does not hold the preset's alpha 8; shards cover the runs."""
+    """The grids' sizes; a setting equal to the base run (the quick preset's FLH) is run once for all
+    the grids that hold it (the alpha grid, {0.01, 0.1, 0.5, 1}, does not hold the preset's 8; the
+    newest training mode is births from random); shards are disjoint and cover the runs."""
     args = apply_preset(build_parser().parse_args([]))
     sizes = {g: len(grid_settings(g, args)) for g in GRIDS}
-    assert sizes == {"birth": 4, "alpha": 4, "length": 4, "merge": 3, "train_mode": 4}, sizes
+    assert list(sizes.values()) == [4, 4, 4, 3, 4, 4, 4, 3, 3], sizes
     assert [o.get("birth_interval") for o in grid_settings("birth", args).values()] == [100, 200, 400, None]
     args.seeds, args.first_seed = 2, 0
     jobs = expand(GRIDS, args)
-    assert len(jobs) == 2 * (19 - 3), len(jobs)
+    assert len(jobs) == 2 * (sum(sizes.values()) - 8), len(jobs)  # 8 settings are another's run
     parts = [runs.shard(jobs, i, 3) for i in (1, 2, 3)]
     assert sorted(j for p in parts for j in p) == sorted(jobs) and sum(map(len, parts)) == len(jobs)
     print(

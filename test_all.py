@@ -141,23 +141,8 @@ def cli(*args):
 
 
 def test_stage5_cli_writes_log(tmp_path):
-    r = cli(
-        "stage5_train.py",
-        "--backbone",
-        "random:tiny-bert",
-        "--steps",
-        "30",
-        "--flip-interval",
-        "10",
-        "--birth-interval",
-        "5",
-        "--batch-size",
-        "4",
-        "--out",
-        str(tmp_path),
-        "--run-name",
-        "smoke",
-    )
+    flags = "--backbone random:tiny-bert --steps 30 --flip-interval 10 --birth-interval 5 --batch-size 4"
+    r = cli("stage5_train.py", *flags.split(), "--out", str(tmp_path), "--run-name", "smoke")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (tmp_path / "smoke" / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(30))
@@ -168,23 +153,11 @@ def test_stage5_cli_writes_log(tmp_path):
 
 
 def test_same_seed_same_log(tmp_path):
+    """Two runs of the same seed write the same log, byte for byte."""
     logs = []
     for name in ("a", "b"):
-        r = cli(
-            "stage5_train.py",
-            "--backbone",
-            "random:tiny-bert",
-            "--steps",
-            "12",
-            "--birth-interval",
-            "4",
-            "--batch-size",
-            "4",
-            "--out",
-            str(tmp_path),
-            "--run-name",
-            name,
-        )
+        flags = "--backbone random:tiny-bert --steps 12 --birth-interval 4 --batch-size 4"
+        r = cli("stage5_train.py", *flags.split(), "--out", str(tmp_path), "--run-name", name)
         assert r.returncode == 0, r.stderr
         logs.append((tmp_path / name / "log.jsonl").read_text())
     assert logs[0] == logs[1]
