@@ -522,14 +522,13 @@ def main(args):
     model = load_vision_backbone(args.backbone, args.image_size, device)
     args.precision = choose_precision(model, stream.batch(0), args.precision, args.prompt_length)
     trainable = args.prompt_length * model.embed_dim
-    print(
+    about = (
         f"{', '.join(methods)} on {args.dataset} ({args.image_size} px) with {args.backbone} "
         f"({count_params(model)[1]:,} frozen parameters, {trainable:,} per prompt), {args.steps} steps, "
-        f"labels rotate every {args.rotate_interval} -> {folder}",
-        file=sys.stderr,
+        f"labels rotate every {args.rotate_interval}"
     )
     with common.locked(folder):
-        run_methods(args, methods, folder, model, stream, PRESETS)  # methods may join a run folder later
+        run_methods(args, methods, folder, model, stream, about, PRESETS)  # methods may join a folder later
         metrics = analyse(folder, common.settings(MetricSettings, args))  # the lock is held to the last write
         print(summarise(folder, metrics))
     print(f"metrics and plots in {folder}")

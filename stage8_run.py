@@ -607,23 +607,22 @@ def check_args(args):
 def run_all(args, methods, folder):
     """Every method of a run folder (locked by the caller), then metrics, plots and criteria."""
     model, stream = prepare(args)  # resolves --precision auto, which the folder's settings compare
-    print(
+    changes = [s for s in range(1, args.steps) if stream.regime(s) != stream.regime(s - 1)]
+    about = (
         f"{', '.join(methods)} on {args.dataset} with {args.backbone} ({model.pooling} read-out), "
-        f"{args.steps} steps, "
-        "regimes change at "
-        f"{[s for s in range(1, args.steps) if stream.regime(s) != stream.regime(s - 1)][:8]}... "
-        f"-> {folder}",
-        file=sys.stderr,
+        f"{args.steps} steps, regimes change at {changes[:8]}..."
     )
-    run_methods(args, methods, folder, model, stream)
+    run_methods(args, methods, folder, model, stream, about)
     report(folder)
 
 
-def run_methods(args, methods, folder, model, stream, presets=PRESETS):
+def run_methods(args, methods, folder, model, stream, about, presets=PRESETS):
     """Into a locked run folder: its settings (config.json, naming the methods it will hold, checked
-    against those it holds already), then each method's run (stage 10 calls this too)."""
+    against those it holds already), then each method's run (stage 10 calls this too). `about`, what
+    runs, is said once the folder has taken the settings."""
     ran = check_folder(folder, args, methods, presets)
     common.write_json(folder / "config.json", {**vars(args), "methods": ran})
+    print(f"{about} -> {folder}", file=sys.stderr)
     for method in methods:
         run_method(method, args, model, stream, folder / method)
 
