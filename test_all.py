@@ -82,6 +82,33 @@ def test_each_setting_declared_once():
             assert p.default is p.empty or p.name not in field, f"{cls.__name__}({p.name}={p.default})"
 
 
+def test_imports_are_a_staircase():
+    """Stage N imports only earlier stages and the helper modules beside common.py; the helpers
+    import no stage (and runs.py and sandbox.py only common). No import runs back up, no circle."""
+    import ast
+    import glob
+
+    helpers = {"common": set(), "runs": {"common"}, "sandbox": {"common"}}
+    for path in sorted(glob.glob("*.py")):
+        name = path[:-3]
+        tree = ast.parse(open(path).read())
+        imported = {
+            a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+        }
+        imported |= {
+            n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+        }
+        local = {m for m in imported if os.path.exists(f"{m}.py")}
+        if name in helpers:
+            assert local <= helpers[name], (name, local)
+        elif name.startswith("stage"):
+            level = int(re.match(r"stage(\d+)", name).group(1))
+            earlier = {
+                m for m in local if m.startswith("stage") and int(re.match(r"stage(\d+)", m).group(1)) < level
+            }
+            assert local <= earlier | set(helpers), (name, local - earlier - set(helpers))
+
+
 # The stages' checks, each a named function of its stage (test_*): one pytest test per check.
 NAMED = [
     stage2_stream,
