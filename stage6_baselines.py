@@ -456,7 +456,7 @@ def make_learner(method, model, args):
 
 
 def load_learner(folder, device="auto"):
-    """(learner, tokenizer, max_length, about) from a folder written by save_learner: the frozen
+    """(learner, tokenizer, max_length, about) from a folder written by runs.save_learner: the frozen
     backbone is loaded as the run had it, the learner made and its state loaded. An edited or
     damaged pair of files is refused in one line: learner.json must hold the method, the steps and
     the settings, and the state must fit the learner they make (shapes, finite values)."""

@@ -25,7 +25,7 @@ Outputs in runs/<run-name>/: config.json, one folder per method (log.jsonl, run.
 time, checkpoints/step_N.safetensors every --checkpoint-every steps and at the end), metrics.json (one
 entry per method) and the plots of stage 7. `--resume` continues a killed run from each method's
 latest checkpoint; the continued log equals an uninterrupted one (same seed). Each method's
-pool/ folder keeps what it learned (stage 6's save_learner: safetensors + JSON, no pickle), and
+pool/ folder keeps what it learned (runs.save_learner: safetensors + JSON, no pickle), and
 
     python stage8_run.py --predict runs/<run-name> --text "a gripping, beautiful film"
 
