@@ -201,6 +201,7 @@ def pad_cat(a, b):
     return torch.cat([a, b])
 
 
+WEIGHT_DECAY = 0.01  # AdamW's, on every prompt of every method
 TRAIN_MODES = ["weighted_sum", "independent", "snapshot"]
 BIRTH_FROM = ["live", "leader", "random"]
 setting = common.setting
@@ -267,7 +268,7 @@ class FLHLearner:
 
     name = "flh"
 
-    def __init__(self, model, prompt_length, lr, settings=FLHSettings(), weight_decay=0.01):
+    def __init__(self, model, prompt_length, lr, settings=FLHSettings()):
         s = self.settings = settings  # checked by its declaration
         self.model, self.birth_interval, self.loss_batch = model, s.birth_interval, s.loss_batch
         self.train_mode, self.birth_from, self.mixture_epsilon = s.train_mode, s.birth_from, s.mixture_epsilon
@@ -278,8 +279,8 @@ class FLHLearner:
         self.pool = FLHPromptPool(prompt_length, model.embed_dim, s, device=model.device)
         # AdamW needs at least one parameter: start with a placeholder group, dropped at the 1st birth.
         self._placeholder = torch.nn.Parameter(torch.zeros(1))
-        self.lr, self.weight_decay = lr, weight_decay
-        self.optimizer = torch.optim.AdamW([self._placeholder], lr=lr, weight_decay=weight_decay)
+        self.lr = lr
+        self.optimizer = torch.optim.AdamW([self._placeholder], lr=lr, weight_decay=WEIGHT_DECAY)
 
     def should_birth(self, step):
         """The first step, then every birth_interval steps counted from birth_offset: a learner
@@ -473,7 +474,7 @@ class FLHLearner:
         if self.detector:
             self.detector = rise_detector(self.fresh_threshold, self.drift_losses)  # replayed: same state
         groups = [{"params": [p]} for p in self.pool.prompts] or [{"params": [self._placeholder]}]
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=WEIGHT_DECAY)
         self.optimizer.load_state_dict(state["optimizer"])
 
 

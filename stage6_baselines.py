@@ -61,6 +61,7 @@ from stage3_backbone import (
 )
 from stage4_pool import per_prompt_losses
 from stage5_train import (
+    WEIGHT_DECAY,
     FLHLearner,
     FLHSettings,
     RunSettings,
@@ -94,9 +95,9 @@ class BaselineSettings(common.Settings):
 class PromptLearner:
     """Shared parts: a list of trainable tensors, one AdamW over them, checkpointing."""
 
-    def __init__(self, model, params, lr, weight_decay=0.01):
+    def __init__(self, model, params, lr):
         self.model, self.params = model, params
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
 
     def state_dict(self):
         return {
@@ -280,7 +281,7 @@ class OracleLearner(PromptLearner):
 
     def __init__(self, model, prompt_length, lr):
         self.model, self.params, self.prompt_length, self.concepts = model, [], prompt_length, []
-        self.optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=lr, weight_decay=0.01)
+        self.optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=lr, weight_decay=WEIGHT_DECAY)
 
     def prompt_for(self, concept):
         if concept not in self.concepts:
