@@ -363,6 +363,7 @@ def _tiny_vit():
 
 
 def test_prompt_input():
+    """The input is [CLS], prompt, patches; logits [B, 10]; the gradient reaches the prompt only."""
     model, images, labels, stream = _tiny_vit()
     b = stream.batch(0)
     D = model.embed_dim
@@ -382,6 +383,7 @@ def test_prompt_input():
 
 
 def test_batched_prompts():
+    """K prompts in one batched pass equal K passes."""
     model, images, labels, stream = _tiny_vit()
     b, D = stream.batch(0), model.embed_dim
     prompts = torch.randn(5, 3, D) * 0.5
@@ -392,6 +394,7 @@ def test_batched_prompts():
 
 
 def test_rotations():
+    """Labels rotate by one class at every interval; with --num-rotations R they come back after R."""
     model, images, labels, stream = _tiny_vit()
     for s in (0, 4, 5, 9, 10, 49, 50):
         got = stream.batch(s)
@@ -413,6 +416,7 @@ def test_rotations():
 
 
 def test_flh_pool():
+    """The FLH learner on images uses stage 4's pool unchanged."""
     model, images, labels, stream = _tiny_vit()
     learner = make_learner("flh", model, test_args(prompt_length=3, lr=1e-2, birth_interval=2))
     learner.step(stream.batch(0))
@@ -421,6 +425,7 @@ def test_flh_pool():
 
 
 def test_run_all_methods():
+    """A tiny run of every method writes logs, metrics and plots; methods join a run folder one at a time."""
     with tempfile.TemporaryDirectory() as tmp:
         main(
             build_parser().parse_args(
@@ -460,6 +465,7 @@ def test_run_all_methods():
 
 
 def test_fashion_mnist():
+    """The real images, where the Debian package is installed: 60,000, balanced, normalised."""
     if (FASHION_DEB / "train-images-idx3-ubyte.gz").exists():  # real images, when the package is installed
         images, labels = load_images("fashion-mnist")
         assert images.shape == (60000, 28, 28) and torch.bincount(labels).tolist() == [6000] * 10

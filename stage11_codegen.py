@@ -788,6 +788,7 @@ def _soft(model):
 
 
 def test_split():
+    """HumanEval's 164 problems and the fixed 131/33 split."""
     problems = _tiny()[2]
     split = split_ids(problems)
     assert len(problems) == 164 and (len(split["train"]), len(split["val"])) == (131, 33)

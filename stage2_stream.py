@@ -219,6 +219,7 @@ def _rt():
 
 
 def test_label_flips():
+    """Labels flip exactly at every flip interval; each batch is padded to its longest row only."""
     _, rt, _, batches = _rt()
     texts, labels = rt["rt"]
     for s in (999, 1000, 1001):

@@ -257,6 +257,7 @@ def _tiny():
 
 
 def test_prompt_gradient():
+    """Logits [B, C]; the gradient reaches the prompt and no backbone parameter."""
     model, _, batch, prompt = _tiny()
     logits = forward_with_prompt(model, batch, prompt)
     assert logits.shape == (2, 2), logits.shape

@@ -373,10 +373,12 @@ def _resumed():
 
 
 def test_resume_is_exact():
+    """A killed run, resumed, writes the uninterrupted run's log (every method with a state, every rule)."""
     _resumed()
 
 
 def test_hostile_checkpoints():
+    """A checkpoint carrying a pickle, renamed or edited, is refused without being unpickled."""
     tmp, run = _resumed()
     check_hostile_checkpoints(Path(tmp) / "whole" / "flh", run)
 
