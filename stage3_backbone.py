@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import assets
 import common
 from stage2_stream import StreamSettings, load_tokenizer
 
@@ -165,13 +166,13 @@ def load_backbone(name="minilm", num_labels=2, pooling=None, head_seed=0, device
     """Backbone name -> (FrozenTextClassifier on `device`, tokenizer). pooling None = the default."""
     from transformers import AutoModel, PretrainedConfig
 
-    source, _, default_pooling = common.resolve_text_backbone(name)
+    source, _, default_pooling = assets.resolve_text_backbone(name)
     if isinstance(source, PretrainedConfig):
         with torch.random.fork_rng():  # random weights, but the same ones every time
             torch.manual_seed(head_seed)
             encoder = AutoModel.from_config(source)
     else:
-        encoder = common.from_pretrained(AutoModel, source, "backbone")
+        encoder = assets.from_pretrained(AutoModel, source, "backbone")
     model = FrozenTextClassifier(
         use_fast_attention(encoder, device), num_labels, pooling or default_pooling, head_seed
     )

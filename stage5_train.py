@@ -71,6 +71,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import assets
 import common
 from stage2_stream import StreamSettings, TextStream, build_stream
 from stage3_backbone import (
@@ -507,7 +508,7 @@ def run_stream(learner, stream, steps, log, start=0, every=None, callback=None, 
 def _minilm_rt():
     """For the checks: the embedded MiniLM, its tokenizer, the rt data and a stream of it without flips."""
     model, tok = load_backbone("minilm")
-    rt = common.load_text_data("rt")
+    rt = assets.load_text_data("rt")
     return model, tok, rt, TextStream(rt, tok, batch_size=8, flip_every_n=None, seed=0)
 
 

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import assets
 import common
 import runs
 from stage2_stream import StreamSettings, TextStream, encode_texts
@@ -594,7 +595,7 @@ def _minilm_rt():
     """For the checks: the embedded MiniLM, its tokenizer, the rt texts and labels, and streams of
     them without flips and with flips every 3 steps."""
     model, tok = load_backbone("minilm")
-    texts, labels = common.load_text_data("rt")["rt"]
+    texts, labels = assets.load_text_data("rt")["rt"]
     stream = TextStream({"rt": (texts, labels)}, tok, batch_size=8, max_length=64, flip_every_n=None)
     flips = TextStream({"rt": (texts, labels)}, tok, batch_size=8, max_length=64, flip_every_n=3)
     return model, tok, texts, labels, stream, flips

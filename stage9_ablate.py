@@ -55,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import assets
 import common
 import runs
 from stage2_stream import TextStream
@@ -550,7 +551,7 @@ def _tiny_stream():
     model, _ = load_backbone("random:tiny-bert")
     tok = load_tokenizer("minilm")
     return model, TextStream(
-        common.load_text_data("rt"), tok, batch_size=4, max_length=24, flip_every_n=None, seed=0
+        assets.load_text_data("rt"), tok, batch_size=4, max_length=24, flip_every_n=None, seed=0
     )
 
 

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+import assets
 import bench
 import common
 import sandbox
@@ -84,11 +85,11 @@ def test_each_setting_declared_once():
 
 def test_imports_are_a_staircase():
     """Stage N imports only earlier stages and the helper modules beside common.py; the helpers
-    import no stage (and runs.py and sandbox.py only common). No import runs back up, no circle."""
+    import no stage (assets.py, runs.py and sandbox.py only common). No import runs back up, no circle."""
     import ast
     import glob
 
-    helpers = {"common": set(), "runs": {"common"}, "sandbox": {"common"}}
+    helpers = {"common": set(), "assets": {"common"}, "runs": {"common"}, "sandbox": {"common"}}
     for path in sorted(glob.glob("*.py")):
         name = path[:-3]
         tree = ast.parse(open(path).read())
@@ -147,7 +148,7 @@ def test_sandbox_installed_in_ci():
 def test_concurrent_first_fetch(tmp_path):
     """Three processes fetch the same package at once into an empty cache: all succeed, and nothing
     half-done is left (each downloads into a folder of its own and renames it into place)."""
-    code = "import common; print(common.fetch_package('vaderSentiment'))"
+    code = "import common; print(assets.fetch_package('vaderSentiment'))"
     env = {**os.environ, "FLH_CACHE": str(tmp_path)}
     procs = [
         subprocess.Popen(
@@ -415,16 +416,15 @@ def test_data_files(name, sandboxed, tmp_path):
 
 def test_data_file_kinds_read(tmp_path):
     """What a careful reader accepts: a byte-order mark in CSV and JSONL, empty texts dropped (and said)."""
-    import common
 
     (tmp_path / "bom.jsonl").write_bytes(
         b'\xef\xbb\xbf{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n'
     )
     (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbftext,label\na,1\nb,0\n")
     (tmp_path / "gaps.csv").write_bytes(b"text,label\na,1\n,0\n b ,0\n")
-    assert common.load_text_data(str(tmp_path / "bom.jsonl")) == {"bom": (["a", "b"], [1, 0])}
-    assert common.load_text_data(str(tmp_path / "bom.csv")) == {"bom": (["a", "b"], [1, 0])}
-    assert common.load_text_data(str(tmp_path / "gaps.csv")) == {"gaps": (["a", " b "], [1, 0])}
+    assert assets.load_text_data(str(tmp_path / "bom.jsonl")) == {"bom": (["a", "b"], [1, 0])}
+    assert assets.load_text_data(str(tmp_path / "bom.csv")) == {"bom": (["a", "b"], [1, 0])}
+    assert assets.load_text_data(str(tmp_path / "gaps.csv")) == {"gaps": (["a", " b "], [1, 0])}
 
 
 def edit_pool(pool, case, beside):
