@@ -366,14 +366,14 @@ def test_own_data():
 
         with (
             mock.patch.object(datasets, "load_dataset", fake_load),
-            mock.patch.object(common, "hub_reachable", lambda: True),
+            mock.patch.object(assets, "hub_reachable", lambda: True),
         ):
             assert assets.load_text_data("glue/sst2") == {"sst2": (texts[:20], labels[:20])}
             assert calls == [("glue/sst2",), ("glue", "sst2")], calls
             err = common.user_error(lambda: assets.load_text_data("rotten_tomatoes"))
             assert err.startswith("could not load 'rotten_tomatoes' from the hub"), err
         with (
-            mock.patch.object(common, "hub_reachable", lambda: False),
+            mock.patch.object(assets, "hub_reachable", lambda: False),
             mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": ""}),
         ):
             err = common.user_error(lambda: assets.load_text_data("rotten_tomatoes"))

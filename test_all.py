@@ -148,7 +148,7 @@ def test_sandbox_installed_in_ci():
 def test_concurrent_first_fetch(tmp_path):
     """Three processes fetch the same package at once into an empty cache: all succeed, and nothing
     half-done is left (each downloads into a folder of its own and renames it into place)."""
-    code = "import common; print(assets.fetch_package('vaderSentiment'))"
+    code = "import assets; print(assets.fetch_package('vaderSentiment'))"
     env = {**os.environ, "FLH_CACHE": str(tmp_path)}
     procs = [
         subprocess.Popen(
