@@ -153,12 +153,8 @@ class FLHPromptPool(nn.Module):
             raise common.UserError(f"--prune {s.prune} needs a cap: give --max-prompts")
         self.settings, self.weighting, self.decay = s, s.weighting, s.mpp_decay
         self.log_u = torch.zeros(0, dtype=torch.float64)  # mpp: the running mix of past posteriors
-        self.prompt_length, self.embed_dim, self.alpha, self.share = (
-            prompt_length,
-            embed_dim,
-            s.alpha,
-            s.share,
-        )
+        self.prompt_length, self.embed_dim = prompt_length, embed_dim
+        self.alpha, self.share = s.alpha, s.share
         self.prune, self.max_prompts, self.init_std = s.prune, s.max_prompts or None, init_std
         self.device = torch.device(device)  # where prompts live; weights stay on the CPU in float64
         self.prompts = nn.ParameterList()
