@@ -71,6 +71,17 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
+def warm_seconds(step, repeats=3):
+    """Seconds of one call of step(), the fastest after a first (warm-up) call: what --precision auto
+    compares."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return min(times[1:])
+
+
 def resolve_precision(name, device, what="", measure=None):
     """--precision: 'fp32', 'bf16' (autocast), or 'auto', the faster of the two *measured* here.
 

@@ -199,12 +199,7 @@ def choose_precision(name, model, device, length=256, rows=4):
     prompt = torch.nn.Parameter(torch.zeros(20, model.get_input_embeddings().embedding_dim, device=device))
 
     def step_seconds(precision):
-        times = []
-        for _ in range(3):  # the first is a warm-up
-            t = time.perf_counter()
-            solution_loss(model, batch, prompt, precision)[0].backward()
-            times.append(time.perf_counter() - t)
-        return min(times[1:])
+        return common.warm_seconds(lambda: solution_loss(model, batch, prompt, precision)[0].backward())
 
     what = f"{type(model).__name__} {model.config.hidden_size}x{model.config.num_hidden_layers}"
     return common.resolve_precision(name, device, what, step_seconds)

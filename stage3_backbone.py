@@ -224,13 +224,11 @@ def choose_precision(model, batch, name, prompt_length=10):
         before, model.precision = model.precision, precision
         prompt = nn.Parameter(torch.zeros(prompt_length, model.embed_dim, device=model.device))
         emb, mask = model.embed(batch)
-        times = []
-        for _ in range(3):  # the first is a warm-up
-            t = time.perf_counter()
-            model.read(emb, mask, prompt.expand(len(emb), -1, -1)).logsumexp(-1).sum().backward()
-            times.append(time.perf_counter() - t)
+        seconds = common.warm_seconds(
+            lambda: model.read(emb, mask, prompt.expand(len(emb), -1, -1)).logsumexp(-1).sum().backward()
+        )
         model.precision = before
-        return min(times[1:])
+        return seconds
 
     config = model.encoder.config
     what = f"{type(model.encoder).__name__} {config.hidden_size}x{config.num_hidden_layers}"
