@@ -3,6 +3,8 @@
 - Checkpoints: the learner's state and every random generator's, each --checkpoint-every steps,
   so that `--resume` continues a killed run to the log an uninterrupted run writes, byte for byte.
 - Saved learners: what a run learned (<method>/pool/), safetensors + JSON, checked when read back.
+- Soft prompt files (stage 11): a trained prompt with what it was trained on, and the same prompt as
+  a PEFT prompt-tuning adapter that loads with its base model.
 - Sweeps: a grid's runs cut into shards, run by workers, under a plan (sweep.json) that every
   shard and restart must share; a run is complete when its run.json exists and its log is whole.
 
@@ -187,3 +189,52 @@ def shard_arg(text):
     if not 1 <= i <= n:
         raise argparse.ArgumentTypeError(f"need 1 <= i <= n, got {text}")
     return i, n
+
+
+# ----------------------------------------------------------------------------------------------
+# Soft prompt files and their PEFT export (stage 11)
+# ----------------------------------------------------------------------------------------------
+def save_prompt(path, prompt, meta):
+    """A soft prompt file (stage 11), written atomically (tmp + rename): a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"soft_prompts": prompt.detach().cpu().clone(), **meta}, tmp)
+    tmp.replace(path)
+
+
+def load_prompt(path):
+    """A soft prompt file written by `save_prompt`: {soft_prompts, model, init, ...}. Read with
+    weights_only=True: tensors and plain values only, so a file that carries code is refused."""
+    try:
+        state = torch.load(path, weights_only=True)
+        assert isinstance(state, dict) and torch.is_tensor(state["soft_prompts"])
+    except Exception as e:  # noqa: BLE001 (an unpickling error, a foreign file: all mean "not ours")
+        raise common.UserError(f"{path} is not a soft prompt file ({type(e).__name__}: {str(e)[:100]})")
+    return state
+
+
+def export_peft(folder, prompt, model, base, init):
+    """The prompt as a PEFT prompt-tuning adapter (adapter_config.json + adapter_model.safetensors),
+    written without peft: AutoPeftModelForCausalLM.from_pretrained(folder) loads it with `base`, the
+    weights the prompt was trained on (stage 11's peft_base)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": prompt.shape[0],
+        "token_dim": prompt.shape[1],
+        "num_transformer_submodules": 1,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_layers": cfg.num_hidden_layers,
+        "prompt_tuning_init": {"vocab": "SAMPLE_VOCAB", "random": "RANDOM"}[init],
+        "base_model_name_or_path": base,
+        "inference_mode": True,
+    }
+    common.write_json(folder / "adapter_config.json", config)
+    save_file(
+        {"prompt_embeddings": prompt.detach().cpu().float().contiguous()},
+        str(folder / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 import assets
 import common
+import runs
 from sandbox import check_programs, load_problems, require_sandbox
 from stage3_backbone import ModelSettings, count_params
 
@@ -233,24 +234,6 @@ def evaluate_loss(model, examples, prompt, precision, pad_id, device, batch_size
     return total / max(count, 1)
 
 
-def save_prompt(path, prompt, meta):
-    """A prompt checkpoint, written atomically (tmp + rename): a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"soft_prompts": prompt.detach().cpu().clone(), **meta}, tmp)
-    tmp.replace(path)
-
-
-def load_prompt(path):
-    """A soft prompt file written by `save_prompt`: {soft_prompts, model, init, ...}. Read with
-    weights_only=True: tensors and plain values only, so a file that carries code is refused."""
-    try:
-        state = torch.load(path, weights_only=True)
-        assert isinstance(state, dict) and torch.is_tensor(state["soft_prompts"])
-    except Exception as e:  # noqa: BLE001 (an unpickling error, a foreign file: all mean "not ours")
-        raise common.UserError(f"{path} is not a soft prompt file ({type(e).__name__}: {str(e)[:100]})")
-    return state
-
-
 def peft_base(name):
     """What the adapter names as its base: the weights the prompt was trained on. For the embedded
     smollm2-135m that is the converted local folder (the GGUF's 4-bit weights, dequantised), not the
@@ -261,33 +244,6 @@ def peft_base(name):
     if name.startswith("random:"):
         return None
     return str(Path(name).resolve()) if Path(name).exists() else name
-
-
-def export_peft(folder, prompt, model, model_name, init):
-    """The prompt as a PEFT prompt-tuning adapter (adapter_config.json + adapter_model.safetensors),
-    written without peft: AutoPeftModelForCausalLM.from_pretrained(folder) loads it with its base."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    config = {
-        "peft_type": "PROMPT_TUNING",
-        "task_type": "CAUSAL_LM",
-        "num_virtual_tokens": prompt.shape[0],
-        "token_dim": prompt.shape[1],
-        "num_transformer_submodules": 1,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_layers": cfg.num_hidden_layers,
-        "prompt_tuning_init": {"vocab": "SAMPLE_VOCAB", "random": "RANDOM"}[init],
-        "base_model_name_or_path": peft_base(model_name),
-        "inference_mode": True,
-    }
-    common.write_json(folder / "adapter_config.json", config)
-    save_file(
-        {"prompt_embeddings": prompt.detach().cpu().float().contiguous()},
-        str(folder / "adapter_model.safetensors"),
-        metadata={"format": "pt"},
-    )
 
 
 def plot_losses(log, path):
@@ -311,9 +267,7 @@ def plot_losses(log, path):
     )
     if epochs and "baseline_val_loss" in epochs[0]:
         ax.axhline(epochs[0]["baseline_val_loss"], color="gray", ls=":", label="validation, no soft prompt")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("solution-token loss (nats)")
-    ax.set_title("soft-prompt tuning on HumanEval")
+    ax.set(xlabel="epoch", ylabel="solution-token loss (nats)", title="soft-prompt tuning on HumanEval")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -355,15 +309,8 @@ def train_epoch(model, prompt, batches, optimizer, schedule, log, step, epoch, p
             step += 1
             loss, lr = sums[0] / max(sums[1], 1), optimizer.param_groups[0]["lr"]
             epoch_float = round(epoch - 1 + (b + 1) / len(batches), 4)
-            log.write(
-                {
-                    "step": step,
-                    "epoch_float": epoch_float,
-                    "loss": round(loss, 6),
-                    "lr": lr,
-                    "grad_norm": round(float(norm), 6),
-                }
-            )
+            row = {"step": step, "epoch_float": epoch_float, "loss": round(loss, 6), "lr": lr}
+            log.write(row | {"grad_norm": round(float(norm), 6)})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}")
             sums = [0.0, 0]
     return step
@@ -425,7 +372,7 @@ def train(args):
             {"epoch": epoch, "val_loss": round(val, 6), "val_perplexity": round(math.exp(val), 4)}
             | {"baseline_val_loss": round(baseline, 6), "seconds": round(time.time() - t0, 1)}
         )
-        save_prompt(
+        runs.save_prompt(
             folder / f"soft_prompts_epoch_{epoch}.pt", prompt, {**meta, "epoch": epoch, "val_loss": val}
         )
         best, bad_epochs = (val, 0) if val < best else (best, bad_epochs + 1)
@@ -434,13 +381,15 @@ def train(args):
             f"(no soft prompt: {baseline:.4f})" + ("  * best" if bad_epochs == 0 else "")
         )
         if bad_epochs == 0:
-            save_prompt(folder / "best_soft_prompts.pt", prompt, {**meta, "epoch": epoch, "val_loss": val})
+            runs.save_prompt(
+                folder / "best_soft_prompts.pt", prompt, {**meta, "epoch": epoch, "val_loss": val}
+            )
         elif bad_epochs >= args.patience:
             print(f"early stop: no better validation loss for {args.patience} epochs")
             break
     log.close()
-    best_prompt = load_prompt(folder / "best_soft_prompts.pt")["soft_prompts"]
-    export_peft(folder / "peft_adapter", best_prompt, model, args.model, args.init)
+    best_prompt = runs.load_prompt(folder / "best_soft_prompts.pt")["soft_prompts"]
+    runs.export_peft(folder / "peft_adapter", best_prompt, model, peft_base(args.model), args.init)
     about = {**vars(args), "precision": precision, "trainable": trainable, "frozen": frozen}
     sizes = {f"{k}_examples": len(v) for k, v in data.items()}  # train, val
     losses = {
@@ -540,17 +489,16 @@ def end_ids(tok):
     return {tok.eos_token_id, vocab.get("<|endoftext|>")} - {None}
 
 
-def trained_prompt(checkpoint, folder, model_name):
-    """The soft prompt [N, D] of --checkpoint, or of the run's best epoch; it must be `model_name`'s."""
+def trained_prompt(checkpoint, folder, model_name=None, or_else=""):
+    """(path, state) of the soft prompt file --checkpoint, or of the run's best epoch; where
+    `model_name` is given, the prompt must have been trained on it."""
     ckpt = Path(checkpoint) if checkpoint else folder / "best_soft_prompts.pt"
     if not ckpt.exists():
-        raise common.UserError(
-            f"no soft prompt at {ckpt}: run `train` first, pass --checkpoint, or use --no-prompt"
-        )
-    state = load_prompt(ckpt)
-    if state["model"] != model_name:
+        raise common.UserError(f"no soft prompt at {ckpt}: run `train` first or pass --checkpoint{or_else}")
+    state = runs.load_prompt(ckpt)
+    if model_name and state["model"] != model_name:
         raise common.UserError(f"{ckpt} was trained on {state['model']}, not {model_name}")
-    return state["soft_prompts"]
+    return ckpt, state
 
 
 def generate(args):
@@ -558,7 +506,11 @@ def generate(args):
     folder = common.run_dir(args.out, args.run_name, create=False)
     info = common.read_json(folder / "train.json") if (folder / "train.json").exists() else {}
     name = args.model or info.get("model", "smollm2-135m")
-    soft = None if args.no_prompt else trained_prompt(args.checkpoint, folder, name)
+    soft = (
+        None
+        if args.no_prompt
+        else trained_prompt(args.checkpoint, folder, name, ", or use --no-prompt")[1]["soft_prompts"]
+    )
     device = common.resolve_device(args.device)
     model, tok = load_lm(name)
     model.to(device)
@@ -593,8 +545,8 @@ def generate(args):
     log.close()
     seconds = time.time() - t0
     meta = folder / "generate.json"
-    runs = common.read_json(meta) if meta.exists() else {}
-    runs[path.name] = {
+    made = common.read_json(meta) if meta.exists() else {}
+    made[path.name] = {
         "model": name,
         "split": args.split,
         "problems": len(ids),
@@ -605,8 +557,8 @@ def generate(args):
         "checkpoint": None if soft is None else str(args.checkpoint or "best_soft_prompts.pt"),
         "new_tokens": sum(r["new_tokens"] for r in rows),
     }
-    common.write_json(meta, runs)
-    print(f"{len(rows)} completions, {runs[path.name]['new_tokens']} tokens in {seconds:.0f}s -> {path}")
+    common.write_json(meta, made)
+    print(f"{len(rows)} completions, {made[path.name]['new_tokens']} tokens in {seconds:.0f}s -> {path}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -632,10 +584,8 @@ def read_completions(path):
             row = json.loads(line)
         except ValueError:
             raise common.UserError(f"{path}: line {n} is not JSON") from None
-        if (
-            not isinstance(row, dict)
-            or not isinstance(row.get("task_id"), str)
-            or not isinstance(row.get("completion"), str)
+        if not (
+            isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("task_id", "completion"))
         ):
             raise common.UserError(f"{path}: line {n} needs a string task_id and a string completion")
         try:
@@ -720,7 +670,7 @@ def check_peft_export(folder, model, context):
     planted = folder / "planted.pt"
     torch.save({"soft_prompts": torch.zeros(1), "model": common.Planted(folder / "pwned")}, planted)
     try:
-        load_prompt(planted)
+        runs.load_prompt(planted)
         raise AssertionError("a soft prompt file carrying code was loaded")
     except common.UserError as e:
         assert "is not a soft prompt file" in str(e) and not (folder / "pwned").exists(), e
@@ -728,7 +678,7 @@ def check_peft_export(folder, model, context):
         import peft
     except ImportError:
         return print("  skipped: the PEFT round trip (peft is not installed)")
-    soft = load_prompt(folder / "best_soft_prompts.pt")["soft_prompts"]
+    soft = runs.load_prompt(folder / "best_soft_prompts.pt")["soft_prompts"]
     peft_model = peft.AutoPeftModelForCausalLM.from_pretrained(str(folder / "peft_adapter"))
     ours = greedy(model, context, soft, 10)
     theirs = peft_model.generate(
@@ -1025,16 +975,11 @@ def build_parser():
 def export(args):
     """The export sub-command: a soft prompt file as a PEFT adapter in <run>/peft_adapter, naming the
     base as this machine has it (train does this too; export redoes it, e.g. for a committed prompt)."""
-    folder = common.run_dir(args.out, args.run_name, create=False)
-    ckpt = Path(args.checkpoint) if args.checkpoint else folder / "best_soft_prompts.pt"
-    if not ckpt.exists():
-        raise common.UserError(f"no soft prompt at {ckpt}: run `train` first or pass --checkpoint")
-    state = load_prompt(ckpt)
-    model, _ = load_lm(state["model"])
-    export_peft(
-        folder / "peft_adapter", state["soft_prompts"], model, state["model"], state.get("init", "vocab")
-    )
-    print(f"{ckpt} -> {folder / 'peft_adapter'} (base: {peft_base(state['model'])})")
+    adapter = common.run_dir(args.out, args.run_name, create=False) / "peft_adapter"
+    ckpt, state = trained_prompt(args.checkpoint, adapter.parent)
+    base, init = peft_base(state["model"]), state.get("init", "vocab")
+    runs.export_peft(adapter, state["soft_prompts"], load_lm(state["model"])[0], base, init)
+    print(f"{ckpt} -> {adapter} (base: {base})")
 
 
 def main(args):
