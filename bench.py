@@ -236,13 +236,37 @@ def flh_rows(rows, model, batches, P, prec, fastest, loss_batch):
         learner = grown_flh(model, P, 20, **kw)
         seconds = timed(learner.step, batches, model.device)
         rows.add(f"{key}_{prec}", f"{what} ({prec}, K={len(learner.pool)})", seconds, f"single_{prec}")
-    for weight in ("live", "even") if fastest else ():
+    if fastest:
+        snapshot_rows(rows, model, batches, P, prec, loss_batch)
+
+
+def snapshot_rows(rows, model, batches, P, prec, loss_batch, K=8):
+    """The snapshot FLH steps timed beside a single-prompt step (passes alternating, so that a slow
+    spell of the machine falls on all alike), and the part a single step does not have: the K - 1
+    frozen experts' pass over the loss batch, alone. A step costs at least single + that pass."""
+    prompt = torch.nn.Parameter(torch.randn(P, model.embed_dim, device=model.device) * 0.02)
+    optimizer = torch.optim.AdamW([prompt], lr=1e-2)
+    frozen = torch.randn(K - 1, P, model.embed_dim, device=model.device) * 0.02
+
+    @torch.inference_mode()
+    def frozen_pass(batch):
+        sub = {k: v[:loss_batch] if torch.is_tensor(v) else v for k, v in batch.items()}
+        return forward_with_prompts(model, sub, frozen)
+
+    fns = [lambda b: train_step(model, prompt, optimizer, b), frozen_pass]
+    fns += [snapshot_step(model, P, K, loss_batch, weight) for weight in SNAPSHOT_WEIGHTS]
+    single, alone, *steps = timed_side_by_side(fns, batches, model.device, rounds=5)
+    rows.add(f"single_beside_{prec}", f"single-prompt step, timed beside the snapshot rows ({prec})", single)
+    versus = f"single_beside_{prec}"
+    what = f"the {K - 1} frozen experts' pass over the loss batch ({loss_batch}), alone ({prec})"
+    rows.add(f"frozen_pass_{prec}", what, alone, versus)
+    for weight, seconds in zip(SNAPSHOT_WEIGHTS, steps):
         rows.add(
             f"flh_snapshot_{weight}_{prec}",
-            f"snapshot FLH step, every example predicted, cap 8 + loss batch {loss_batch}, "
+            f"snapshot FLH step, every example predicted, cap {K} + loss batch {loss_batch}, "
             f"{SNAPSHOT_WEIGHTS[weight]} ({prec})",
-            timed(snapshot_step(model, P, 8, loss_batch, weight), batches, model.device),
-            f"single_{prec}",
+            seconds,
+            versus,
         )
 
 
@@ -303,6 +327,7 @@ def bench(args):
     meta = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu": common.cpu_name(),
         "cpu_bf16": common.fast_bf16(torch.device("cpu")),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "quick": args.quick,
@@ -456,7 +481,8 @@ def run_tests():
             precs = ("fp32", "bf16") if bf16 else ("fp32",)
             want = {f"{k}_{p}" for k in ("single", "peft", "gflops", "flh_none", "flh_flh2") for p in precs}
             want |= {"pass_reference", "pass_loop", "pass_batched", "pass_fast"}
-            want |= {f"flh_fast_{precs[-1]}"} | {f"flh_snapshot_{w}_{precs[-1]}" for w in SNAPSHOT_WEIGHTS}
+            want |= {f"{k}_{precs[-1]}" for k in ("flh_fast", "single_beside", "frozen_pass")}
+            want |= {f"flh_snapshot_{w}_{precs[-1]}" for w in SNAPSHOT_WEIGHTS}
             assert keys == want, keys ^ want
             assert all(r["seconds"] > 0 and (r["ratio"] is None or r["ratio"] > 0) for r in rows)
         print(
