@@ -75,7 +75,12 @@ COLORS = {
     "reset": "tab:olive",
     "random": "tab:green",
     "similarity": "tab:purple",
-}
+    "detect": "tab:cyan",
+    # variants of FLH that a results folder holds beside it (flh_<variant>)
+    "flh_today": "tab:pink",
+    "flh_fixed_share": "darkred",
+    "flh_mpp": "goldenrod",
+}  # any other method: gray
 KINDS = ("first", "recurring")
 
 
@@ -484,14 +489,18 @@ def plot_accuracy(logs, path, smooth=50, threshold=None, title=None):
     for name, rows in logs.items():
         steps = [r["step"] for r in rows]
         ax.plot(
-            steps, trailing_mean([r["acc"] for r in rows], smooth), label=name, color=COLORS.get(name), lw=1.4
+            steps,
+            trailing_mean([r["acc"] for r in rows], smooth),
+            label=name,
+            color=COLORS.get(name, "0.5"),
+            lw=1.4,
         )
         if "acc_mixture" in rows[0]:
             ax.plot(
                 steps,
                 trailing_mean([r["acc_mixture"] for r in rows], smooth),
                 label=f"{name} (mixture)",
-                color=COLORS.get(name),
+                color=COLORS.get(name, "0.5"),
                 lw=1,
                 ls="--",
             )
@@ -507,8 +516,8 @@ def plot_accuracy_seeds(runs, path, smooth=50, threshold=None, title=None):
             [trailing_mean([r["acc"] for r in logs[name]], smooth) for logs in runs if name in logs]
         )
         steps = [r["step"] for r in next(logs for logs in runs if name in logs)[name]]
-        ax.plot(steps, curves.mean(0), label=f"{name}", color=COLORS.get(name), lw=1.4)
-        ax.fill_between(steps, curves.min(0), curves.max(0), color=COLORS.get(name), alpha=0.15, lw=0)
+        ax.plot(steps, curves.mean(0), label=f"{name}", color=COLORS.get(name, "0.5"), lw=1.4)
+        ax.fill_between(steps, curves.min(0), curves.max(0), color=COLORS.get(name, "0.5"), alpha=0.15, lw=0)
     counts = {sum(name in logs for logs in runs) for name in methods_of(runs)}
     seeds = f"{len(runs)} seeds" if counts == {len(runs)} else f"{min(counts)}-{len(runs)} seeds per method"
     title = title or f"mean over {seeds} (band: min-max); dotted: rule changes"
@@ -623,7 +632,7 @@ def plot_prompts(logs, path):
             [r["step"] for r in rows],
             [r.get("num_prompts", 1) for r in rows],
             label=name,
-            color=COLORS.get(name),
+            color=COLORS.get(name, "0.5"),
             lw=1.6,
             ls=["-", "--", "-.", ":"][k % 4],
         )
