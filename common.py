@@ -71,6 +71,21 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
+def code_commit():
+    """The commit of the code that runs, as a run's run.json records it: the git hash, with
+    "+changes" where tracked files differ from it; None outside a git checkout (or without git)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        git = lambda *a: subprocess.run(  # noqa: E731
+            ["git", "-C", str(here), *a], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        return git("rev-parse", "HEAD") + ("+changes" if git("status", "--porcelain", "-uno") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def warm_seconds(step, repeats=3):
     """Seconds of one call of step(), the fastest after a first (warm-up) call: what --precision auto
     compares."""

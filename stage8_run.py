@@ -158,6 +158,7 @@ def run_method(method, args, model, stream, folder):
             "seconds_per_step": round(wall / max(1, args.steps - start), 4),
             "device": str(model.device),
             "threads": torch.get_num_threads(),
+            "commit": common.code_commit(),
         },
     )
     return wall

@@ -38,7 +38,8 @@ recipe). The first shard records the sweep's settings in sweep.json; a later sta
 is refused, and `--summarize --run-name NAME` needs no other flag: it reads sweep.json and each
 run's config.json, and names the settings and seeds still missing.
 
-Outputs in the sweep folder: summary.json, summary.md and one plot per grid (<grid>.png).
+Outputs in the sweep folder: summary.json, summary.md (which names the commit that made the runs:
+each run's run.json records it) and one plot per grid (<grid>.png).
 Run `--test` for the checks.
 """
 
@@ -342,6 +343,7 @@ def run_one(job, args, threads):
                 "wall_seconds": round(time.time() - t0, 1),
                 "threads": threads,
                 "steps": a.steps,
+                "commit": common.code_commit(),
             },
         )
     return key, seed, f"{time.time() - t0:.0f}s"
@@ -488,6 +490,16 @@ def plot_grid(grid, stats, labels, seeds, path):
     plt.close(fig)
 
 
+def made_at(sweep):
+    """Which commit made the sweep's complete runs, as their run.json says ("unknown": a run made
+    outside a git checkout, or before run.json kept it)."""
+    commits = {}
+    for run in sorted(sweep.glob("*/seed*/run.json")):
+        commit = common.read_json(run).get("commit") or "unknown"
+        commits[commit] = commits.get(commit, 0) + 1
+    return "Made at commit " + ", ".join(f"{c} ({n} runs)" for c, n in commits.items()) + "."
+
+
 def summarize(args, grids=None):
     """summary.json, summary.md and <grid>.png in the sweep folder, from the runs found there and
     the settings its sweep.json recorded (no flags to repeat; `grids`: all it holds unless named).
@@ -506,7 +518,7 @@ def summarize(args, grids=None):
         raise common.UserError(
             f"{sweep} has no grid {', '.join(unknown)}; it holds {', '.join(plan['grids'])}"
         )
-    summary, md = {}, [f"# Stage 9 sweep `{args.run_name}`", ""]
+    summary, md = {}, [f"# Stage 9 sweep `{args.run_name}`", "", made_at(sweep), ""]
     for grid in grids:
         by_seed, labels, missing = grid_runs(sweep, plan, grid)
         note = [f"Still missing (setting: seeds without a complete run): {missing}", ""] if missing else []
@@ -666,6 +678,8 @@ def test_sweep():
         ]
         assert s["alpha=0.5"]["mean_accuracy_mixture"]["mean"] == 0.375
         assert Path(tmp, "sw", "alpha.png").stat().st_size > 0
+        made = f"Made at commit {common.code_commit() or 'unknown'} (4 runs)."
+        assert made in Path(tmp, "sw", "summary.md").read_text().splitlines(), made  # which code made them
         # --summarize needs no flags but the sweep's name: sweep.json has its settings; a start with
         # other flags is refused; a run whose config.json disagrees with its label is refused.
         bare = build_parser().parse_args(["--summarize", "--run-name", "sw", "--out", tmp])
