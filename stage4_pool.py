@@ -118,7 +118,9 @@ class PoolSettings(common.Settings):
         "reservoir (the expert the pool misses least on a sample of the whole past); the last two "
         "need --max-prompts",
     )
-    max_prompts: int = setting(0, common.nonneg_int, "cap on FLH's live prompts; 0 = none")
+    max_prompts: int = setting(
+        0, common.nonneg_int, "cap on FLH's prompts (and on detect's stored ones); 0 = none"
+    )
     merge_window: int = setting(
         10, common.positive_int, "recent batches whose predictions decide which experts are alike"
     )

@@ -181,7 +181,7 @@ class DetectLearner(SingleLearner):
 
     One live prompt learns as `single` does; river's ADWIN (Bifet & Gavalda, "Learning from
     time-changing data with adaptive windowing", SDM 2007) watches its per-batch loss. At an alarm
-    the live prompt is stored (at most `max_prompts`, the oldest dropped first), and for the next
+    the live prompt is stored (at most `max_prompts`, the oldest dropped first; 0: no cap), and for the next
     `probe` batches every stored prompt and one fresh prompt are scored on each batch, untrained,
     while the live prompt goes on predicting and learning. Then the lowest mean loss over those
     batches wins: a stored prompt (the rule came back) or the fresh one (a new rule: no unlearning)
@@ -232,7 +232,7 @@ class DetectLearner(SingleLearner):
         """An alarm: keep the live prompt, and start a probe of the fresh prompt and the stored ones."""
         self.stored.append(self.prompt.detach().clone())
         self.stored_at.append(step)
-        if len(self.stored) > self.max_prompts:
+        if self.max_prompts and len(self.stored) > self.max_prompts:
             self.stored.pop(0), self.stored_at.pop(0)
         self.candidates = [new_prompt(self.model, self.prompt.shape[0]).detach(), *self.stored]
         self.probe_losses = []
@@ -449,7 +449,7 @@ def make_learner(method, model, args):
     if method in ("single", "reset", "oracle"):
         return {"single": SingleLearner, "reset": ResetLearner, "oracle": OracleLearner}[method](model, P, lr)
     if method == "detect":
-        return DetectLearner(model, P, lr, args.max_prompts or 8, args.detect_probe, args.detect_delta)
+        return DetectLearner(model, P, lr, args.max_prompts, args.detect_probe, args.detect_delta)
     if method == "random":
         return RandomPoolLearner(model, P, args.num_prompts, lr)
     if method == "similarity":
