@@ -372,12 +372,12 @@ def run_check(check):
 
 def run_checks(module):
     """Every check of a stage, in order; an AssertionError names the check that failed."""
-    t0 = time.time()
-    for check in checks(module):
+    t0, named = time.time(), checks(module)
+    for check in named:
         what = " ".join((check.__doc__ or "").split()).split(". ")[0].rstrip(".")
         print(f"{check.__name__}: {what}")
         run_check(check)
-    print(f"{len(checks(module))} checks of {Path(module.__file__).name} passed in {time.time() - t0:.1f}s")
+    print(f"{len(named)} checks of {Path(module.__file__).name} passed in {time.time() - t0:.1f}s")
 
 
 def user_error(call):
