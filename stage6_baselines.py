@@ -181,11 +181,12 @@ class DetectLearner(SingleLearner):
 
     One live prompt learns as `single` does; river's ADWIN (Bifet & Gavalda, "Learning from
     time-changing data with adaptive windowing", SDM 2007) watches its per-batch loss. At an alarm
-    the live prompt is stored (at most `max_prompts`, the oldest dropped first; 0: no cap), and for the next
-    `probe` batches every stored prompt and one fresh prompt are scored on each batch, untrained,
-    while the live prompt goes on predicting and learning. Then the lowest mean loss over those
-    batches wins: a stored prompt (the rule came back) or the fresh one (a new rule: no unlearning)
-    continues as the live prompt with a fresh optimiser state, or the live prompt itself goes on.
+    the live prompt is stored (at most `max_prompts`, the oldest dropped first; 0: no cap), and for
+    the next `probe` batches every stored prompt and one fresh prompt are scored on each batch,
+    untrained, while the live prompt goes on predicting and learning. Then the lowest mean loss over
+    those batches wins: a stored prompt (the rule came back) or the fresh one (a new rule: no
+    unlearning) continues as the live prompt with a fresh optimiser state, or the live prompt itself
+    goes on.
     This is the pattern of MOA's recurring-concept learners, RCD (Goncalves & de Barros, 2013) and
     ECPF (Anderson, Koh & Dobbie, 2016): a pool of models indexed by drift alarms, the stored or a
     new one chosen on the data after the alarm. Its memory is explicit and its switches are hard;
