@@ -709,6 +709,8 @@ def criteria_table(per_run):
         if name.startswith("3"):
             return "recovered {}/{}".format(*v["shifts_recovered"])
         if name.startswith("4"):
+            if "flh" not in v["recovered_and_mean_steps"]:
+                return f"no flh run; fastest: {v['fastest']}"
             k, n, t = v["recovered_and_mean_steps"]["flh"]
             tie = f" (tied with {', '.join(v['tied_with'])})" if v.get("tied_with") else ""
             return (
