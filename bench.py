@@ -109,6 +109,13 @@ def snapshot_step(model, P, K, loss_batch, weight, share=0.01, epsilon=0.05):
     return step
 
 
+def single_step(model, prompt_length, lr=1e-2):
+    """Our single-prompt step on a fresh prompt: (a step function, the prompt)."""
+    prompt = torch.nn.Parameter(torch.randn(prompt_length, model.embed_dim, device=model.device) * 0.02)
+    optimizer = torch.optim.AdamW([prompt], lr=lr)
+    return (lambda batch: train_step(model, prompt, optimizer, batch)), prompt
+
+
 def peft_single_step(model, prompt_length, lr=1e-2):
     """HF PEFT prompt tuning on the same frozen encoder, read out like ours: a step function."""
     try:
@@ -188,14 +195,8 @@ def single_rows(rows, model, batches, P, B, prec):
     from torch.utils.flop_counter import FlopCounterMode
 
     device = model.device
-    prompt = torch.nn.Parameter(torch.randn(P, model.embed_dim, device=device) * 0.02)
-    optimizer = torch.optim.AdamW([prompt], lr=1e-2)
-    ours, theirs = timed_side_by_side(
-        [lambda b: train_step(model, prompt, optimizer, b), peft_single_step(model, P)],
-        batches,
-        device,
-        rounds=5,
-    )
+    ours_step, prompt = single_step(model, P)
+    ours, theirs = timed_side_by_side([ours_step, peft_single_step(model, P)], batches, device, rounds=5)
     rows.seconds[f"peft_{prec}"] = theirs
     rows.add(f"single_{prec}", f"single-prompt step, ours ({prec})", ours, f"peft_{prec}")
     rows.add(f"peft_{prec}", f"single-prompt step, HF PEFT prompt tuning ({prec})", theirs)
@@ -244,8 +245,6 @@ def snapshot_rows(rows, model, batches, P, prec, loss_batch, K=8):
     """The snapshot FLH steps timed beside a single-prompt step (passes alternating, so that a slow
     spell of the machine falls on all alike), and the part a single step does not have: the K - 1
     frozen experts' pass over the loss batch, alone. A step costs at least single + that pass."""
-    prompt = torch.nn.Parameter(torch.randn(P, model.embed_dim, device=model.device) * 0.02)
-    optimizer = torch.optim.AdamW([prompt], lr=1e-2)
     frozen = torch.randn(K - 1, P, model.embed_dim, device=model.device) * 0.02
 
     @torch.inference_mode()
@@ -253,7 +252,7 @@ def snapshot_rows(rows, model, batches, P, prec, loss_batch, K=8):
         sub = {k: v[:loss_batch] if torch.is_tensor(v) else v for k, v in batch.items()}
         return forward_with_prompts(model, sub, frozen)
 
-    fns = [lambda b: train_step(model, prompt, optimizer, b), frozen_pass]
+    fns = [single_step(model, P)[0], frozen_pass]
     fns += [snapshot_step(model, P, K, loss_batch, weight) for weight in SNAPSHOT_WEIGHTS]
     single, alone, *steps = timed_side_by_side(fns, batches, model.device, rounds=5)
     rows.add(f"single_beside_{prec}", f"single-prompt step, timed beside the snapshot rows ({prec})", single)

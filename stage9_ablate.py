@@ -48,7 +48,7 @@ import json
 import sys
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -493,10 +493,8 @@ def plot_grid(grid, stats, labels, seeds, path):
 def made_at(sweep):
     """Which commit made the sweep's complete runs, as their run.json says ("unknown": a run made
     outside a git checkout, or before run.json kept it)."""
-    commits = {}
-    for run in sorted(sweep.glob("*/seed*/run.json")):
-        commit = common.read_json(run).get("commit") or "unknown"
-        commits[commit] = commits.get(commit, 0) + 1
+    done = sorted(sweep.glob("*/seed*/run.json"))
+    commits = Counter(common.read_json(run).get("commit") or "unknown" for run in done)
     return "Made at commit " + ", ".join(f"{c} ({n} runs)" for c, n in commits.items()) + "."
 
 
