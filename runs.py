@@ -16,7 +16,9 @@ import argparse
 import os
 import random
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -238,3 +240,60 @@ def export_peft(folder, prompt, model, base, init):
         str(folder / "adapter_model.safetensors"),
         metadata={"format": "pt"},
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks (`python -c "import runs; runs.run_tests()"`; test_all.py runs each)
+# ----------------------------------------------------------------------------------------------
+def test_hostile_checkpoints():
+    """A checkpoint that carries a pickle is never unpickled: as an old step_N.pt it is refused in one
+    line; renamed to .safetensors, or a real one with its structure edited, it cannot be read either."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, marker = Path(tmp) / "run", Path(tmp) / "pwned"
+        ckpts = folder / "checkpoints"
+        folder.mkdir()
+        save_checkpoint(folder, 10, torch.nn.Linear(2, 2))
+        assert load_latest_checkpoint(folder)["step"] == 10
+        good = (ckpts / "step_10.safetensors").read_bytes()
+        torch.save({"step": 11, "learner": common.Planted(marker)}, ckpts / "step_11.pt")
+        said = [common.user_error(lambda: load_latest_checkpoint(folder))]
+        (ckpts / "step_11.pt").rename(ckpts / "step_11.safetensors")
+        (ckpts / "step_10.safetensors").unlink()  # the pickle is then the only checkpoint there is
+        said.append(common.user_error(lambda: load_latest_checkpoint(folder)))
+        (ckpts / "step_11.safetensors").unlink()  # a real checkpoint whose JSON names a tensor it lacks
+        head = int.from_bytes(good[:8], "little")
+        header = good[8 : 8 + head].replace(b'"t0"', b'"x0"', 1)
+        edited = len(header).to_bytes(8, "little") + header + good[8 + head :]
+        (ckpts / "step_10.safetensors").write_bytes(edited)
+        said.append(common.user_error(lambda: load_latest_checkpoint(folder)))
+        assert not marker.exists(), "the pickle ran"
+    wants = ("pickle checkpoint of an older version", "no checkpoint", "no checkpoint")
+    assert all(want in s and "\n" not in s for want, s in zip(wants, said)), said
+
+
+def test_log_rewrite_is_atomic():
+    """A resumed log is cut back to its checkpoint's step by an atomic rewrite: a crash before the
+    rename leaves the old log whole, and a log shorter than the checkpoint is refused, untouched."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "log.jsonl"
+        log = common.JsonlLog(path)
+        for step in range(250):
+            log.write({"step": step})
+        whole = path.read_text()
+        assert "rows were lost" in common.user_error(lambda: log.truncate_to(300))
+        real_replace = os.replace
+        os.replace = lambda *a: (_ for _ in ()).throw(OSError("crash"))
+        try:
+            log.truncate_to(100)
+        except OSError:
+            pass
+        finally:
+            os.replace = real_replace
+        assert path.read_text() == whole and not list(path.parent.glob(".log.jsonl.*"))
+        log.truncate_to(100)
+        log.close()
+        assert path.read_text() == whole[: whole.index('{"step":100}')]
+
+
+def run_tests():
+    common.run_checks(sys.modules[__name__])

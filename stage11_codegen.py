@@ -372,18 +372,15 @@ def train(args):
             {"epoch": epoch, "val_loss": round(val, 6), "val_perplexity": round(math.exp(val), 4)}
             | {"baseline_val_loss": round(baseline, 6), "seconds": round(time.time() - t0, 1)}
         )
-        runs.save_prompt(
-            folder / f"soft_prompts_epoch_{epoch}.pt", prompt, {**meta, "epoch": epoch, "val_loss": val}
-        )
+        saved = {**meta, "epoch": epoch, "val_loss": val}
+        runs.save_prompt(folder / f"soft_prompts_epoch_{epoch}.pt", prompt, saved)
         best, bad_epochs = (val, 0) if val < best else (best, bad_epochs + 1)
         print(
             f"epoch {epoch}: validation loss {val:.4f}, perplexity {math.exp(val):.2f} "
             f"(no soft prompt: {baseline:.4f})" + ("  * best" if bad_epochs == 0 else "")
         )
         if bad_epochs == 0:
-            runs.save_prompt(
-                folder / "best_soft_prompts.pt", prompt, {**meta, "epoch": epoch, "val_loss": val}
-            )
+            runs.save_prompt(folder / "best_soft_prompts.pt", prompt, saved)
         elif bad_epochs >= args.patience:
             print(f"early stop: no better validation loss for {args.patience} epochs")
             break

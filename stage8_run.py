@@ -40,7 +40,6 @@ import contextlib
 import functools
 import gzip
 import io
-import os
 import re
 import shutil
 import signal
@@ -211,21 +210,25 @@ def plan_criteria(folder, metrics, logs):
     # 5. Weight moves to recent prompts: at the end of each regime after a shift, the mass on prompts
     #    born since that shift exceeds one half.
     if "flh" in logs:
-        rows, cuts = logs["flh"], [m["shift"] for m in metrics["flh"]["recovery"]]
-        born = {}  # birth id -> step of birth
-        for r in rows:
-            for i in r["prompt_ids"]:
-                born.setdefault(i, r["step"])
-        mass = []
-        for k, c in enumerate(cuts):
-            end = (cuts[k + 1] if k + 1 < len(cuts) else len(rows)) - 1
-            r = rows[end]
-            mass.append(float(sum(w for i, w in zip(r["prompt_ids"], r["weights"]) if born[i] >= c)))
+        mass = mass_on_newborns(logs["flh"], [m["shift"] for m in metrics["flh"]["recovery"]])
         out["5_weight_moves_to_recent_prompts"] = {
             "met": bool(mass) and min(mass) > 0.5,
             "mass_on_prompts_born_since_shift_at_regime_end": mass,
         }
     return out
+
+
+def mass_on_newborns(rows, cuts):
+    """For each shift, FLH's weight on the prompts born since it, at the last step of its regime."""
+    born = {}  # birth id -> step of birth
+    for r in rows:
+        for i in r["prompt_ids"]:
+            born.setdefault(i, r["step"])
+    ends = [rows[end - 1] for end in [*cuts[1:], len(rows)]]
+    return [
+        float(sum(w for i, w in zip(r["prompt_ids"], r["weights"]) if born[i] >= c))
+        for c, r in zip(cuts, ends)
+    ]
 
 
 def summarise(folder, metrics):
@@ -387,60 +390,26 @@ def test_resume_is_exact():
     _resumed()
 
 
-def test_hostile_checkpoints():
-    """A checkpoint carrying a pickle, renamed or edited, is refused without being unpickled."""
-    tmp, run = _resumed()
-    check_hostile_checkpoints(Path(tmp) / "whole" / "flh", run)
-
-
 def test_resume_refuses_lost_rows():
-    """Log and checkpoint must agree: a log shorter than the checkpoint's step is refused, untouched;
-    the rewrite at resume is atomic: a crash before its rename leaves the old log whole."""
+    """--resume refuses a log shorter than its checkpoint's step (untouched), and a run that never ran."""
     tmp, run = _resumed()
     log = Path(tmp) / "whole" / "flh" / "log.jsonl"
-    lines = log.read_text().splitlines(keepends=True)
-    log.write_text("".join(lines[:250]))
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:250]))
+    cut = log.read_text()
     for name, says in (("whole", "rows were lost"), ("never-ran", "no run")):
-        try:
-            run(f"--method flh --steps 300 --resume --run-name {name}")
-            raise AssertionError(f"--resume accepted {name}")
-        except common.UserError as e:
-            assert says in str(e), e
-    assert log.read_text() == "".join(lines[:250])
-    jl = common.JsonlLog(log)
-    real_replace = os.replace
-    os.replace = lambda *a: (_ for _ in ()).throw(OSError("crash"))
-    try:
-        jl.truncate_to(100)
-    except OSError:
-        pass
-    finally:
-        os.replace = real_replace
-        jl.close()
-    assert log.read_text() == "".join(lines[:250]) and not list(log.parent.glob(".log.jsonl.*"))
-    print(
-        "  ok: --resume refuses a log shorter than its checkpoint and a run that never existed; "
-        "the log rewrite is atomic"
-    )
+        said = common.user_error(lambda: run(f"--method flh --steps 300 --resume --run-name {name}"))
+        assert says in said, said
+    assert log.read_text() == cut
 
 
 def test_run_folder_locked():
     """A run folder is locked: a second process with the same --run-name refuses in one line."""
     tmp, run = _resumed()
-    tiny = TINY
     with common.locked(Path(tmp) / "whole"):
-        cmd = [
-            sys.executable,
-            __file__,
-            *tiny,
-            *"--method single --steps 5 --run-name whole".split(),
-            "--out",
-            tmp,
-        ]
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        words = [*TINY, *"--method single --steps 5 --run-name whole --out".split(), tmp]
+        r = subprocess.run([sys.executable, __file__, *words], capture_output=True, text=True)
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "in use by another process" in lines[0], r.stderr
-    print("  ok: a second run with the same --run-name refuses in one line while the first holds the folder")
 
 
 def test_predict():
@@ -491,50 +460,6 @@ def test_predict():
     print(
         "  ok: a saved pool (safetensors + JSON) predicts batch 13 with the loss the run logs at step 13 "
         "(flh, flh_sum, single, leader, similarity); --predict prints each label, probability, experts"
-    )
-
-
-def check_hostile_checkpoints(folder, run):
-    """A checkpoint that carries a pickle is never unpickled: as an old step_N.pt it is refused in one
-    line; renamed to .safetensors, or with its structure edited, it cannot be read either."""
-    marker = folder.parent / "pwned"
-    ckpts = folder / "checkpoints"
-    saved = {p.name: p.read_bytes() for p in ckpts.iterdir()}
-    newest = max(saved, key=lambda n: int(n[5:].split(".")[0]))
-    step = int(newest[5:].split(".")[0])
-    torch.save({"step": step, "learner": common.Planted(marker)}, ckpts / f"step_{step + 1}.pt")
-    for attack in ("old .pt", "renamed", "edited"):
-        if attack == "renamed":
-            (ckpts / f"step_{step + 1}.pt").rename(ckpts / f"step_{step + 1}.safetensors")
-            for name in saved:  # the pickle is then the only checkpoint there is
-                (ckpts / name).unlink()
-        if attack == "edited":  # a real checkpoint whose JSON names a tensor the file does not hold
-            (ckpts / f"step_{step + 1}.safetensors").unlink()
-            state = saved[newest]
-            head = int.from_bytes(state[:8], "little")
-            header = state[8 : 8 + head].replace(b'"t0"', b'"x0"', 1)  # rename one tensor's key
-            (ckpts / newest).write_bytes(len(header).to_bytes(8, "little") + header + state[8 + head :])
-        err = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(err):
-                run(f"--method flh --steps {step} --resume --run-name {folder.parent.name}")
-            raise AssertionError(f"a hostile checkpoint ({attack}) was accepted")
-        except common.UserError as e:
-            said = str(e)
-        assert not marker.exists(), f"the pickle ran ({attack})"
-        want = {
-            "old .pt": "pickle checkpoint of an older version",
-            "renamed": "no checkpoint",
-            "edited": "no checkpoint",
-        }
-        assert want[attack] in said and "\n" not in said, (attack, said)
-    for p in ckpts.iterdir():
-        p.unlink()
-    for name, data in saved.items():
-        (ckpts / name).write_bytes(data)
-    print(
-        "  ok: a checkpoint carrying a pickle is never unpickled: refused as an old .pt, unreadable when "
-        "renamed to .safetensors; an edited checkpoint is refused too; each in one line"
     )
 
 

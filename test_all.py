@@ -19,6 +19,7 @@ import pytest
 import assets
 import bench
 import common
+import runs
 import sandbox
 import stage2_stream
 import stage3_backbone
@@ -123,6 +124,7 @@ NAMED = [
     stage10_vision,
     stage11_codegen,
     sandbox,
+    runs,
 ]
 
 
