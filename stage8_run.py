@@ -343,43 +343,51 @@ def test_fresh_run_changes_own_settings_only():
 
 @functools.cache
 def _resumed():
-    """Resume: kill a run after a checkpoint, resume it, compare with an uninterrupted run; for every
-    method with a state and every weighting rule. Returns the folder of the uninterrupted runs."""
+    """Resume: a run stopped after a checkpoint, resumed, writes the log of an uninterrupted run; for
+    every method with a state and every weighting rule. FLH's run is killed for real (SIGKILL, its
+    newest checkpoint then truncated); the others are cut as a kill leaves them (log rows past the
+    checkpoint, no later checkpoint, no final save). Returns the folder of the uninterrupted runs."""
     tmp, run, _ = _tiny()
-    tiny = TINY
     cases = [(m, "") for m in ("flh", "leader", "oracle", "reset", "similarity", "detect")]
     cases += [("flh", "--weighting fixed_share"), ("flh", "--weighting mpp --mpp-decay 0.8")]
     cases += [("flh", "--prune reservoir --max-prompts 3 --fresh-threshold 0.3")]
     for method, rule in cases:
         tag = rule.split()[1] if rule else ""  # each weighting rule in folders of its own
-        args = [*tiny, *rule.split(), "--method", method, "--steps", "300", "--out", tmp]
-        run(f"{rule} --method {method} --steps 300 --run-name whole{tag}")
-        whole = (Path(tmp) / f"whole{tag}" / method / "log.jsonl").read_text()
-        cmd = [sys.executable, __file__, *args, "--run-name", f"killed{tag}", "--checkpoint-every", "50"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ckpt = Path(tmp) / f"killed{tag}" / method / "checkpoints" / "step_100.safetensors"
-        while not ckpt.exists() and proc.poll() is None:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-        cut = len(common.read_jsonl(Path(tmp) / f"killed{tag}" / method / "log.jsonl"))
-        assert cut < 300
-        newest = max(
-            (Path(tmp) / f"killed{tag}" / method / "checkpoints").glob("*.safetensors"),
-            key=lambda p: int(p.stem[5:]),
-        )
+        whole, killed = Path(tmp) / f"whole{tag}", Path(tmp) / f"killed{tag}"
+        run(f"{rule} --method {method} --steps 150 --run-name whole{tag}")
         truncate = method == "flh" and not rule
-        if truncate:  # a truncated newest checkpoint: resume falls back to the one before, says so
-            newest.write_bytes(newest.read_bytes()[:100])
-        err, again = io.StringIO(), f"--steps 300 --run-name killed{tag} --checkpoint-every 50 --resume"
+        if truncate:
+            args = [*TINY, *rule.split(), "--method", method, "--steps", "150", "--out", tmp]
+            cmd = [sys.executable, __file__, *args, "--run-name", killed.name, "--checkpoint-every", "25"]
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            while (
+                not (killed / method / "checkpoints" / "step_50.safetensors").exists() and proc.poll() is None
+            ):
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+            newest = max((killed / method / "checkpoints").glob("*"), key=lambda p: int(p.stem[5:]))
+            newest.write_bytes(newest.read_bytes()[:100])  # resume falls back to the one before, says so
+        else:
+            shutil.copytree(
+                whole / method, killed / method, ignore=shutil.ignore_patterns("pool", "run.json")
+            )
+            shutil.copy(whole / "config.json", killed)
+            for ckpt in (killed / method / "checkpoints").glob("*"):
+                ckpt.unlink() if int(ckpt.stem[5:]) > 50 else None
+            log = killed / method / "log.jsonl"
+            log.write_text("".join(log.read_text().splitlines(keepends=True)[:73]))
+        cut = len(common.read_jsonl(killed / method / "log.jsonl"))
+        assert cut < 150
+        err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            run(f"{rule} --method {method} {again}")
-        resumed = (Path(tmp) / f"killed{tag}" / method / "log.jsonl").read_text()
-        assert resumed == whole, f"{method} {rule}: the resumed log differs from the uninterrupted one"
+            run(f"{rule} --method {method} --steps 150 --run-name {killed.name} --resume")
+        resumed = (killed / method / "log.jsonl").read_text()
+        assert resumed == (whole / method / "log.jsonl").read_text(), f"{method} {rule}: resumed log differs"
         assert ("falling back to the previous checkpoint" in err.getvalue()) == truncate, err.getvalue()
         print(
-            f"  ok: {method} {rule}: killed after {cut} logged steps, resumed from its checkpoint"
-            + (" (the newest one truncated: fell back to the one before)" if truncate else "")
+            f"  ok: {method} {rule}: {'killed' if truncate else 'cut'} after {cut} logged steps, resumed "
+            + ("(the newest checkpoint truncated: fell back to the one before)" if truncate else "")
             + "; log identical to an uninterrupted run"
         )
     return tmp, run
@@ -394,10 +402,10 @@ def test_resume_refuses_lost_rows():
     """--resume refuses a log shorter than its checkpoint's step (untouched), and a run that never ran."""
     tmp, run = _resumed()
     log = Path(tmp) / "whole" / "flh" / "log.jsonl"
-    log.write_text("".join(log.read_text().splitlines(keepends=True)[:250]))
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:125]))
     cut = log.read_text()
     for name, says in (("whole", "rows were lost"), ("never-ran", "no run")):
-        said = common.user_error(lambda: run(f"--method flh --steps 300 --resume --run-name {name}"))
+        said = common.user_error(lambda: run(f"--method flh --steps 150 --resume --run-name {name}"))
         assert says in said, said
     assert log.read_text() == cut
 
