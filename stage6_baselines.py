@@ -630,6 +630,29 @@ def test_learns_fixed_labels():
         )
 
 
+def test_saved_learner_predicts():
+    """A learner saved after 13 steps (runs.save_learner: safetensors + JSON) and loaded back
+    (load_learner) predicts batch 13 with the loss the learner itself reports at step 13, where it
+    predicts before it learns; for every method --predict serves (oracle and reset are told the regime)."""
+    model, tok, texts, labels, stream, flips = _minilm_rt()
+    config = dict(backbone="minilm", pooling=model.pooling, precision=model.precision, max_length=64)
+    args = test_args(**config, train_mode="snapshot", birth_interval=5, max_prompts=3, share=0.01)
+    batch = flips.batch(13)
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in ("flh", "flh_sum", "single", "leader", "similarity"):
+            torch.manual_seed(0)
+            learner = make_learner(method, model, args)
+            for s in range(13):
+                learner.step(flips.batch(s))
+            runs.save_learner(learner, Path(tmp) / method, vars(args), 13)
+            loaded, tok, max_length, about = load_learner(Path(tmp) / method, "cpu")
+            probs, who = loaded.predict(encode_texts(tok, [texts[i] for i in batch["index"]], max_length))
+            ce, logged = F.nll_loss(probs.log(), batch["labels"]).item(), learner.step(batch)["loss"]
+            assert abs(ce - logged) <= 2e-6 * abs(logged), (method, ce, logged)
+            assert about["steps"] == 13 and len(who) == 8 and abs(sum(e["weight"] for e in who[0]) - 1) < 1e-9
+    print("  ok: flh, flh_sum, single, leader, similarity: saved, loaded back, batch 13's loss as logged")
+
+
 def test_detect():
     """Detect: ADWIN (checked at every batch) fires on a jump of the loss; after an alarm the probe hands a
     new rule to a fresh prompt and an old rule back to the prompt stored when it ended."""
