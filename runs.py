@@ -243,7 +243,7 @@ def export_peft(folder, prompt, model, base, init):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checks (`python -c "import runs; runs.run_tests()"`; test_all.py runs each)
+# Checks (`python runs.py --test`; test_all.py runs each)
 # ----------------------------------------------------------------------------------------------
 def test_hostile_checkpoints():
     """A checkpoint that carries a pickle is never unpickled: as an old step_N.pt it is refused in one
@@ -297,3 +297,9 @@ def test_log_rewrite_is_atomic():
 
 def run_tests():
     common.run_checks(sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    parser = common.Parser(description="Run plumbing (checkpoints, saved learners, sweeps): its checks.")
+    parser.add_argument("--test", action="store_true", help="run the checks of checkpoints and logs")
+    common.main_guard(parser, lambda args: run_tests() if args.test else parser.print_help())
