@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import assets
 import common
-from stage2_stream import TextStream
+from stage2_stream import TextStream, batch_rows
 from stage3_backbone import forward_with_prompt, forward_with_prompts, load_backbone, text_budget
 from stage5_train import FLHLearner, FLHSettings, to_device, train_step
 
@@ -249,8 +249,7 @@ def snapshot_rows(rows, model, batches, P, prec, loss_batch, K=8):
 
     @torch.inference_mode()
     def frozen_pass(batch):
-        sub = {k: v[:loss_batch] if torch.is_tensor(v) else v for k, v in batch.items()}
-        return forward_with_prompts(model, sub, frozen)
+        return forward_with_prompts(model, batch_rows(batch, 0, loss_batch), frozen)
 
     fns = [single_step(model, P)[0], frozen_pass]
     fns += [snapshot_step(model, P, K, loss_batch, weight) for weight in SNAPSHOT_WEIGHTS]

@@ -67,6 +67,11 @@ def encode_texts(tokenizer, texts, max_length):
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def batch_rows(batch, start=0, stop=None):
+    """Examples start..stop-1 of a batch: every tensor sliced along its first dimension."""
+    return {k: v[start:stop] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 class TextStream:
     """Endless batches {input_ids, attention_mask, labels, index, step, regime, concept, domain, flipped}.
 

@@ -73,7 +73,7 @@ import torch.nn.functional as F
 
 import assets
 import common
-from stage2_stream import StreamSettings, TextStream, build_stream
+from stage2_stream import StreamSettings, TextStream, batch_rows, build_stream
 from stage3_backbone import (
     ModelSettings,
     choose_precision,
@@ -405,7 +405,7 @@ class FLHLearner:
         weight (stage 4's `heaviest`: every class probability within epsilon of the full mixture's).
         The live prompt's logits exist for every example (its training forward); only the frozen
         experts among the heaviest need a forward, and within a regime that is often none."""
-        pool, rest = self.pool, {k: v[m:] if torch.is_tensor(v) else v for k, v in batch.items()}
+        pool, rest = self.pool, batch_rows(batch, m)
         if m == len(live_logits):
             self.mixture_experts = len(pool)
             return live_logits[:0].softmax(-1)
@@ -428,7 +428,7 @@ class FLHLearner:
         if len(head) == len(batch["labels"]):
             return head
         if k not in self.rest_logits:
-            rest = {key: v[len(head) :] if torch.is_tensor(v) else v for key, v in batch.items()}
+            rest = batch_rows(batch, len(head))
             with torch.no_grad():
                 self.rest_logits[k] = forward_with_prompt(self.model, rest, self.pool.prompts[k])
         return torch.cat([head, self.rest_logits[k]])
@@ -450,7 +450,7 @@ class FLHLearner:
         """The batch's first loss_batch examples (all of it when loss_batch is 0)."""
         if not self.loss_batch:
             return batch
-        return {k: v[: self.loss_batch] if torch.is_tensor(v) else v for k, v in batch.items()}
+        return batch_rows(batch, 0, self.loss_batch)
 
     def score_experts(self, batch):
         """Every expert's loss and logits on the batch (its first loss_batch examples, if set), and
@@ -582,9 +582,7 @@ def test_loss_batch():
         if s % 2 == 0:
             torch.set_rng_state(rng)
             snapshot.pool.birth_prompt()
-        head, _ = snapshot.pool.get_all_losses(
-            model, {k: v[:3] if torch.is_tensor(v) else v for k, v in b.items()}
-        )
+        head, _ = snapshot.pool.get_all_losses(model, batch_rows(b, 0, 3))
         whole, _ = snapshot.pool.get_all_losses(model, b)
         assert row["expert_losses"] == r6(head.tolist()) != r6(whole.tolist()), (
             row["expert_losses"],
