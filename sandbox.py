@@ -347,6 +347,9 @@ def check_programs(problems, completions, timeout, workers, sandbox=True, memory
         return [f.result() for f in common.progress(futures, desc="execute")]
 
 
+# ----------------------------------------------------------------------------------------------
+# Checks: programs that attack the evaluator, and what must hold after each
+# ----------------------------------------------------------------------------------------------
 def hostile_programs(decoy, secret, home_file, repo, mark):
     """(name, problem, completion) of programs that attack the evaluator. Each one fails honestly:
     the toy problem wants f(x) = 2x and the attacks return a wrong answer, or the right answer only

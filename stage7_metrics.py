@@ -46,6 +46,7 @@ Run `python stage7_metrics.py RUN [RUN ...]` (several runs, e.g. seeds, are also
 together), `--test` for the checks on synthetic logs with known answers.
 """
 
+import argparse
 import contextlib
 import gzip
 import io
@@ -938,9 +939,26 @@ def test_regret_and_plots():
             p = Path(tmp) / png
             assert p.exists() and p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG", png
         assert common.read_json(Path(tmp) / "metrics.json")["flh"]["shifts"] == 3
-        table, summary = summary_table([metrics, metrics])
-        plot_accuracy_seeds([find_logs(tmp)] * 2, Path(tmp) / "seeds.png")
-        assert (Path(tmp) / "seeds.png").stat().st_size > 5000
+        seeds = argparse.Namespace(recovery_threshold=0.6, baselines=None)  # the same run twice, as two seeds
+        md = write_summary(
+            Path(tmp) / "sum", ["r-seed0", "r-seed1"], [metrics] * 2, [find_logs(tmp)] * 2, seeds
+        )
+        made = (
+            "summary.md",
+            "summary.json",
+            "accuracy_seeds.png",
+            "first50.json",
+            "first50.png",
+            "visits.png",
+        )
+        assert all((Path(tmp) / "sum" / f).stat().st_size > 500 for f in made)
+        assert md.startswith("over 2 runs:") and md.endswith(
+            (Path(tmp) / "sum" / "summary.md").read_text()[-200:-1]
+        )
+        assert "| minus single | seed0, recurring |" in md and "First 50 steps by visit of the rule:" in md, (
+            md
+        )
+        summary = common.read_json(Path(tmp) / "sum" / "summary.json")["methods"]
         assert summary["flh"]["mean_recovery_time"]["mean"] == 55 and summary["flh"]["shifts_recovered"] == [
             4,
             6,
@@ -1013,6 +1031,48 @@ def build_parser():
     return p
 
 
+def write_summary(out, runs, per_run, run_logs, args):
+    """Over several runs (seeds), into `out`: summary.md and summary.json (headline metrics, each
+    run's log loss), accuracy_seeds.png; where the logs have shift details also the first 50 steps
+    after a shift against --baselines (first50.json/.png, paired differences run by run) and by visit
+    of the rule (visits.json/.png). Returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    table, summary = summary_table(per_run)
+    names = [Path(r).name for r in runs]
+    md = [
+        table,
+        "Log loss of each method's own prediction, per run (what tuning compares):",
+        log_loss_table(per_run, names),
+    ]
+    common.write_json(out / "summary.json", {"runs": runs, "methods": summary})
+    plot_accuracy_seeds(run_logs, out / "accuracy_seeds.png", threshold=args.recovery_threshold)
+    n_runs = f"{len(per_run)} run" + "s" * (len(per_run) > 1)
+    if all("shift_details" in m for run in per_run for m in run.values()):
+        held = methods_of(per_run)
+        baselines = args.baselines or [b for b in ("single", "leader") if b in held]
+        missing = [b for b in baselines if b not in held]
+        if missing:
+            raise common.UserError(f"--baselines: no run holds {', '.join(missing)}")
+        f50 = first50_summary(per_run, baselines)
+        cut = os.path.commonprefix(names).rfind("-") + 1  # remember-rt-seed0, ... -> seed0, ...
+        short = [n[cut:] for n in names] if len(names) > 1 else names
+        tables = filter(None, (per_run_table(f50, short, b) for b in baselines))
+        md += [
+            "First 50 steps after a shift (95% bootstrap intervals over shifts):",
+            first50_table(f50, baselines),
+        ]
+        md += ["Paired difference per run:", "\n\n".join(tables)]
+        common.write_json(out / "first50.json", {"runs": runs, "methods": f50})
+        plot_first50(f50, out / "first50.png", title=f"first 50 steps after a shift, {n_runs}")
+        visits = by_visit(per_run)
+        if visits:
+            md += ["First 50 steps by visit of the rule:", visit_table(visits)]
+            common.write_json(out / "visits.json", {"runs": runs, "methods": visits})
+            plot_visits(visits, out / "visits.png", title=f"first 50 steps by visit of the rule, {n_runs}")
+    (out / "summary.md").write_text("\n\n".join(md) + "\n")
+    return f"over {n_runs}:\n" + "\n\n".join(md)
+
+
 def main(args):
     if args.test:
         return run_tests()
@@ -1020,54 +1080,10 @@ def main(args):
         raise common.UserError("give at least one run folder")
     per_run, run_logs = [], [find_logs(run) for run in args.runs]
     for run, logs in zip(args.runs, run_logs):
-        m = analyse(run, common.settings(MetricSettings, args), logs=logs)
-        per_run.append(m)
-        print(f"{run}:\n{summary_table([m])[0]}\n")
+        per_run.append(analyse(run, common.settings(MetricSettings, args), logs=logs))
+        print(f"{run}:\n{summary_table(per_run[-1:])[0]}\n")
     if args.summary:
-        table, summary = summary_table(per_run)
-        table += "\n\nLog loss of each method's own prediction, per run (what tuning compares):\n\n"
-        table += log_loss_table(per_run, [Path(r).name for r in args.runs])
-        out = Path(args.summary)
-        out.mkdir(parents=True, exist_ok=True)
-        common.write_json(out / "summary.json", {"runs": args.runs, "methods": summary})
-        (out / "summary.md").write_text(table + "\n")
-        plot_accuracy_seeds(run_logs, out / "accuracy_seeds.png", threshold=args.recovery_threshold)
-        n_runs = f"{len(per_run)} run" + "s" * (len(per_run) > 1)
-        print(f"over {n_runs}:\n{table}")
-        if all("shift_details" in m for run in per_run for m in run.values()):
-            held = methods_of(per_run)
-            if args.baselines is None:
-                args.baselines = [b for b in ("single", "leader") if b in held]
-            missing = [b for b in args.baselines if b not in held]
-            if missing:
-                raise common.UserError(f"--baselines: no run holds {', '.join(missing)}")
-            f50 = first50_summary(per_run, args.baselines)
-            names = [Path(r).name for r in args.runs]
-            cut = os.path.commonprefix(names).rfind("-") + 1  # remember-rt-seed0, ... -> seed0, ...
-            names = [n[cut:] for n in names] if len(names) > 1 else names
-            tables = filter(None, (per_run_table(f50, names, b) for b in args.baselines))
-            md = (
-                first50_table(f50, args.baselines)
-                + "\n\nPaired difference per run:\n\n"
-                + "\n\n".join(tables)
-            )
-            common.write_json(out / "first50.json", {"runs": args.runs, "methods": f50})
-            (out / "summary.md").write_text(table + "\n\n" + md + "\n")
-            plot_first50(f50, out / "first50.png", title=f"first 50 steps after a shift, {n_runs}")
-            print(f"\nfirst 50 steps after a shift (95% bootstrap intervals over shifts):\n{md}")
-            visits = by_visit(per_run)
-            if visits:
-                vt = visit_table(visits)
-                common.write_json(out / "visits.json", {"runs": args.runs, "methods": visits})
-                (out / "summary.md").write_text(
-                    table + "\n\n" + md + "\n\nFirst 50 steps by visit of the rule:\n\n" + vt + "\n"
-                )
-                plot_visits(
-                    visits,
-                    out / "visits.png",
-                    title=f"first 50 steps by visit of the rule, {len(per_run)} runs",
-                )
-                print(f"\nfirst 50 steps by visit of the rule:\n{vt}")
+        print(write_summary(Path(args.summary), args.runs, per_run, run_logs, args))
 
 
 if __name__ == "__main__":
