@@ -15,6 +15,7 @@ are common.py's; the stages call these.
 import argparse
 import os
 import random
+import re
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -27,7 +28,7 @@ import common
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints and resume (stages 8 and 10)
+# Run folders, checkpoints and resume (stages 8 and 10)
 # ----------------------------------------------------------------------------------------------
 def rng_state():
     return {
@@ -78,6 +79,19 @@ def load_latest_checkpoint(folder):
     if found:
         raise common.UserError(f"--resume: no checkpoint of {folder} can be read; the run is left as it is")
     return None
+
+
+def add_resume_arg(p):
+    p.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
+
+
+def start_run(args, default_name):
+    """The run folder: --run-name, or `default_name` (a data file's path becomes one folder name);
+    --resume needs a run that exists."""
+    args.run_name = args.run_name or re.sub(r"[^\w.-]+", "_", default_name)[:100]
+    if args.resume and not (Path(args.out) / args.run_name / "config.json").exists():
+        raise common.UserError(f"--resume: there is no run {Path(args.out) / args.run_name} to continue")
+    return common.run_dir(args.out, args.run_name)
 
 
 # ----------------------------------------------------------------------------------------------

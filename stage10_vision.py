@@ -49,6 +49,7 @@ from torch import nn
 
 import assets
 import common
+import runs
 from stage3_backbone import (
     FrozenBackbone,
     ModelSettings,
@@ -61,18 +62,8 @@ from stage3_backbone import (
 from stage4_pool import FLHPromptPool
 from stage5_train import FLHSettings, RunSettings
 from stage6_baselines import METHODS, BaselineSettings, make_learner, test_args
-from stage7_metrics import MetricSettings, analyse
-from stage8_run import (
-    BASELINES,
-    PLAN_FLH,
-    TUNED_FLH,
-    ExperimentSettings,
-    add_resume_arg,
-    methods_to_run,
-    run_methods,
-    start_run,
-    summarise,
-)
+from stage7_metrics import MetricSettings, analyse, run_table
+from stage8_run import BASELINES, PLAN_FLH, TUNED_FLH, ExperimentSettings, methods_to_run, run_methods
 
 
 @dataclass(frozen=True)
@@ -453,7 +444,7 @@ def build_parser():
     ):
         common.add_settings(p, cls, preset=fill)
     common.add_settings(p, ModelSettings, preset=fill, only=("prompt_length", "precision"))
-    add_resume_arg(p)
+    runs.add_resume_arg(p)
     common.add_common_args(
         p, None, "sub-folder of --out (default: vision-<method>-<dataset>-<preset>-seed<seed>)"
     )
@@ -466,7 +457,7 @@ def main(args):
         return run_tests()
     common.fill_from_preset(args, PRESETS[args.preset])
     methods = methods_to_run(args.method, args)
-    folder = start_run(args, f"vision-{args.method}-{args.dataset}-{args.preset}-seed{args.seed}")
+    folder = runs.start_run(args, f"vision-{args.method}-{args.dataset}-{args.preset}-seed{args.seed}")
     common.seed_everything(args.seed)
     device = common.resolve_device(args.device)
     stream = build_stream(args)
@@ -481,7 +472,7 @@ def main(args):
     with common.locked(folder):
         run_methods(args, methods, folder, model, stream, about, PRESETS)  # methods may join a folder later
         metrics = analyse(folder, common.settings(MetricSettings, args))  # the lock is held to the last write
-        print(summarise(folder, metrics))
+        print(run_table(folder, metrics))
     print(f"metrics and plots in {folder}")
 
 

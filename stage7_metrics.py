@@ -723,6 +723,25 @@ def analyse(folder, settings, smooth=50, logs=None):
     return metrics
 
 
+def run_table(folder, metrics):
+    """The table stages 8 and 10 print at the end of a run: each method's headline metrics and wall time."""
+    lines = [
+        f"{'method':<11}{'mean acc':>9}{'window acc':>11}{'final acc':>10}{'recovered':>10}"
+        f"{'recovery':>9}{'first-50 first/recurring':>26}{'wall s':>8}"
+    ]
+    for name, m in metrics.items():
+        run = folder / name / "run.json"
+        wall = common.read_json(run)["wall_seconds"] if run.exists() else float("nan")
+        rec = f"{m['mean_recovery_time']:.0f}" if m["mean_recovery_time"] is not None else "never"
+        kinds = m.get("by_kind", {})
+        f50 = "/".join(f"{kinds[k]['first50']:.3f}" if k in kinds else "-" for k in ("first", "recurring"))
+        lines.append(
+            f"{name:<11}{m['mean_accuracy']:>9.3f}{m['windowed_accuracy']:>11.3f}{m['final_accuracy']:>10.3f}"
+            f"{m['shifts_recovered']:>6}/{m['shifts']:<3}{rec:>9}{f50:>26}{wall:>8.0f}"
+        )
+    return "\n".join(lines)
+
+
 def summary_table(per_run):
     """Markdown table: mean +- std over runs (seeds) of the headline metrics, per method."""
     keys = [

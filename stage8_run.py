@@ -39,7 +39,6 @@ import contextlib
 import functools
 import gzip
 import io
-import re
 import shutil
 import signal
 import subprocess
@@ -58,7 +57,7 @@ from stage2_stream import StreamSettings, encode_texts
 from stage3_backbone import ModelSettings
 from stage5_train import FLHSettings, RunSettings, prepare, run_stream
 from stage6_baselines import METHODS, BaselineSettings, classify, load_learner, make_learner
-from stage7_metrics import MetricSettings, analyse, find_logs
+from stage7_metrics import MetricSettings, analyse, find_logs, run_table
 
 
 @dataclass(frozen=True)
@@ -228,25 +227,6 @@ def mass_on_newborns(rows, cuts):
         float(sum(w for i, w in zip(r["prompt_ids"], r["weights"]) if born[i] >= c))
         for c, r in zip(cuts, ends)
     ]
-
-
-def summarise(folder, metrics):
-    """The table printed at the end of a run."""
-    lines = [
-        f"{'method':<11}{'mean acc':>9}{'window acc':>11}{'final acc':>10}{'recovered':>10}"
-        f"{'recovery':>9}{'first-50 first/recurring':>26}{'wall s':>8}"
-    ]
-    for name, m in metrics.items():
-        run = folder / name / "run.json"
-        wall = common.read_json(run)["wall_seconds"] if run.exists() else float("nan")
-        rec = f"{m['mean_recovery_time']:.0f}" if m["mean_recovery_time"] is not None else "never"
-        kinds = m.get("by_kind", {})
-        f50 = "/".join(f"{kinds[k]['first50']:.3f}" if k in kinds else "-" for k in ("first", "recurring"))
-        lines.append(
-            f"{name:<11}{m['mean_accuracy']:>9.3f}{m['windowed_accuracy']:>11.3f}{m['final_accuracy']:>10.3f}"
-            f"{m['shifts_recovered']:>6}/{m['shifts']:<3}{rec:>9}{f50:>26}{wall:>8.0f}"
-        )
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,19 +445,6 @@ def add_experiment_args(p, presets=PRESETS, settings=SETTINGS):
     common.preset_help(p, presets)
 
 
-def add_resume_arg(p):
-    p.add_argument("--resume", action="store_true", help="continue each method from its latest checkpoint")
-
-
-def start_run(args, default_name):
-    """The run folder: --run-name, or `default_name` (a data file's path becomes one folder name);
-    --resume needs a run that exists."""
-    args.run_name = args.run_name or re.sub(r"[^\w.-]+", "_", default_name)[:100]
-    if args.resume and not (Path(args.out) / args.run_name / "config.json").exists():
-        raise common.UserError(f"--resume: there is no run {Path(args.out) / args.run_name} to continue")
-    return common.run_dir(args.out, args.run_name)
-
-
 def apply_preset(args):
     """Fill every flag left unset from the chosen preset; explicit flags win."""
     preset = dict(PRESETS[args.preset])
@@ -498,7 +465,7 @@ def build_parser():
         "(default: flh)",
     )
     add_experiment_args(p)
-    add_resume_arg(p)
+    runs.add_resume_arg(p)
     p.add_argument(
         "--predict",
         metavar="FOLDER",
@@ -598,7 +565,7 @@ def report(folder):
     metrics = analyse(folder, common.settings(MetricSettings, cfg), logs=logs)
     criteria = plan_criteria(folder, metrics, logs)
     common.write_json(folder / "criteria.json", criteria)
-    print(summarise(folder, metrics))
+    print(run_table(folder, metrics))
     print(
         "plan's criteria: "
         + ", ".join(f"{k}: {'met' if v['met'] else 'not met'}" for k, v in criteria.items())
@@ -651,7 +618,7 @@ def main(args):
     apply_preset(args)
     check_args(args)
     methods = methods_to_run(args.method, args)
-    folder = start_run(args, f"{args.method}-{args.dataset}-{args.preset}-seed{args.seed}")
+    folder = runs.start_run(args, f"{args.method}-{args.dataset}-{args.preset}-seed{args.seed}")
     with common.locked(folder):
         run_all(args, methods, folder)
 
