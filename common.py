@@ -380,6 +380,13 @@ def run_checks(module):
     print(f"{len(named)} checks of {Path(module.__file__).name} passed in {time.time() - t0:.1f}s")
 
 
+def checks_main(module, description):
+    """The command line of a helper module beside this one that has only checks: `--test` runs them."""
+    parser = Parser(description=description)
+    parser.add_argument("--test", action="store_true", help="run its checks")
+    main_guard(parser, lambda args: run_checks(module) if args.test else parser.print_help())
+
+
 def user_error(call):
     """For the checks: the one-line message of the UserError that call() raises (and an
     AssertionError if it raises none)."""

@@ -314,6 +314,6 @@ def run_tests():
 
 
 if __name__ == "__main__":
-    parser = common.Parser(description="Run plumbing (checkpoints, saved learners, sweeps): its checks.")
-    parser.add_argument("--test", action="store_true", help="run the checks of checkpoints and logs")
-    common.main_guard(parser, lambda args: run_tests() if args.test else parser.print_help())
+    common.checks_main(
+        sys.modules[__name__], "Run plumbing (checkpoints, saved learners, sweeps): its checks."
+    )

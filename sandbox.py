@@ -598,6 +598,6 @@ def run_tests():
 
 
 if __name__ == "__main__":
-    parser = common.Parser(description="The sandbox that runs generated programs: its checks.")
-    parser.add_argument("--test", action="store_true", help="run the sandbox's checks (needs bubblewrap)")
-    common.main_guard(parser, lambda args: run_tests() if args.test else parser.print_help())
+    common.checks_main(
+        sys.modules[__name__], "The sandbox that runs generated programs: its checks (they need bubblewrap)."
+    )
