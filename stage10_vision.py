@@ -63,7 +63,15 @@ from stage4_pool import FLHPromptPool
 from stage5_train import FLHSettings, RunSettings
 from stage6_baselines import METHODS, BaselineSettings, make_learner, test_args
 from stage7_metrics import MetricSettings, analyse, run_table
-from stage8_run import BASELINES, PLAN_FLH, TUNED_FLH, ExperimentSettings, methods_to_run, run_methods
+from stage8_run import (
+    BASELINES,
+    PLAN_FLH,
+    TUNED_FLH,
+    ExperimentSettings,
+    add_experiment_args,
+    methods_to_run,
+    run_methods,
+)
 
 
 @dataclass(frozen=True)
@@ -427,28 +435,20 @@ def build_parser():
         choices=[*METHODS, "all"],
         help="which method, or all of them (default: flh)",
     )
-    p.add_argument(
-        "--preset",
-        default="quick",
-        choices=list(PRESETS),
-        help="quick: CPU-sized, embedded DINOv2-small + fashion-mnist (default); paper: ViT-B/16 + CIFAR-10",
-    )
-    fill = PRESETS["quick"]
-    for cls in (
+    settings = [
         VisionSettings,
         RunSettings,
         FLHSettings,
         BaselineSettings,
         MetricSettings,
         ExperimentSettings,
-    ):
-        common.add_settings(p, cls, preset=fill)
-    common.add_settings(p, ModelSettings, preset=fill, only=("prompt_length", "precision"))
+    ]
+    about = "quick: CPU-sized, embedded DINOv2-small + fashion-mnist (default); paper: ViT-B/16 + CIFAR-10"
+    add_experiment_args(p, PRESETS, [*settings, (ModelSettings, ("prompt_length", "precision"))], about)
     runs.add_resume_arg(p)
     common.add_common_args(
         p, None, "sub-folder of --out (default: vision-<method>-<dataset>-<preset>-seed<seed>)"
     )
-    common.preset_help(p, PRESETS)
     return p
 
 

@@ -431,17 +431,19 @@ def run_tests():
     common.run_checks(sys.modules[__name__])
 
 
-def add_experiment_args(p, presets=PRESETS, settings=SETTINGS):
-    """--preset, and a flag per setting; those a preset fills show every preset's value in their
-    help (stages 9 and 10 reuse this)."""
+def add_experiment_args(p, presets=PRESETS, settings=SETTINGS, about=None):
+    """--preset (`about` says what each is), and a flag per setting (a class, or (class, the names
+    of the fields wanted)); those a preset fills show every preset's value in their help (stages 9
+    and 10 reuse this)."""
     p.add_argument(
         "--preset",
         default="quick",
         choices=list(presets),
-        help="quick: CPU-sized, embedded MiniLM + rt (default); paper: the plan's BERT/SST-2 setting",
+        help=about
+        or "quick: CPU-sized, embedded MiniLM + rt (default); paper: the plan's BERT/SST-2 setting",
     )
-    for cls in settings:
-        common.add_settings(p, cls, preset=presets["quick"])
+    for cls, only in (c if isinstance(c, tuple) else (c, None) for c in settings):
+        common.add_settings(p, cls, preset=presets["quick"], only=only)
     common.preset_help(p, presets)
 
 
