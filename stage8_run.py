@@ -353,7 +353,8 @@ def _resumed():
             )
             shutil.copy(whole / "config.json", killed)
             for ckpt in (killed / method / "checkpoints").glob("*"):
-                ckpt.unlink() if int(ckpt.stem[5:]) > 50 else None
+                if int(ckpt.stem[5:]) > 50:
+                    ckpt.unlink()
             log = killed / method / "log.jsonl"
             log.write_text("".join(log.read_text().splitlines(keepends=True)[:73]))
         cut = len(common.read_jsonl(killed / method / "log.jsonl"))
