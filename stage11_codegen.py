@@ -447,10 +447,16 @@ def greedy_batch(model, prompts, soft, max_new_tokens, end_ids=(), precision="fp
                 input_ids=nxt[:, None],
                 attention_mask=mask,
                 position_ids=position,
-                past_key_values=out.past_key_values,
+                **cache_of(out),
                 use_cache=True,
             )
     return tokens
+
+
+def cache_of(out):
+    """The key/value cache of a forward pass as the next call takes it (transformers 5.24 renamed
+    `past_key_values` to `cache`; older versions know only the old name)."""
+    return {"cache": out["cache"]} if "cache" in out else {"past_key_values": out["past_key_values"]}
 
 
 def left_padded(model, prompts, soft):
@@ -771,9 +777,7 @@ def test_decoding():
         nxt = torch.tensor([[7], [8], [9]])
         mask = F.pad(first["attention_mask"], (0, 1), value=1)
         pos = first["position_ids"][:, -1:] + 1
-        step = model(
-            input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=batch.past_key_values
-        )
+        step = model(input_ids=nxt, attention_mask=mask, position_ids=pos, **cache_of(batch))
         for b, p in enumerate(prompts):
             one = model(
                 inputs_embeds=torch.cat([soft, model.get_input_embeddings()(torch.tensor(p + [7 + b]))])[None]
