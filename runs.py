@@ -47,12 +47,14 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder, step, learner):
+def save_checkpoint(folder, step, learner, seconds=None):
     """checkpoints/step_N.safetensors, written atomically: learner state, RNG states, stream position
+    and the wall seconds its steps took so far, so that a resumed run can report its whole time
     (common.save_state: tensors and JSON, no pickle)."""
     path = folder / "checkpoints" / f"step_{step}.safetensors"
     path.parent.mkdir(exist_ok=True)
-    common.save_state(path, {"step": step, "learner": learner.state_dict(), "rng": rng_state()})
+    state = {"step": step, "learner": learner.state_dict(), "rng": rng_state(), "seconds": seconds}
+    common.save_state(path, state)
 
 
 def load_latest_checkpoint(folder):

@@ -731,7 +731,8 @@ def run_table(folder, metrics):
     ]
     for name, m in metrics.items():
         run = folder / name / "run.json"
-        wall = common.read_json(run)["wall_seconds"] if run.exists() else float("nan")
+        r = common.read_json(run) if run.exists() else {}
+        wall = r.get("total_seconds") or r.get("wall_seconds", float("nan"))  # a resumed run: all of it
         rec = f"{m['mean_recovery_time']:.0f}" if m["mean_recovery_time"] is not None else "never"
         kinds = m.get("by_kind", {})
         f50 = "/".join(f"{kinds[k]['first50']:.3f}" if k in kinds else "-" for k in ("first", "recurring"))

@@ -22,10 +22,11 @@ Presets (explicit flags override them; `--help` shows both presets' value of eve
                    read-out; the plan's FLH (weighted sum, alpha 0.1, no floor, no pruning). For a GPU.
 
 Outputs in runs/<run-name>/: config.json, one folder per method (log.jsonl, run.json with the wall
-time, checkpoints/step_N.safetensors every --checkpoint-every steps and at the end), metrics.json (one
-entry per method) and the plots of stage 7. `--resume` continues a killed run from each method's
-latest checkpoint; the continued log equals an uninterrupted one (same seed). Each method's
-pool/ folder keeps what it learned (runs.save_learner: safetensors + JSON, no pickle), and
+time of this start and, summed over resumes, of every step; checkpoints/step_N.safetensors every
+--checkpoint-every steps and at the end), metrics.json (one entry per method) and the plots of
+stage 7. `--resume` continues a killed run from each method's latest checkpoint; the continued log
+equals an uninterrupted one (same seed). Each method's pool/ folder keeps what it learned
+(runs.save_learner: safetensors + JSON, no pickle), and
 
     python stage8_run.py --predict runs/<run-name> --text "a gripping, beautiful film"
 
@@ -117,17 +118,18 @@ def run_method(method, args, model, stream, folder):
     folder.mkdir(parents=True, exist_ok=True)
     common.seed_everything(args.seed)
     learner = make_learner(method, model, args)
-    start, state = 0, runs.load_latest_checkpoint(folder) if args.resume else None
+    start, before, state = 0, 0.0, runs.load_latest_checkpoint(folder) if args.resume else None
     if state is not None:
         learner.load_state_dict(state["learner"])
         runs.set_rng_state(state["rng"])
-        start = state["step"]
+        start, before = state["step"], state.get("seconds")  # None: an older checkpoint kept no time
     else:
         for old in [folder / "log.jsonl", *(folder / "checkpoints").glob("step_*")]:
             old.unlink(missing_ok=True)
     log = common.JsonlLog(folder / "log.jsonl")
     log.truncate_to(start)  # rows after the checkpoint are redone; fewer rows than its step is an error
     t0 = time.time()
+    so_far = lambda: None if before is None else before + time.time() - t0  # noqa: E731
     if start < args.steps:
         run_stream(
             learner,
@@ -136,16 +138,16 @@ def run_method(method, args, model, stream, folder):
             log,
             start,
             every=args.checkpoint_every,
-            callback=lambda s: runs.save_checkpoint(folder, s, learner),
+            callback=lambda s: runs.save_checkpoint(folder, s, learner, so_far()),
             desc=method,
         )
     log.close()
     if start == args.steps and (folder / "run.json").exists():
         return None  # finished before; a run whose final save was cut goes on to make it
     if args.steps % args.checkpoint_every:
-        runs.save_checkpoint(folder, args.steps, learner)
+        runs.save_checkpoint(folder, args.steps, learner, so_far())
     runs.save_learner(learner, folder / "pool", vars(args), args.steps)  # what --predict reads
-    wall = time.time() - t0
+    wall, total = time.time() - t0, so_far()
     common.write_json(
         folder / "run.json",
         {
@@ -154,6 +156,7 @@ def run_method(method, args, model, stream, folder):
             "resumed_from": start,
             "wall_seconds": round(wall, 1),
             "seconds_per_step": round(wall / max(1, args.steps - start), 4),
+            "total_seconds": None if total is None else round(total, 1),  # every step, resumes summed
             "device": str(model.device),
             "threads": torch.get_num_threads(),
             "commit": common.code_commit(),
@@ -365,6 +368,8 @@ def _resumed():
         resumed = (killed / method / "log.jsonl").read_text()
         assert resumed == (whole / method / "log.jsonl").read_text(), f"{method} {rule}: resumed log differs"
         assert ("falling back to the previous checkpoint" in err.getvalue()) == truncate, err.getvalue()
+        took = common.read_json(killed / method / "run.json")  # the whole run's time: before the cut too
+        assert took["resumed_from"] > 0 and took["total_seconds"] > took["wall_seconds"] > 0, took
         print(
             f"  ok: {method} {rule}: {'killed' if truncate else 'cut'} after {cut} logged steps, resumed "
             + ("(the newest checkpoint truncated: fell back to the one before)" if truncate else "")
