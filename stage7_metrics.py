@@ -521,7 +521,8 @@ def plot_accuracy_seeds(runs, path, smooth=50, threshold=None, title=None):
         ax.fill_between(steps, curves.min(0), curves.max(0), color=COLORS.get(name, "0.5"), alpha=0.15, lw=0)
     counts = {sum(name in logs for logs in runs) for name in methods_of(runs)}
     seeds = f"{len(runs)} seeds" if counts == {len(runs)} else f"{min(counts)}-{len(runs)} seeds per method"
-    title = title or f"mean over {seeds} (band: min-max); dotted: rule changes"
+    band = "one run" if len(runs) == 1 else f"mean over {seeds} (band: min-max)"
+    title = title or f"{band}; dotted: rule changes"
     _finish_accuracy_plot(fig, ax, path, next(iter(runs[0].values())), smooth, threshold, title)
 
 
