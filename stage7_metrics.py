@@ -381,7 +381,7 @@ def plot_visits(visits, path, title=None):
     ticks = sorted({v for per in visits.values() for v in per})
     ax.set_xticks(ticks, ["first\ntime" if v == 0 else f"return\n{v}" for v in ticks])
     ax.set(
-        ylim=(0, 1), ylabel="accuracy over a shift's first 50 steps", title=title or "by visit of the rule"
+        ylim=(0, 1), ylabel="accuracy over a shift's first 50 steps", title=title or "by visit of the concept"
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -976,9 +976,7 @@ def test_regret_and_plots():
         assert md.startswith("over 2 runs:") and md.endswith(
             (Path(tmp) / "sum" / "summary.md").read_text()[-200:-1]
         )
-        assert "| minus single | seed0, recurring |" in md and "First 50 steps by visit of the rule:" in md, (
-            md
-        )
+        assert "| minus single | seed0, recurring |" in md and "by visit of the concept" in md, md
         summary = common.read_json(Path(tmp) / "sum" / "summary.json")["methods"]
         assert summary["flh"]["mean_recovery_time"]["mean"] == 55 and summary["flh"]["shifts_recovered"] == [
             4,
@@ -1056,7 +1054,7 @@ def write_summary(out, runs, per_run, run_logs, args):
     """Over several runs (seeds), into `out`: summary.md and summary.json (headline metrics, each
     run's log loss), accuracy_seeds.png; where the logs have shift details also the first 50 steps
     after a shift against --baselines (first50.json/.png, paired differences run by run) and by visit
-    of the rule (visits.json/.png). Returns the markdown."""
+    of the concept (visits.json/.png). Returns the markdown."""
     out.mkdir(parents=True, exist_ok=True)
     table, summary = summary_table(per_run)
     names = [Path(r).name for r in runs]
@@ -1087,9 +1085,9 @@ def write_summary(out, runs, per_run, run_logs, args):
         plot_first50(f50, out / "first50.png", title=f"first 50 steps after a shift, {n_runs}")
         visits = by_visit(per_run)
         if visits:
-            md += ["First 50 steps by visit of the rule:", visit_table(visits)]
+            md += ["First 50 steps by visit of the concept (a rule, or a domain):", visit_table(visits)]
             common.write_json(out / "visits.json", {"runs": runs, "methods": visits})
-            plot_visits(visits, out / "visits.png", title=f"first 50 steps by visit of the rule, {n_runs}")
+            plot_visits(visits, out / "visits.png", title=f"first 50 steps by visit of the concept, {n_runs}")
     (out / "summary.md").write_text("\n\n".join(md) + "\n")
     return f"over {n_runs}:\n" + "\n\n".join(md)
 
