@@ -280,6 +280,12 @@ def test_run_all_methods():
     assert report(gz) == criteria
     table = criteria_table({"seed0": criteria, "seed1": criteria})
     assert table.count("\n") == 6 and "| all methods run | **met**: 30 steps each |" in table
+    fewer = {k: v for k, v in criteria.items() if not k.startswith("3")}  # a run without similarity
+    rows = criteria_table({"seed0": fewer, "seed1": criteria}).split("\n")
+    row = next(r for r in rows if r.startswith("| similarity fails to recover |"))
+    assert len(rows) == 7 and row.split(" | ")[1] == "-" and row.split(" | ")[2] != "-", rows
+    one = {**criteria, "1_all_methods_run": {"met": False, "steps_logged": {"flh": 30, "single": 30}}}
+    assert "| not met: 30 steps each; not run: random, similarity |" in criteria_table({"a": one, "b": one})
     # Same batches for every method: the regimes (and the logged steps) line up.
     regimes = {tuple(r["regime"] for r in common.read_jsonl(run_folder / m / "log.jsonl")) for m in METHODS}
     assert len(regimes) == 1
@@ -587,7 +593,10 @@ def criteria_table(per_run):
 
     def evidence(name, v):
         if name.startswith("1"):
-            return f"{min(v['steps_logged'].values())} steps each"
+            missing = [m for m in PLAN_METHODS if m not in v["steps_logged"]]
+            return f"{min(v['steps_logged'].values())} steps each" + (
+                f"; not run: {', '.join(missing)}" if missing else ""
+            )
         if name.startswith("2"):
             return "drops " + ", ".join(f"{d:.2f}" for d in v["accuracy_drop_at_each_shift"])
         if name.startswith("3"):
@@ -606,9 +615,9 @@ def criteria_table(per_run):
 
     runs = list(per_run)
     lines = ["| plan's criterion | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
-    for name in per_run[runs[0]]:
+    for name in sorted({name for c in per_run.values() for name in c}):  # "-": not judged in that run
         cells = [
-            f"{'**met**' if c[name]['met'] else 'not met'}: {evidence(name, c[name])}"
+            f"{'**met**' if c[name]['met'] else 'not met'}: {evidence(name, c[name])}" if name in c else "-"
             for c in per_run.values()
         ]
         lines.append(f"| {name[2:].replace('_', ' ')} | " + " | ".join(cells) + " |")
