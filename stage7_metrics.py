@@ -489,12 +489,14 @@ def plot_accuracy(logs, path, smooth=50, threshold=None, title=None):
     fig, ax = plt.subplots(figsize=(9, 4))
     for name, rows in logs.items():
         steps = [r["step"] for r in rows]
+        top = 3 if name == "flh" else 2  # FLH drawn over the methods that track it closely (leader)
         ax.plot(
             steps,
             trailing_mean([r["acc"] for r in rows], smooth),
             label=name,
             color=COLORS.get(name, "0.5"),
             lw=1.4,
+            zorder=top,
         )
         if "acc_mixture" in rows[0]:
             ax.plot(
@@ -504,6 +506,7 @@ def plot_accuracy(logs, path, smooth=50, threshold=None, title=None):
                 color=COLORS.get(name, "0.5"),
                 lw=1,
                 ls="--",
+                zorder=top,
             )
     title = title or "accuracy over time (dotted: rule changes)"
     _finish_accuracy_plot(fig, ax, path, next(iter(logs.values())), smooth, threshold, title)
