@@ -455,7 +455,7 @@ def plot_grid(grid, stats, labels, seeds, path):
     for j, (kind, color, name) in enumerate(kinds):
         acc = [stats[lab][f"recovery_{kind}"]["first50"] for lab in labels]  # None: no such shift
         xs = x + (j - 0.5) * 0.38
-        ax[1].bar(xs, [a or 0 for a in acc], 0.36, color=color, label=name)
+        ax[1].bar(xs, [v or 0 for v in acc], 0.36, color=color, label=name)
         for xi, v in zip(xs, acc):
             ax[1].annotate(
                 "-" if v is None else f"{v:.2f}", (xi, v or 0), ha="center", va="bottom", fontsize=7
